@@ -1,0 +1,82 @@
+"""Network snapshots: safetensors weights with the JSON config in the file's metadata and beside it.
+
+A snapshot ``name.safetensors`` holds the state_dict; its metadata key ``relay_diffusion`` and the sidecar
+``name.json`` hold ``{"format", "precond", "init_kwargs", ...extra}``, enough to rebuild the network
+with :func:`relay_diffusion.precond.build_network`. Loading never executes code from the file.
+Reference ``.pkl`` / ``.pt`` checkpoints are imported by :mod:`relay_diffusion.reference_import`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from relay_diffusion.fileio import atomic_path, atomic_write_text
+
+FORMAT = "relay-diffusion/network-1"
+META_KEY = "relay_diffusion"
+
+
+def network_config(net: torch.nn.Module) -> dict[str, Any]:
+    """The JSON-serialisable config that rebuilds ``net``."""
+    init_kwargs = getattr(net, "init_kwargs", None)
+    if init_kwargs is None:
+        raise TypeError(f"{type(net).__name__} has no init_kwargs; only the project's networks can be saved")
+    return {"format": FORMAT, "precond": type(net).__name__, "init_kwargs": init_kwargs}
+
+
+def save_network(
+    net: torch.nn.Module, path: str | os.PathLike, extra: dict[str, Any] | None = None,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Write ``path`` (``.safetensors``) and its ``.json`` sidecar atomically. ``dtype`` (e.g. float16)
+    converts floating-point tensors for compact storage; they are loaded back as float32."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        path = path.with_suffix(".safetensors")
+    config = {**network_config(net), **(extra or {})}
+    state = {}
+    for k, v in net.state_dict().items():
+        v = v.detach().cpu()
+        if dtype is not None and v.is_floating_point():
+            v = v.to(dtype)
+        state[k] = v.contiguous()
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata={META_KEY: json.dumps(config)})
+    atomic_write_text(path.with_suffix(".json"), json.dumps(config, indent=2) + "\n")
+    return path
+
+
+def read_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The config stored in a snapshot's metadata (falls back to the ``.json`` sidecar)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if META_KEY in meta:
+        return json.loads(meta[META_KEY])
+    sidecar = path.with_suffix(".json")
+    if sidecar.is_file():
+        return json.loads(sidecar.read_text())
+    raise ValueError(f"{path}: no relay-diffusion config in its metadata and no {sidecar.name} beside it")
+
+
+def load_safetensors_network(path: str | os.PathLike, device: torch.device | str = "cpu") -> torch.nn.Module:
+    """Rebuild a network from a snapshot written by :func:`save_network` (float32, eval mode)."""
+    from safetensors.torch import load_file
+
+    from relay_diffusion.precond import build_network
+
+    config = read_config(path)
+    net = build_network(config["precond"], **config["init_kwargs"])
+    state = load_file(str(path))
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    net.load_state_dict(state, strict=True)
+    return net.eval().requires_grad_(False).to(device)
