@@ -43,7 +43,9 @@ class GaussianToyDenoiser(torch.nn.Module):
     def round_sigma(self, sigma: torch.Tensor | float) -> torch.Tensor:
         return torch.as_tensor(sigma)
 
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, sigma: torch.Tensor, class_labels: torch.Tensor | None = None, **unused
+    ) -> torch.Tensor:
         x = x.to(torch.float32)
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1, 1, 1, 1)
         a = self.var / (sigma.square() + self.var)
