@@ -1,0 +1,326 @@
+"""Preconditioning D(x, sigma) = c_skip x + c_out F(c_in x, c_noise) (SPEC section 7; EDM Table 1).
+
+``EDMPrecond``, ``VPPrecond``, ``VEPrecond`` and ``iDDPMPrecond`` wrap a backbone of ``networks``
+as the submodule ``model`` (parameter names start with ``model.``, as in reference checkpoints).
+Each instance records its JSON-serialisable constructor arguments in ``init_kwargs``, and
+``build_network(type(net).__name__, **net.init_kwargs)`` rebuilds it. ``float('inf')`` (the EDM
+default ``sigma_max``) is written by ``json.dumps`` as ``Infinity``, which ``json.loads`` reads back.
+
+Precision: ``use_fp16`` (reference name) or ``precision`` ('fp32' | 'fp16' | 'bf16'; it wins when
+given). Reduced precision applies only to inputs on CUDA; the output is always float32.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from .layers import Initialisable
+from .networks import NETWORKS
+
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_precision(use_fp16: bool, precision: str | None) -> str:
+    """The precision name from the reference flag and the explicit option."""
+    if precision is None:
+        return "fp16" if use_fp16 else "fp32"
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+    return precision
+
+
+class _Precond(Initialisable):
+    """Shared plumbing: the backbone, label handling, precision and ``init_kwargs``."""
+
+    def __init__(
+        self,
+        img_resolution: int,
+        img_channels: int,
+        label_dim: int,
+        use_fp16: bool,
+        precision: str | None,
+        model_type: str,
+        precond_kwargs: dict[str, Any],
+        model_kwargs: dict[str, Any],
+        out_channels: int | None = None,
+    ) -> None:
+        super().__init__()
+        if model_type not in NETWORKS:
+            raise ValueError(f"model_type must be one of {list(NETWORKS)}, got {model_type!r}")
+        self.img_resolution, self.img_channels, self.label_dim = img_resolution, img_channels, label_dim
+        self.use_fp16 = bool(use_fp16)
+        self.precision = resolve_precision(self.use_fp16, precision)
+        self.model = NETWORKS[model_type](
+            img_resolution=img_resolution,
+            in_channels=img_channels,
+            out_channels=out_channels if out_channels is not None else img_channels,
+            label_dim=label_dim,
+            **model_kwargs,
+        )
+        own = ("img_resolution", "in_channels", "out_channels", "label_dim")
+        resolved_model = {k: v for k, v in self.model.init_kwargs.items() if k not in own}
+        self.init_kwargs: dict[str, Any] = dict(
+            img_resolution=img_resolution, img_channels=img_channels, label_dim=label_dim,
+            use_fp16=self.use_fp16, precision=self.precision, **precond_kwargs,
+            model_type=model_type, **resolved_model,
+        )
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Nothing of its own to draw; ``layers.init_weights`` resets the backbone."""
+
+    def round_sigma(self, sigma: float | torch.Tensor) -> torch.Tensor:
+        """Noise levels the network supports; identity except for iDDPM."""
+        return torch.as_tensor(sigma)
+
+    def coefficients(self, sigma: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``(c_skip, c_out, c_in, c_noise)`` for float32 ``sigma [N, 1, 1, 1]``."""
+        raise NotImplementedError
+
+    def compute_dtype(self, x: torch.Tensor, force_fp32: bool = False) -> torch.dtype:
+        """Network dtype for input ``x``: reduced precision only on CUDA and unless forced to fp32."""
+        if force_fp32 or x.device.type != "cuda":
+            return torch.float32
+        return PRECISIONS[self.precision]
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        sigma: float | torch.Tensor,
+        class_labels: torch.Tensor | None = None,
+        force_fp32: bool = False,
+        augment_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Denoised float32 ``[N, C, H, W]`` from ``x [N, C, H, W]`` and ``sigma`` (scalar or ``[N]``).
+
+        ``class_labels [N, label_dim]``; None on a conditional network means "no label" (zeros).
+        """
+        x = x.to(torch.float32)
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1)
+        sigma = sigma.expand(x.shape[0]) if sigma.numel() == 1 else sigma
+        sigma = sigma.reshape(-1, 1, 1, 1)
+        if self.label_dim == 0:
+            class_labels = None
+        elif class_labels is None:
+            class_labels = torch.zeros(x.shape[0], self.label_dim, dtype=torch.float32, device=x.device)
+        else:
+            class_labels = class_labels.to(torch.float32).reshape(-1, self.label_dim)
+        if augment_labels is not None:
+            augment_labels = augment_labels.to(torch.float32)
+
+        c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
+        dtype = self.compute_dtype(x, force_fp32)
+        f_x = self.model((c_in * x).to(dtype), c_noise.flatten(), class_labels, augment_labels=augment_labels)
+        if f_x.dtype != dtype:
+            raise RuntimeError(f"network returned {f_x.dtype}, expected {dtype}")
+        return c_skip * x + c_out * f_x[:, : self.img_channels].to(torch.float32)
+
+
+class EDMPrecond(_Precond):
+    """EDM: c_skip = sd^2/(s^2+sd^2), c_out = s sd/sqrt(s^2+sd^2), c_in = 1/sqrt(sd^2+s^2), c_noise = ln(s)/4."""
+
+    def __init__(
+        self,
+        img_resolution: int,
+        img_channels: int,
+        label_dim: int = 0,
+        use_fp16: bool = False,
+        sigma_min: float = 0.0,
+        sigma_max: float = float("inf"),
+        sigma_data: float = 0.5,
+        model_type: str = "DhariwalUNet",
+        precision: str | None = None,
+        **model_kwargs: Any,
+    ) -> None:
+        precond_kwargs = dict(sigma_min=float(sigma_min), sigma_max=float(sigma_max), sigma_data=float(sigma_data))
+        super().__init__(
+            img_resolution, img_channels, label_dim, use_fp16, precision, model_type, precond_kwargs, model_kwargs
+        )
+        self.sigma_min, self.sigma_max, self.sigma_data = float(sigma_min), float(sigma_max), float(sigma_data)
+
+    def coefficients(self, sigma: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        sd = self.sigma_data
+        c_skip = sd**2 / (sigma**2 + sd**2)
+        c_out = sigma * sd / (sigma**2 + sd**2).sqrt()
+        c_in = 1 / (sd**2 + sigma**2).sqrt()
+        c_noise = sigma.log() / 4
+        return c_skip, c_out, c_in, c_noise
+
+
+class VPPrecond(_Precond):
+    """VP: c_skip 1, c_out -s, c_in 1/sqrt(s^2+1), c_noise = (M-1) t(s)."""
+
+    def __init__(
+        self,
+        img_resolution: int,
+        img_channels: int,
+        label_dim: int = 0,
+        use_fp16: bool = False,
+        beta_d: float = 19.9,                   # extent of the noise level schedule
+        beta_min: float = 0.1,                  # initial slope of the schedule
+        M: int = 1000,                          # original number of timesteps of the DDPM formulation
+        epsilon_t: float = 1e-5,                # minimum t
+        model_type: str = "SongUNet",
+        precision: str | None = None,
+        **model_kwargs: Any,
+    ) -> None:
+        precond_kwargs = dict(beta_d=float(beta_d), beta_min=float(beta_min), M=int(M), epsilon_t=float(epsilon_t))
+        super().__init__(
+            img_resolution, img_channels, label_dim, use_fp16, precision, model_type, precond_kwargs, model_kwargs
+        )
+        self.beta_d, self.beta_min, self.M, self.epsilon_t = float(beta_d), float(beta_min), int(M), float(epsilon_t)
+        # Evaluated in float32 like the reference, so samplers clamp to the same range (at t = 1e-5 this
+        # gives 0.000977 where float64 would give 0.001).
+        with torch.device("cpu"):  # also when the module is being built on the meta device
+            self.sigma_min = float(self.sigma(self.epsilon_t))
+            self.sigma_max = float(self.sigma(1.0))
+
+    def sigma(self, t: float | torch.Tensor) -> torch.Tensor:
+        """sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1)."""
+        t = torch.as_tensor(t)
+        return ((0.5 * self.beta_d * t**2 + self.beta_min * t).exp() - 1).sqrt()
+
+    def sigma_inv(self, sigma: float | torch.Tensor) -> torch.Tensor:
+        """t(sigma) = (sqrt(beta_min^2 + 2 beta_d ln(1 + sigma^2)) - beta_min) / beta_d."""
+        sigma = torch.as_tensor(sigma)
+        return ((self.beta_min**2 + 2 * self.beta_d * (1 + sigma**2).log()).sqrt() - self.beta_min) / self.beta_d
+
+    def coefficients(self, sigma: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        c_in = 1 / (sigma**2 + 1).sqrt()
+        return torch.ones_like(sigma), -sigma, c_in, (self.M - 1) * self.sigma_inv(sigma)
+
+
+class VEPrecond(_Precond):
+    """VE: c_skip 1, c_out s, c_in 1, c_noise = ln(s/2)."""
+
+    def __init__(
+        self,
+        img_resolution: int,
+        img_channels: int,
+        label_dim: int = 0,
+        use_fp16: bool = False,
+        sigma_min: float = 0.02,
+        sigma_max: float = 100.0,
+        model_type: str = "SongUNet",
+        precision: str | None = None,
+        **model_kwargs: Any,
+    ) -> None:
+        precond_kwargs = dict(sigma_min=float(sigma_min), sigma_max=float(sigma_max))
+        super().__init__(
+            img_resolution, img_channels, label_dim, use_fp16, precision, model_type, precond_kwargs, model_kwargs
+        )
+        self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
+
+    def coefficients(self, sigma: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return torch.ones_like(sigma), sigma, torch.ones_like(sigma), (0.5 * sigma).log()
+
+
+def iddpm_grid(C_1: float, C_2: float, M: int) -> torch.Tensor:
+    """The noise levels u_0 > ... > u_M = 0 of improved DDPM's cosine schedule, float32 ``[M + 1]``.
+
+    u_{j-1} = sqrt((u_j^2 + 1) / max(alpha_bar(j-1) / alpha_bar(j), C_1) - 1),
+    alpha_bar(j) = sin(pi j / (2 M (C_2 + 1)))^2.
+    Evaluated in float32 on the CPU, step by step, which reproduces bit for bit the grid stored in
+    reference checkpoints (a float64 evaluation differs from it by up to 5e-4 relative).
+    """
+    j = torch.arange(M + 1, device="cpu")
+    alpha_bar = (0.5 * math.pi * j / M / (C_2 + 1)).sin() ** 2
+    ratio = (alpha_bar[:-1] / alpha_bar[1:]).clip(min=C_1)  # alpha_bar(j-1) / alpha_bar(j), j = 1..M
+    u = torch.zeros(M + 1, device="cpu")
+    for i in range(M, 0, -1):
+        u[i - 1] = ((u[i] ** 2 + 1) / ratio[i - 1] - 1).sqrt()
+    return u
+
+
+class iDDPMPrecond(_Precond):
+    """iDDPM: sigma on the grid u_j, c_noise = M-1-j, c_skip 1, c_out -s, c_in 1/sqrt(s^2+1).
+
+    The backbone predicts ``2 * img_channels`` channels (mean and variance); the first half is used.
+    The grid is the buffer ``u`` (float32, as stored in reference checkpoints).
+    """
+
+    def __init__(
+        self,
+        img_resolution: int,
+        img_channels: int,
+        label_dim: int = 0,
+        use_fp16: bool = False,
+        C_1: float = 0.001,                     # timestep adjustment at low noise levels
+        C_2: float = 0.008,                     # timestep adjustment at high noise levels
+        M: int = 1000,                          # original number of timesteps of the DDPM formulation
+        model_type: str = "DhariwalUNet",
+        precision: str | None = None,
+        **model_kwargs: Any,
+    ) -> None:
+        precond_kwargs = dict(C_1=float(C_1), C_2=float(C_2), M=int(M))
+        super().__init__(
+            img_resolution, img_channels, label_dim, use_fp16, precision, model_type, precond_kwargs, model_kwargs,
+            out_channels=img_channels * 2,
+        )
+        self.C_1, self.C_2, self.M = float(C_1), float(C_2), int(M)
+        self.register_buffer("u", torch.empty(self.M + 1))
+        self.reset_parameters()
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Refill the (deterministic) grid buffer ``u``."""
+        with torch.no_grad():
+            self.u.copy_(iddpm_grid(self.C_1, self.C_2, self.M))
+
+    @property
+    def sigma_min(self) -> float:
+        return float(self.u[self.M - 1])
+
+    @property
+    def sigma_max(self) -> float:
+        return float(self.u[0])
+
+    def round_index(self, sigma: torch.Tensor) -> torch.Tensor:
+        """Index j of the nearest grid level u_j, same shape as ``sigma``."""
+        sigma = torch.as_tensor(sigma)
+        dist = (sigma.to(self.u.device, torch.float32).reshape(-1, 1) - self.u.reshape(1, -1)).abs()
+        return dist.argmin(dim=1).reshape(sigma.shape).to(sigma.device)
+
+    def round_sigma(self, sigma: float | torch.Tensor) -> torch.Tensor:
+        sigma = torch.as_tensor(sigma)
+        index = self.round_index(sigma).to(self.u.device)
+        return self.u[index.flatten()].to(sigma.dtype).reshape(sigma.shape).to(sigma.device)
+
+    def coefficients(self, sigma: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        c_in = 1 / (sigma**2 + 1).sqrt()
+        c_noise = self.M - 1 - self.round_index(sigma).to(torch.float32)
+        return torch.ones_like(sigma), -sigma, c_in, c_noise
+
+
+PRECONDS: dict[str, type[nn.Module]] = {
+    "EDMPrecond": EDMPrecond, "VPPrecond": VPPrecond, "VEPrecond": VEPrecond, "iDDPMPrecond": iDDPMPrecond,
+    "edm": EDMPrecond, "vp": VPPrecond, "ve": VEPrecond, "iddpm": iDDPMPrecond,
+}
+
+
+def build_network(precond: str, **init_kwargs: Any) -> nn.Module:
+    """A preconditioned network from its class name (or short name) and constructor arguments."""
+    if precond not in PRECONDS:
+        raise ValueError(f"precond must be one of {list(PRECONDS)}, got {precond!r}")
+    return PRECONDS[precond](**init_kwargs)
+
+
+def arch_config(arch: str, resolution: int) -> dict[str, Any]:
+    """Backbone kwargs of the named preset (EDM's ``--arch``): 'ddpmpp', 'ncsnpp' or 'adm'."""
+    if arch == "ddpmpp":
+        return dict(
+            model_type="SongUNet", embedding_type="positional", encoder_type="standard", decoder_type="standard",
+            channel_mult_noise=1, resample_filter=[1, 1], model_channels=128, channel_mult=[2, 2, 2],
+        )
+    if arch == "ncsnpp":
+        return dict(
+            model_type="SongUNet", embedding_type="fourier", encoder_type="residual", decoder_type="standard",
+            channel_mult_noise=2, resample_filter=[1, 3, 3, 1], model_channels=128, channel_mult=[2, 2, 2],
+        )
+    if arch == "adm":
+        if resolution == 256:  # the RDM ImageNet-256 stage-2 network
+            return dict(model_type="DhariwalUNet", model_channels=256, channel_mult=[1, 1, 2, 2, 4, 4], num_blocks=2)
+        return dict(model_type="DhariwalUNet", model_channels=192, channel_mult=[1, 2, 3, 4])
+    raise ValueError(f"arch must be one of ['ddpmpp', 'ncsnpp', 'adm'], got {arch!r}")
