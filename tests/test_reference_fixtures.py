@@ -167,7 +167,10 @@ def check_network(name, case):
     aug = arr(name, "augment_labels") if f"{name}/augment_labels" in ARRAYS else None
     with torch.no_grad():
         out = net(x, sigma, class_labels=labels, augment_labels=aug)
-        out_nl = net(x, sigma, class_labels=None, augment_labels=aug)
+        # The reference's unconditional call (as in classifier-free guidance) of a conditional network also
+        # leaves out the augmentation labels; an unconditional network keeps them.
+        conditional = case["config"].get("label_dim", 0) > 0
+        out_nl = net(x, sigma, class_labels=None, augment_labels=None if conditional else aug)
     assert out.dtype == torch.float32
     assert rel_err(out, ARRAYS[f"{name}/out"]) < NETWORK_RTOL
     if f"{name}/out_no_label" in ARRAYS:
