@@ -1,0 +1,192 @@
+"""The training data loader: EDM-format datasets, i.e. a zip or folder of images (``rdm dataset`` writes them)
+with labels in an optional ``dataset.json`` ``{"labels": [["00000/img00000000.png", 6], ...]}``.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import zipfile
+
+import numpy as np
+import PIL.Image
+import torch
+
+from relay_diffusion.datasets.convert import to_array
+from relay_diffusion.datasets.files import (
+    check_dataset_path,
+    iter_image_files,
+    list_image_files,
+    read_labels_file,
+)
+
+__all__ = ["ImageFolderDataset", "iter_image_files", "list_image_files"]
+
+
+class ImageFolderDataset(torch.utils.data.Dataset):
+    """The images of a folder (recursive) or zip, sorted by relative name, as ``(image, label)``: image uint8
+    ``[C, H, W]`` (C = 1 or 3), label float32 one-hot ``[label_dim]`` (``[0]`` without labels).
+
+    As in EDM: ``max_size`` keeps a random subset (fixed by ``random_seed``) in its original order; ``xflip``
+    doubles the length, indices ``>= n`` being the mirrored images. A zip is opened lazily in each process, so
+    the dataset works in DataLoader worker processes. Only the first image's shape is read up front; an image of
+    another shape raises a ValueError when it is loaded.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        resolution: int | None = None,  # expected width and height; None: any (square not required)
+        use_labels: bool = False,  # read labels from dataset.json (none there: label_dim 0)
+        max_size: int | None = None,  # keep at most this many images
+        xflip: bool = False,  # append horizontally mirrored copies
+        cache: bool = False,  # keep decoded images in memory (per process)
+        random_seed: int = 0,  # picks the max_size subset
+    ) -> None:
+        self._path = check_dataset_path(path)
+        self._is_zip = os.path.isfile(self._path)
+        self._zip: zipfile.ZipFile | None = None
+        self._zip_pid: int | None = None
+        self._cache: dict[int, np.ndarray] | None = {} if cache else None
+        self._fnames = list_image_files(self._path)
+        if not self._fnames:
+            raise ValueError(f"no image files in {self._path!r}")
+        self._image_shape = list(self._load_image(0).shape)
+        if resolution is not None and self._image_shape[1:] != [resolution, resolution]:
+            raise ValueError(
+                f"{self._path!r}: images are {self._image_shape[2]}x{self._image_shape[1]}, not the requested "
+                f"resolution {resolution}x{resolution}"
+            )
+        self._labels = self._load_labels() if use_labels else None
+        n = len(self._fnames)
+        idx = np.arange(n)
+        if max_size is not None and n > max_size:
+            idx = np.sort(np.random.default_rng(random_seed).permutation(n)[:max_size])
+        self._raw_idx = np.tile(idx, 2) if xflip else idx
+        self._xflip = np.arange(len(self._raw_idx)) >= len(idx)
+
+    # --- reading -------------------------------------------------------------------------------------------
+    def _zipfile(self) -> zipfile.ZipFile:
+        if self._zip is None or self._zip_pid != os.getpid():  # a forked worker must not share the parent's handle
+            self._zip = zipfile.ZipFile(self._path)
+            self._zip_pid = os.getpid()
+        return self._zip
+
+    def _read_bytes(self, fname: str) -> bytes:
+        if self._is_zip:
+            return self._zipfile().read(fname)
+        with open(os.path.join(self._path, fname), "rb") as f:
+            return f.read()
+
+    def _load_image(self, raw_idx: int) -> np.ndarray:
+        if self._cache is not None and raw_idx in self._cache:
+            return self._cache[raw_idx]
+        fname = self._fnames[raw_idx]
+        try:
+            img = PIL.Image.open(io.BytesIO(self._read_bytes(fname)))
+            img.load()
+        except (OSError, zipfile.BadZipFile) as exc:
+            raise ValueError(f"cannot read {fname!r} in {self._path!r}: {exc}") from exc
+        image = np.ascontiguousarray(to_array(img).transpose(2, 0, 1))
+        if self._cache is not None:
+            self._cache[raw_idx] = image
+        return image
+
+    def _load_labels(self) -> np.ndarray | None:
+        table = read_labels_file(self._path)
+        if table is None:
+            return None
+        missing = [f for f in self._fnames if f not in table]
+        if missing:
+            raise ValueError(f"dataset.json in {self._path!r} has no label for {missing[0]!r}")
+        try:
+            labels = np.array([table[f] for f in self._fnames])
+        except ValueError:  # ragged vectors, or classes mixed with vectors
+            labels = np.array([], dtype=object)
+        if labels.ndim == 1 and np.issubdtype(labels.dtype, np.integer) and labels.min() >= 0:
+            return labels.astype(np.int64)
+        if labels.ndim == 2 and np.issubdtype(labels.dtype, np.number):
+            return labels.astype(np.float32)
+        raise ValueError(f"dataset.json in {self._path!r}: labels must be class indices >= 0 or vectors of numbers")
+
+    def close(self) -> None:
+        if self._zip is not None and self._zip_pid == os.getpid():
+            self._zip.close()
+        self._zip = None
+
+    def __getstate__(self) -> dict:
+        return dict(self.__dict__, _zip=None, _zip_pid=None)
+
+    # --- Dataset -------------------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self._raw_idx)
+
+    def __getitem__(self, idx: int) -> tuple[np.ndarray, np.ndarray]:
+        raw_idx = int(self._raw_idx[idx])
+        image = self._load_image(raw_idx)
+        if list(image.shape) != self._image_shape:
+            raise ValueError(
+                f"{self._path!r}: {self._fnames[raw_idx]!r} has shape {list(image.shape)} but the first image has "
+                f"{self._image_shape} ([C, H, W]); rebuild the dataset with rdm dataset --resolution=WxH"
+            )
+        if self._xflip[idx]:
+            image = image[:, :, ::-1]
+        return image.copy(), self.get_label(idx)
+
+    def get_label(self, idx: int) -> np.ndarray:
+        """Label of item ``idx``: float32 one-hot ``[label_dim]`` for class labels, the vector for vector labels."""
+        if self._labels is None:
+            return np.zeros([0], dtype=np.float32)
+        label = self._labels[self._raw_idx[idx]]
+        if self._labels.dtype == np.int64:
+            onehot = np.zeros(self.label_shape, dtype=np.float32)
+            onehot[label] = 1
+            return onehot
+        return label.copy()
+
+    # --- properties ----------------------------------------------------------------------------------------
+    @property
+    def path(self) -> str:
+        return self._path
+
+    @property
+    def name(self) -> str:
+        return os.path.splitext(os.path.basename(self._path.rstrip("/\\")))[0]
+
+    @property
+    def image_fnames(self) -> list[str]:
+        """Relative names of all images, sorted (before ``max_size`` and ``xflip``)."""
+        return list(self._fnames)
+
+    @property
+    def image_shape(self) -> list[int]:
+        """``[C, H, W]``."""
+        return list(self._image_shape)
+
+    @property
+    def num_channels(self) -> int:
+        return self._image_shape[0]
+
+    @property
+    def resolution(self) -> int:
+        """Width (= height) of the images; ValueError for non-square images."""
+        c, h, w = self._image_shape
+        if h != w:
+            raise ValueError(f"{self._path!r}: images are {w}x{h}, not square")
+        return h
+
+    @property
+    def label_shape(self) -> list[int]:
+        if self._labels is None:
+            return [0]
+        if self._labels.dtype == np.int64:
+            return [int(self._labels.max()) + 1]
+        return list(self._labels.shape[1:])
+
+    @property
+    def label_dim(self) -> int:
+        return self.label_shape[0]
+
+    @property
+    def has_labels(self) -> bool:
+        return self.label_dim != 0
