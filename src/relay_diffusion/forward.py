@@ -12,6 +12,7 @@ import math
 from functools import lru_cache
 
 import torch
+import torch.nn.functional as F
 
 #: Floor of every blur factor: even the strongest blur keeps this fraction of each frequency.
 MIN_SCALE = 0.001
@@ -118,11 +119,15 @@ def blur_schedule(
 def block_noise(eps: torch.Tensor, p: int) -> torch.Tensor:
     """Block noise (SPEC 4): ``(1/p) sum_{dx,dy < p} roll(eps, (dx, dy), dims=(H, W))``.
 
-    A circular ``p x p`` box sum, done as ``p`` rolls along H and then ``p`` along W (the same sum,
-    ``2p`` rolls instead of ``p^2``). Each pixel keeps unit variance for unit-variance ``eps``.
+    The sum of rolls is a circular ``p x p`` box sum over the window ending at each pixel, computed as a
+    circular pad by ``p - 1`` at the top/left and one stride-1 average pool (several times faster than
+    ``p^2`` rolls). Each pixel keeps unit variance for unit-variance ``eps``.
     """
-    rows = sum(torch.roll(eps, shifts=dy, dims=-2) for dy in range(p))
-    return sum(torch.roll(rows, shifts=dx, dims=-1) for dx in range(p)) / p
+    if p == 1:
+        return eps.clone()
+    *lead, h, w = eps.shape
+    padded = F.pad(eps.reshape(1, -1, h, w), (p - 1, 0, p - 1, 0), mode="circular")
+    return (F.avg_pool2d(padded, p, stride=1) * p).reshape(eps.shape)
 
 
 def _normal_cdf(x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,72 @@
+"""Where the relay sampler spends its time: network calls vs everything else (DCTs, blur factors, noise).
+
+    .venv/bin/python benchmarks/bench_relay_sampler.py [--repeats 5] [--batch 16] [--steps 40]
+
+A small ADM (DhariwalUNet) at 64x64, relayed from 16x16 (up_scale 4), on the CPU. The network is wrapped
+in a timer; "other" = total - network. Prints the median over repeats of each and the share of "other".
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from relay_diffusion.precond import build_network
+from relay_diffusion.rng import SeedGenerators
+from relay_diffusion.samplers import relay_sampler
+
+
+class TimedNet(torch.nn.Module):
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net, self.seconds = net, 0.0
+        self.sigma_min, self.sigma_max, self.round_sigma = net.sigma_min, net.sigma_max, net.round_sigma
+
+    def forward(self, *args, **kwargs):
+        t0 = time.perf_counter()
+        out = self.net(*args, **kwargs)
+        self.seconds += time.perf_counter() - t0
+        return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    net = build_network("EDMPrecond", img_resolution=64, img_channels=3, label_dim=0, model_type="DhariwalUNet",
+                        model_channels=32, channel_mult=[1, 2, 2, 2], num_blocks=1, attn_resolutions=[8])
+    net.eval().requires_grad_(False)
+    timed = TimedNet(net)
+    low = torch.rand(args.batch, 3, 16, 16, dtype=torch.float64) * 2 - 1
+    up = F.interpolate(low, scale_factor=4, mode="nearest")
+    totals, nets = [], []
+    with torch.no_grad():
+        for r in range(args.repeats + 1):
+            timed.seconds = 0.0
+            t0 = time.perf_counter()
+            relay_sampler(timed, up, SeedGenerators(range(args.batch)), up_scale=4, num_steps=args.steps)
+            total = time.perf_counter() - t0
+            if r:  # the first run warms up
+                totals.append(total)
+                nets.append(timed.seconds)
+    others = [t - n for t, n in zip(totals, nets)]
+    shares = [o / t for o, t in zip(others, totals)]
+    print(f"relay sampler, ADM 64x64 from 16x16, batch {args.batch}, {args.steps}-step grid, "
+          f"{torch.get_num_threads()} threads, {args.repeats} repeats (medians)")
+    print(f"  total   {statistics.median(totals):8.3f} s")
+    print(f"  network {statistics.median(nets):8.3f} s")
+    print(f"  other   {statistics.median(others):8.3f} s  = {100 * statistics.median(shares):.2f}% of the total")
+
+
+if __name__ == "__main__":
+    main()
