@@ -1,0 +1,17 @@
+"""`rdm generate` with `--preset=default`: the settings of the reference's generate.py.
+
+Every option of `rdm generate` works here (`python generate.py --help`), e.g.
+
+    torchrun --standalone --nproc_per_node=1 generate.py --sampler_stages=both --outdir=out \\
+        --network_first=a.pkl --network_second=b.pt
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "src"))
+
+from relay_diffusion.cli.generate import generate  # noqa: E402
+
+if __name__ == "__main__":
+    generate.main(default_map={"preset": "default"}, prog_name="generate.py")

@@ -1,0 +1,29 @@
+"""``rdm convert SRC DEST``: a reference ``.pkl`` / ``.pt`` checkpoint -> safetensors weights + JSON config."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.command()
+@click.argument("src", type=click.Path(exists=True, dir_okay=False))
+@click.argument("dest", type=click.Path(dir_okay=False))
+@click.option("--key", default="ema", show_default=True, help="Entry of the checkpoint dict to convert (ema or net).")
+@click.option("--fp16", is_flag=True, help="Store weights as float16 (loaded back as float32).")
+def convert(src: str, dest: str, key: str, fp16: bool) -> None:
+    """Convert SRC (reference .pkl/.pt, read without executing it) to DEST.safetensors and DEST.json."""
+    import pickle
+
+    import torch
+
+    from relay_diffusion.checkpoint import save_network
+    from relay_diffusion.reference_import import load_reference_network
+
+    try:
+        net = load_reference_network(src, "cpu", key=key)
+    except (ValueError, OSError, pickle.UnpicklingError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    path = save_network(net, dest, extra={"source": click.format_filename(src), "source_key": key},
+                        dtype=torch.float16 if fp16 else None)
+    params = sum(p.numel() for p in net.parameters())
+    click.echo(f"{type(net).__name__} ({params:,} parameters) -> {path} and {path.with_suffix('.json')}")
