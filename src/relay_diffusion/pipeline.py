@@ -183,7 +183,7 @@ class FixedBatchDenoiser:
 
     This is exact when the kernels compute a sample alike at every position of a batch of fixed size:
     always for ``net_batch = 1``; for the CPU GEMMs measured here, for multiples of 4 (other batch sizes
-    give position-dependent last bits); on CUDA, for the usual batch-parallel kernels.
+    give position-dependent last bits). Other hardware is not guaranteed: use ``net_batch = 1`` to be sure.
     """
 
     def __init__(self, net: Callable, net_batch: int = DEFAULT_NET_BATCH) -> None:
