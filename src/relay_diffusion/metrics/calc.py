@@ -1,0 +1,78 @@
+"""Metrics of a sample activations file against a reference one (``rdm evaluate calc``)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from . import scores
+from .activations import ActivationFile, check_same_detector
+from .detector import Detector
+
+METRICS = ("fid", "sfid", "is", "pr", "kid")
+
+
+@dataclass
+class CalcOptions:
+    is_split_size: int = 5000          # images per Inception Score split (the reference: 5000)
+    pr_k: int = 3                      # k of the k-NN manifolds of precision / recall
+    kid_subsets: int = 100             # KID: number of random subsets (torch-fidelity's default)
+    kid_subset_size: int = 1000        # KID: images per subset
+    kid_seed: int = 2020               # KID: seed of the subset generator (torch-fidelity's default)
+    block: int = scores.DEFAULT_BLOCK  # rows per block of the distance / covariance computations
+    device: str = "cpu"                # where the computations run
+
+    def validate(self) -> None:
+        for name in ("is_split_size", "pr_k", "kid_subsets", "block"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.kid_subset_size < 2:
+            raise ValueError(f"kid_subset_size must be at least 2, got {self.kid_subset_size}")
+
+
+def _check_dims(a: int, b: int, what: str, sample: ActivationFile, ref: ActivationFile) -> None:
+    if a != b:
+        raise ValueError(f"{what}: feature dimensions differ: {sample.path} has {a}, {ref.path} has {b}")
+
+
+def calc_metrics(sample_path: str, ref_path: str, metrics: Sequence[str], options: CalcOptions | None = None,
+                 detector: Detector | None = None, log: Callable[[str], None] = lambda s: None) -> dict[str, float]:
+    """FID, sFID, IS, precision/recall and KID (as asked in ``metrics``) of the sample activations at
+    ``sample_path`` against the reference at ``ref_path``. FID and sFID also take files holding only
+    statistics. IS uses the sample's ``logits``, or ``detector``'s head on its ``feat``. ``log``
+    receives one line per figure. Returns {fid, sfid, is, is_std, precision, recall, kid, kid_std}
+    restricted to the metrics asked for."""
+    options = options or CalcOptions()
+    options.validate()
+    unknown = sorted(set(metrics) - set(METRICS))
+    if unknown:
+        raise ValueError(f"unknown metrics {unknown}; choose from {', '.join(METRICS)}")
+    sample, ref = ActivationFile(str(sample_path)), ActivationFile(str(ref_path))
+    check_same_detector([sample, ref])
+    dev = torch.device(options.device)
+    out: dict[str, float] = {}
+    for metric, key, label in (("fid", "feat", "FID"), ("sfid", "s_feat", "sFID")):
+        if metric in metrics:
+            mu1, sigma1 = sample.statistics(key, options.block, dev)
+            mu2, sigma2 = ref.statistics(key, options.block, dev)
+            _check_dims(mu1.shape[0], mu2.shape[0], label, sample, ref)
+            out[metric] = scores.frechet_distance(mu1, sigma1, mu2, sigma2)
+            log(f"{label}: {out[metric]:g}")
+    if "is" in metrics:
+        out["is"], out["is_std"] = scores.inception_score(sample.logits(detector), options.is_split_size)
+        log(f"Inception Score: {out['is']:g} (std over splits {out['is_std']:g})")
+    if "pr" in metrics or "kid" in metrics:
+        feat_s, feat_r = sample.features("feat"), ref.features("feat")
+        _check_dims(feat_s.shape[1], feat_r.shape[1], "feat", sample, ref)
+        if "pr" in metrics:
+            out["precision"], out["recall"] = scores.precision_recall(feat_r, feat_s, options.pr_k, options.block, dev)
+            log(f"Precision: {out['precision']:g}")
+            log(f"Recall: {out['recall']:g}")
+        if "kid" in metrics:
+            out["kid"], out["kid_std"] = scores.kernel_inception_distance(
+                feat_s, feat_r, options.kid_subsets, options.kid_subset_size, options.kid_seed, device=dev)
+            log(f"KID: {out['kid']:g} (std over subsets {out['kid_std']:g})")
+    return out

