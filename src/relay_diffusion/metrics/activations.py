@@ -20,6 +20,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from relay_diffusion.fileio import atomic_path
+
 from .detector import HEAD_SOURCE, Detector, DetectorError
 from .scores import feature_statistics
 

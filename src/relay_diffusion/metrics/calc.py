@@ -53,6 +53,7 @@ def calc_metrics(sample_path: str, ref_path: str, metrics: Sequence[str], option
     sample, ref = ActivationFile(str(sample_path)), ActivationFile(str(ref_path))
     check_same_detector([sample, ref])
     dev = torch.device(options.device)
+    logits = sample.logits(detector) if "is" in metrics else None  # fail before the long computations
     out: dict[str, float] = {}
     for metric, key, label in (("fid", "feat", "FID"), ("sfid", "s_feat", "sFID")):
         if metric in metrics:
@@ -62,7 +63,7 @@ def calc_metrics(sample_path: str, ref_path: str, metrics: Sequence[str], option
             out[metric] = scores.frechet_distance(mu1, sigma1, mu2, sigma2)
             log(f"{label}: {out[metric]:g}")
     if "is" in metrics:
-        out["is"], out["is_std"] = scores.inception_score(sample.logits(detector), options.is_split_size)
+        out["is"], out["is_std"] = scores.inception_score(logits, options.is_split_size)
         log(f"Inception Score: {out['is']:g} (std over splits {out['is_std']:g})")
     if "pr" in metrics or "kid" in metrics:
         feat_s, feat_r = sample.features("feat"), ref.features("feat")
