@@ -1,0 +1,114 @@
+"""``rdm train`` (and ``train.py``): the reference's training options, parsed into a TrainingConfig.
+
+Bool options take the reference's spellings (``--fp16=1``, ``--eff-attn=True``). Every bad option is
+reported once, naming it, before any work starts.
+"""
+
+from __future__ import annotations
+
+import click
+
+from relay_diffusion.training.config import ARCHS, PRECISIONS, PRECONDS, ConfigError, TrainingConfig
+
+
+def _int_list(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int] | None:
+    """``'1,2,2'`` -> ``[1, 2, 2]``; ``''`` or ``'none'`` -> ``[]``."""
+    if value is None:
+        return None
+    text = value.strip()
+    if text.lower() in ("", "none"):
+        return []
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
+
+
+def _bad(exc: ConfigError) -> click.BadParameter:
+    return click.BadParameter(exc.message, param_hint=f"'{exc.option}'")
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+# Main options.
+@click.option("--outdir", metavar="DIR", type=str, required=True, help="Where to save the results")
+@click.option("--data", metavar="ZIP|DIR", type=str, required=True, help="Path to the dataset")
+@click.option("--cond", type=bool, default=False, show_default=True, help="Train class-conditional model")
+@click.option("--arch", type=click.Choice(ARCHS), default="adm", show_default=True, help="Network architecture")
+@click.option("--precond", type=click.Choice(PRECONDS), default="edm", show_default=True,
+              help="Preconditioning & loss function (blur: the stage-2 relay loss)")
+# Hyperparameters.
+@click.option("--duration", metavar="MIMG", type=float, default=200, show_default=True, help="Training duration")
+@click.option("--batch", metavar="INT", type=int, default=512, show_default=True, help="Total batch size")
+@click.option("--batch-gpu", metavar="INT", type=int, help="Limit batch size per process (accumulate gradients)")
+@click.option("--cbase", metavar="INT", type=int, help="Channel multiplier  [default: varies]")
+@click.option("--cres", metavar="LIST", type=str, callback=_int_list, help="Channels per resolution  [default: varies]")
+@click.option("--num-blocks", metavar="INT", type=int, help="Residual blocks per resolution  [default: varies]")
+@click.option("--attn", metavar="LIST", type=str, callback=_int_list,
+              help="Attention resolutions ('' for none where optional)  [default: varies]")
+@click.option("--lr", metavar="FLOAT", type=float, default=1e-4, show_default=True, help="Learning rate")
+@click.option("--lr-rampup", metavar="MIMG", type=float, default=10, show_default=True, help="Learning rate warm-up")
+@click.option("--ema", metavar="MIMG", type=float, default=0.5, show_default=True, help="EMA half-life")
+@click.option("--dropout", metavar="FLOAT", type=float, default=0.13, show_default=True, help="Dropout probability")
+@click.option("--label-dropout", metavar="FLOAT", type=float, default=0.0, show_default=True,
+              help="Probability of dropping the class label (classifier-free guidance)")
+@click.option("--augment", metavar="FLOAT", type=float, default=0.0, show_default=True, help="Augment probability")
+@click.option("--xflip", type=bool, default=False, show_default=True, help="Enable dataset x-flips")
+# Performance-related.
+@click.option("--fp16", type=bool, default=False, show_default=True, help="Enable mixed-precision training")
+@click.option("--precision", type=click.Choice(PRECISIONS), help="Network precision (overrides --fp16)")
+@click.option("--ls", metavar="FLOAT", type=float, default=1, show_default=True, help="Loss scaling")
+@click.option("--bench", type=bool, default=True, show_default=True, help="Enable cuDNN benchmarking")
+@click.option("--cache", type=bool, default=True, show_default=True, help="Cache dataset in CPU memory")
+@click.option("--workers", metavar="INT", type=int, default=1, show_default=True, help="DataLoader worker processes")
+@click.option("--eff-attn", type=bool, default=False, help="Accepted for compatibility; attention always uses SDPA")
+@click.option("--device", metavar="STR", type=str, help="cpu, cuda, cuda:N, mps  [default: cuda if available]")
+# I/O-related.
+@click.option("--desc", metavar="STR", type=str, help="String to include in result dir name")
+@click.option("--nosubdir", is_flag=True, help="Do not create a subdirectory for results")
+@click.option("--tick", metavar="KIMG", type=float, default=50, show_default=True, help="How often to print progress")
+@click.option("--snap", metavar="TICKS", type=click.IntRange(min=1), default=50, show_default=True,
+              help="How often to save snapshots")
+@click.option("--dump", metavar="TICKS", type=click.IntRange(min=1), default=500, show_default=True,
+              help="How often to dump state")
+@click.option("--grid", metavar="INT", type=click.IntRange(min=0), default=64, show_default=True,
+              help="Images in the sample grid of every snapshot (0: none)")
+@click.option("--seed", metavar="INT", type=int, help="Random seed  [default: random]")
+@click.option("--transfer", metavar="SAFETENSORS", type=str, help="Transfer learning from network snapshot")
+@click.option("--resume", metavar="DIR|PT", type=str, help="Resume: a run folder (latest state) or a state file")
+@click.option("-n", "--dry-run", is_flag=True, help="Print training options and exit")
+# Stage 2 (precond blur).
+@click.option("--up-scale", metavar="INT", type=int, default=4, show_default=True, help="Relay factor")
+@click.option("--block-scale", metavar="FLOAT", type=float, default=0.15, show_default=True,
+              help="Block noise strength")
+@click.option("--prob-length", metavar="FLOAT", type=float, default=0.93, show_default=True,
+              help="Part of the noise distribution covered by stage 2")
+@click.option("--blur-sigma-max", metavar="FLOAT", type=float, default=3.0, show_default=True,
+              help="Maximum blur strength")
+def train(fp16: bool, precision: str | None, eff_attn: bool, dry_run: bool, **opts) -> None:
+    """Train a stage-1 (EDM) or stage-2 (blur) relay diffusion model.
+
+    \b
+    Examples:
+      rdm train --outdir=training-runs --data=datasets/cifar10-32x32.zip --cond=1 --arch=ddpmpp
+      torchrun --standalone --nproc_per_node=8 train.py --outdir=training-runs \\
+          --data=datasets/imagenet-256x256.zip --cond=1 --batch=4096 --batch-gpu=8 --lr=1e-4 \\
+          --dropout=0.1 --fp16=1 --ls=1 --arch=adm --precond=blur --up-scale=4 --block-scale=0.15 \\
+          --prob-length=0.93 --blur-sigma-max=3.0
+    """
+    from relay_diffusion.training import NonFiniteLossError, plan_training, preview_run_dir, run_training
+
+    del eff_attn  # attention always runs through scaled_dot_product_attention
+    if precision is not None and fp16 and precision != "fp16":
+        raise click.BadParameter(f"{precision} contradicts --fp16=1", param_hint="'--precision'")
+    opts["precision"] = precision or ("fp16" if fp16 else "fp32")
+    try:
+        plan = plan_training(TrainingConfig(**opts))
+    except ConfigError as exc:
+        raise _bad(exc) from None
+    if dry_run:
+        click.echo(plan.to_json(preview_run_dir(plan)))
+        return
+    try:
+        run_training(plan)
+    except NonFiniteLossError as exc:
+        raise click.ClickException(str(exc)) from None

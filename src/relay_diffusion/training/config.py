@@ -1,0 +1,193 @@
+"""The training configuration: one typed dataclass, validated once, written next to the run as JSON.
+
+Field names follow the reference command line (``--batch-gpu`` is ``batch_gpu``). Units are the
+reference's: ``duration``, ``ema`` and ``lr_rampup`` in millions of images (Mimg), ``tick`` in thousands
+of images (kimg), ``snap`` and ``dump`` in ticks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+ARCHS = ("ddpmpp", "ncsnpp", "adm")
+PRECONDS = ("vp", "ve", "edm", "blur")
+PRECISIONS = ("fp32", "fp16", "bf16")
+#: Network class behind each ``--precond``; stage 2 (``blur``) is an ordinary EDM-preconditioned network.
+PRECOND_NETWORKS = {"vp": "VPPrecond", "ve": "VEPrecond", "edm": "EDMPrecond", "blur": "EDMPrecond"}
+#: Number of augmentation labels of EDM's ``--augment`` preset (see :mod:`relay_diffusion.training.augment`).
+AUGMENT_DIM = 9
+
+
+class ConfigError(ValueError):
+    """A bad option; ``option`` is its command-line name (e.g. ``--batch-gpu``)."""
+
+    def __init__(self, option: str, message: str) -> None:
+        super().__init__(f"{option}: {message}")
+        self.option, self.message = option, message
+
+
+@dataclass
+class TrainingConfig:
+    """Everything a training run depends on. ``None`` means "derived" (see :meth:`resolved_precision` etc.)."""
+
+    outdir: str                                 # where run folders NNNNN-<desc> are created
+    data: str                                   # EDM-format dataset: zip or folder
+    cond: bool = False                          # train class-conditional (labels from dataset.json)
+    arch: str = "adm"                           # ddpmpp | ncsnpp | adm
+    precond: str = "edm"                        # vp | ve | edm (stage 1) | blur (stage 2)
+    duration: float = 200.0                     # training length, Mimg
+    batch: int = 512                            # global batch size
+    batch_gpu: Optional[int] = None             # per-process batch per accumulation round; None = batch / processes
+    cbase: Optional[int] = None                 # override model_channels
+    cres: Optional[list[int]] = None            # override channel_mult
+    num_blocks: Optional[int] = None            # override residual blocks per resolution
+    attn: Optional[list[int]] = None            # override attention resolutions ([] = none where optional)
+    lr: float = 1e-4                            # Adam learning rate
+    lr_rampup: float = 10.0                     # linear learning-rate warm-up, Mimg (0 = none)
+    ema: float = 0.5                            # EMA half-life, Mimg
+    ema_rampup: float = 0.05                    # EMA half-life is at most this fraction of the images seen
+    dropout: float = 0.13                       # dropout probability of the residual blocks
+    label_dropout: float = 0.0                  # probability of dropping the class label (classifier-free guidance)
+    augment: float = 0.0                        # probability of each non-leaking augmentation (0 = off)
+    xflip: bool = False                         # add x-flipped copies of the dataset
+    precision: str = "fp32"                     # fp32 | fp16 | bf16 network arithmetic (reduced only on CUDA)
+    ls: float = 1.0                             # loss scaling
+    bench: bool = True                          # cudnn benchmark mode
+    cache: bool = True                          # keep decoded images in memory
+    workers: int = 1                            # data-loading worker processes per training process
+    desc: Optional[str] = None                  # extra text in the run folder name
+    nosubdir: bool = False                      # write into --outdir itself
+    tick: float = 50.0                          # progress line every this many kimg
+    snap: Optional[int] = 50                    # network snapshot + sample grid every this many ticks (None = never)
+    dump: Optional[int] = 500                   # training state every this many ticks (None = only at the end)
+    seed: Optional[int] = None                  # None = random (drawn once, recorded in the run folder)
+    transfer: Optional[str] = None              # initial weights: a network snapshot (.safetensors)
+    resume: Optional[str] = None                # a run folder (continue in it) or a training-state file
+    device: Optional[str] = None                # None = cuda if available, else cpu
+    grid: int = 64                              # images in the sample grid at every snapshot (0 = none)
+    up_scale: int = 4                           # stage 2: relay factor p
+    block_scale: float = 0.15                   # stage 2: block-noise strength
+    prob_length: float = 0.93                   # stage 2: part of the noise distribution covered (L)
+    blur_sigma_max: float = 3.0                 # stage 2: strongest blur
+
+    # ----------------------------------------------------------------------------------------------
+    def validate(self) -> "TrainingConfig":
+        """Check every option on its own; raises :class:`ConfigError` naming the first bad one."""
+        _choice("--arch", self.arch, ARCHS)
+        _choice("--precond", self.precond, PRECONDS)
+        _choice("--precision", self.precision, PRECISIONS)
+        _positive("--duration", self.duration)
+        _positive_int("--batch", self.batch)
+        if self.batch_gpu is not None:
+            _positive_int("--batch-gpu", self.batch_gpu)
+        if self.cbase is not None:
+            _positive_int("--cbase", self.cbase)
+        if self.cres is not None and (not self.cres or any(m < 1 for m in self.cres)):
+            raise ConfigError("--cres", f"expected a non-empty list of positive multipliers, got {self.cres}")
+        if self.num_blocks is not None:
+            _positive_int("--num-blocks", self.num_blocks)
+        if self.attn is not None and any(r < 1 for r in self.attn):
+            raise ConfigError("--attn", f"resolutions must be positive, got {self.attn}")
+        _positive("--lr", self.lr)
+        _non_negative("--lr-rampup", self.lr_rampup)
+        _non_negative("--ema", self.ema)
+        _probability("--dropout", self.dropout)
+        _probability("--label-dropout", self.label_dropout)
+        _probability("--augment", self.augment)
+        _positive("--ls", self.ls)
+        if self.workers < 0:
+            raise ConfigError("--workers", f"must be >= 0, got {self.workers}")
+        _positive("--tick", self.tick)
+        for opt, v in (("--snap", self.snap), ("--dump", self.dump)):
+            if v is not None:
+                _positive_int(opt, v)
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise ConfigError("--seed", f"must be in [0, 2**63), got {self.seed}")
+        if self.grid < 0:
+            raise ConfigError("--grid", f"must be >= 0, got {self.grid}")
+        if self.label_dropout > 0 and not self.cond:
+            raise ConfigError("--label-dropout", "only applies to class-conditional training (--cond=1)")
+        if self.precond == "blur":
+            if self.up_scale < 1:
+                raise ConfigError("--up-scale", f"must be >= 1, got {self.up_scale}")
+            _non_negative("--block-scale", self.block_scale)
+            if not 0 < self.prob_length <= 1:
+                raise ConfigError("--prob-length", f"must be in (0, 1], got {self.prob_length}")
+            _non_negative("--blur-sigma-max", self.blur_sigma_max)
+        if self.transfer is not None and self.resume is not None:
+            raise ConfigError("--transfer", "cannot be combined with --resume (the state holds the weights)")
+        return self
+
+    def check_world(self, world_size: int) -> tuple[int, int]:
+        """``(batch_gpu, accumulation_rounds)`` for ``world_size`` processes; the batch must split evenly."""
+        if self.batch % world_size:
+            raise ConfigError("--batch", f"{self.batch} is not divisible by the {world_size} processes")
+        per_process = self.batch // world_size
+        batch_gpu = min(self.batch_gpu or per_process, per_process)
+        if per_process % batch_gpu:
+            raise ConfigError(
+                "--batch-gpu",
+                f"--batch {self.batch} is not divisible by --batch-gpu {batch_gpu} x {world_size} processes",
+            )
+        return batch_gpu, per_process // batch_gpu
+
+    def check_dataset(self, resolution: int, has_labels: bool, size: int) -> None:
+        """Checks that need the dataset (its resolution, labels and size)."""
+        if size < 1:
+            raise ConfigError("--data", f"{self.data} holds no images")
+        if self.cond and not has_labels:
+            raise ConfigError("--cond", f"the dataset {self.data} has no labels (dataset.json) to condition on")
+        if self.precond == "blur" and resolution % self.up_scale:
+            raise ConfigError(
+                "--up-scale", f"the dataset resolution {resolution} is not divisible by --up-scale {self.up_scale}"
+            )
+
+    # ----------------------------------------------------------------------------------------------
+    @property
+    def total_images(self) -> int:
+        """The run ends when this many images have been seen."""
+        return max(1, int(round(self.duration * 1e6)))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainingConfig":
+        """Inverse of :meth:`to_dict`; unknown keys are an error, not silently new fields."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown training options {unknown}")
+        return cls(**d)
+
+
+def _choice(opt: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(opt, f"{value!r} is not one of {', '.join(allowed)}")
+
+
+def _positive(opt: str, v: float) -> None:
+    if not (math.isfinite(v) and v > 0):
+        raise ConfigError(opt, f"must be a positive number, got {v}")
+
+
+def _non_negative(opt: str, v: float) -> None:
+    if not (math.isfinite(v) and v >= 0):
+        raise ConfigError(opt, f"must be >= 0, got {v}")
+
+
+def _positive_int(opt: str, v: int) -> None:
+    if int(v) != v or v < 1:
+        raise ConfigError(opt, f"must be a positive integer, got {v}")
+
+
+def _probability(opt: str, v: float) -> None:
+    if not 0 <= v <= 1:
+        raise ConfigError(opt, f"must be in [0, 1], got {v}")

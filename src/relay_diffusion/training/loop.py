@@ -1,0 +1,337 @@
+"""The training loop: EDM's (Adam, EMA with ramp-up, learning-rate warm-up, ticks) for both relay stages.
+
+Per step, every process computes ``loss_scaling * sum(weighted squared errors) / per_process_batch`` over
+its accumulation rounds and the gradients are averaged over processes, so the update equals the one a single
+process would make on the whole global batch (SPEC 5). All randomness is a function of the seed, the step
+and the sample's global position (:mod:`relay_diffusion.training.order`): the run is reproducible, the same
+with one or several processes (up to float rounding; dropout masks excepted), and bit-identical across a
+kill and resume on the CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import secrets
+import time
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+
+from relay_diffusion.checkpoint import save_network
+from relay_diffusion.fileio import atomic_write_text
+from relay_diffusion.rng import SeedGenerators
+from relay_diffusion.training import distributed, grids
+from relay_diffusion.training.augment import AugmentPipe
+from relay_diffusion.training.order import DataOrder, StepLayout, dropout_seed, make_loader, sample_seeds
+from relay_diffusion.training.plan import TrainingPlan, build_loss, create_run_dir, open_dataset
+from relay_diffusion.training.state import latest_state, load_state, save_state, state_name
+from relay_diffusion.training.stats import RunLog, StatsLog, memory_gb, progress_line
+
+OPTIONS_FILE = "training_options.json"
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the run stopped before applying that step."""
+
+
+@contextlib.contextmanager
+def seeded_global_rng(seed: int, device: torch.device) -> Iterator[None]:
+    """Run a block with the global generator seeded by ``seed`` and restore it afterwards.
+
+    ``nn.Dropout`` inside the networks draws from the global generator; seeding it per step and round makes
+    dropout reproducible across a resume without leaking state to the caller.
+    """
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed % (1 << 63))
+        yield
+
+
+def ema_beta(nimg: int, batch: int, halflife_mimg: float, rampup: float) -> float:
+    """EDM's EMA decay for one step: half-life ``min(halflife, rampup x images seen)`` in images."""
+    halflife = halflife_mimg * 1e6
+    if rampup > 0:
+        halflife = min(halflife, nimg * rampup)
+    return 0.5 ** (batch / max(halflife, 1e-8))
+
+
+def learning_rate(lr: float, nimg: int, rampup_mimg: float) -> float:
+    """Linear warm-up over ``rampup_mimg`` million images (EDM), from the images seen before the step."""
+    if rampup_mimg <= 0:
+        return lr
+    return lr * min(nimg / (rampup_mimg * 1e6), 1.0)
+
+
+def build_training_network(plan: TrainingPlan, seed: int) -> torch.nn.Module:
+    """The network with weights drawn from a generator seeded by ``seed`` (same on every process)."""
+    from relay_diffusion.layers import init_weights
+    from relay_diffusion.precond import build_network
+
+    with torch.random.fork_rng(devices=[]):  # the constructors draw from the global generator; keep it untouched
+        net = build_network(plan.network["precond"], **plan.network["init_kwargs"])
+    return init_weights(net, torch.Generator().manual_seed(seed % (1 << 63)))
+
+
+def transfer_weights(net: torch.nn.Module, path: str, log) -> None:
+    """Copy the tensors of a network snapshot whose names and shapes match (EDM's ``--transfer``)."""
+    from safetensors.torch import load_file
+
+    source = load_file(path)
+    own = net.state_dict()
+    matched = {k: v for k, v in source.items() if k in own and own[k].shape == v.shape}
+    with torch.no_grad():
+        for k, v in matched.items():
+            own[k].copy_(v.to(own[k].dtype))
+    log(f"Transferred {len(matched)} of {len(own)} tensors from {path}")
+
+
+class Trainer:
+    """One process's share of a run; :meth:`run` trains until ``--duration`` and returns the run folder."""
+
+    def __init__(self, plan: TrainingPlan, ctx: distributed.DistContext) -> None:
+        self.plan, self.ctx, self.cfg = plan, ctx, plan.config
+        self.device = ctx.device
+        self.layout = StepLayout(self.cfg.batch, plan.batch_gpu, ctx.world_size)
+
+    # --- setup -------------------------------------------------------------------------------------
+    def _setup(self) -> None:
+        plan, cfg, ctx = self.plan, self.cfg, self.ctx
+        state = load_state(plan.resume_state) if plan.resume_state else None
+        seed = cfg.seed if cfg.seed is not None else (state["seed"] if state else secrets.randbits(62))
+        self.seed = int(distributed.broadcast_object(seed))
+        run_dir = create_run_dir(plan) if ctx.is_main else None
+        self.run_dir = Path(distributed.broadcast_object(str(run_dir) if run_dir else None))
+        self.log = RunLog(self.run_dir if ctx.is_main else None, enabled=ctx.is_main)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = cfg.bench
+        self._setup_model(state)
+        self._setup_data()
+        self.stats = (StatsLog(self.run_dir, resume_step=self.step if plan.resume_in_place else None)
+                      if ctx.is_main else None)
+        if ctx.is_main:
+            options = plan.options(str(self.run_dir))
+            options["seed"] = self.seed
+            atomic_write_text(self.run_dir / OPTIONS_FILE, json.dumps(options, indent=2) + "\n")
+            self._log_setup(state is not None)
+            self._prepare_grid_inputs()
+            self.log.flush()
+        distributed.barrier()
+
+    def _setup_model(self, state: Optional[dict[str, Any]]) -> None:
+        """Network, EMA and optimizer: fresh, transferred, or from a training state."""
+        cfg = self.cfg
+        self.net = build_training_network(self.plan, self.seed).train().requires_grad_(True).to(self.device)
+        self.ema = copy.deepcopy(self.net).eval().requires_grad_(False)
+        self.optimizer = torch.optim.Adam(self.net.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
+        self.step, self.nimg = 0, 0
+        if state is not None:
+            self.net.load_state_dict(state["net"])
+            self.ema.load_state_dict(state["ema"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.step, self.nimg = int(state["step"]), int(state["nimg"])
+        elif cfg.transfer is not None:
+            transfer_weights(self.net, cfg.transfer, self.log)
+            self.ema.load_state_dict(self.net.state_dict())
+        self.ddp = self.net
+        if self.ctx.distributed:
+            self.ddp = torch.nn.parallel.DistributedDataParallel(
+                self.net, device_ids=[self.device] if self.device.type == "cuda" else None, broadcast_buffers=False
+            )
+        self.loss_fn = build_loss(self.plan.loss)
+        self.augment = AugmentPipe.edm_preset(cfg.augment) if cfg.augment > 0 else None
+
+    def _setup_data(self) -> None:
+        """The dataset and this process's loader, positioned at the images seen so far."""
+        self.dataset = open_dataset(self.cfg)
+        self.order = DataOrder(len(self.dataset), self.seed)
+        self.loader = make_loader(self.dataset, self.order, self.layout, self.ctx.rank, self.nimg, self.cfg.workers,
+                                  pin_memory=self.device.type == "cuda")
+        self.pixels = int(math.prod(self.dataset.image_shape))
+
+    def _log_setup(self, resumed: bool) -> None:
+        plan, cfg = self.plan, self.cfg
+        params = sum(p.numel() for p in self.net.parameters())
+        self.log(f"Run folder:    {self.run_dir}")
+        self.log(f"Dataset:       {plan.dataset['path']} ({plan.dataset['size']} images, "
+                 f"{plan.dataset['resolution']}x{plan.dataset['resolution']}, label_dim {plan.dataset['label_dim']})")
+        self.log(f"Network:       {plan.network['precond']} / {plan.network['init_kwargs']['model_type']}, "
+                 f"{params / 1e6:.2f} M parameters, {cfg.precision}")
+        self.log(f"Loss:          {plan.loss['name']} (stage {plan.stage})")
+        self.log(f"Batch:         {cfg.batch} = {plan.batch_gpu} x {self.ctx.world_size} processes x "
+                 f"{plan.rounds} rounds; device {self.device}")
+        self.log(f"Duration:      {cfg.duration} Mimg ({self._total_steps()} steps); seed {self.seed}")
+        if resumed:
+            self.log(f"Resumed from:  {plan.resume_state} (step {self.step}, kimg {self.nimg / 1000:.3f})")
+
+    def _total_steps(self) -> int:
+        remaining = max(0, self.cfg.total_images - self.nimg)
+        return self.step + math.ceil(remaining / self.cfg.batch)
+
+    def _prepare_grid_inputs(self) -> None:
+        """Fixed real images for the stage-2 grids (the same for every run on a dataset)."""
+        self.grid_starts = self.grid_labels = None
+        n = min(self.cfg.grid, len(self.dataset))
+        if self.plan.stage != 2 or n == 0:
+            return
+        order = DataOrder(len(self.dataset), seed=0)
+        items = [self.dataset[order.index(i)] for i in range(n)]
+        reals = torch.stack([torch.as_tensor(img) for img, _ in items]).to(self.device, torch.float32) / 127.5 - 1
+        self.grid_starts = grids.relay_start(reals, self.cfg.up_scale)
+        if self.cfg.cond:
+            self.grid_labels = torch.stack([torch.as_tensor(lab) for _, lab in items]).to(self.device)
+        grids.save_grid(reals, self.run_dir / "reals.png")
+        grids.save_grid(self.grid_starts, self.run_dir / "reals-relay-start.png")
+
+    # --- one step ----------------------------------------------------------------------------------
+    def _train_step(self) -> float:
+        """One optimizer step on the global batch; returns the mean per-pixel loss over all processes."""
+        cfg, layout = self.cfg, self.layout
+        per_process = self.plan.batch_gpu * self.plan.rounds
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_total = torch.zeros((), dtype=torch.float64, device=self.device)
+        for r in range(self.plan.rounds):
+            images, labels, positions = next(self.loader)
+            expected = list(layout.positions(self.nimg, r, self.ctx.rank))
+            if positions.tolist() != expected:
+                raise RuntimeError(f"data loader out of order: got {positions.tolist()[:4]}..., "
+                                   f"expected {expected[:4]}...")
+            images = images.to(self.device, torch.float32) / 127.5 - 1
+            labels = labels.to(self.device, torch.float32) if cfg.cond else None
+            rng = SeedGenerators(sample_seeds(self.seed, expected), self.device)
+            last = r == self.plan.rounds - 1
+            sync = self.ddp.no_sync() if (self.ctx.distributed and not last) else contextlib.nullcontext()
+            with sync, seeded_global_rng(dropout_seed(self.seed, self.step, self.ctx.rank, r), self.device):
+                loss = self.loss_fn(self.ddp, images, rng, labels=labels, augment_pipe=self.augment)
+                loss_total += loss.detach().sum(dtype=torch.float64)
+                (loss.sum() * (cfg.ls / per_process)).backward()
+        distributed.all_reduce_sum(loss_total)
+        mean_loss = float(loss_total) / (cfg.batch * self.pixels)
+        if not math.isfinite(mean_loss):
+            raise NonFiniteLossError(self._non_finite_message())
+        for g in self.optimizer.param_groups:
+            g["lr"] = learning_rate(cfg.lr, self.nimg, cfg.lr_rampup)
+        for p in self.net.parameters():
+            if p.grad is not None:
+                torch.nan_to_num(p.grad, nan=0, posinf=1e5, neginf=-1e5, out=p.grad)
+        self.optimizer.step()
+        beta = ema_beta(self.nimg, cfg.batch, cfg.ema, cfg.ema_rampup)
+        with torch.no_grad():
+            for p_ema, p_net in zip(self.ema.parameters(), self.net.parameters()):
+                p_ema.copy_(p_net.detach().lerp(p_ema, beta))
+        self.nimg += cfg.batch
+        self.step += 1
+        return mean_loss
+
+    def _non_finite_message(self) -> str:
+        last = latest_state(self.run_dir) if self.run_dir.is_dir() else None
+        kept = f"the last good training state is {last}" if last else "no training state was saved yet"
+        return (f"non-finite loss at step {self.step} (kimg {self.nimg / 1000:.3f}); training stopped "
+                f"before applying it, {kept}")
+
+    # --- ticks, snapshots, states -----------------------------------------------------------------
+    def _snapshot(self) -> None:
+        kimg = self.nimg // 1000
+        extra = self._snapshot_extra()
+        save_network(self.ema, self.run_dir / f"network-snapshot-{kimg:06d}.safetensors", extra=extra)
+        if self.cfg.grid > 0:
+            images = self._grid_images()
+            if images is not None:
+                grids.save_grid(images, self.run_dir / f"samples-{kimg:06d}.png")
+
+    def _snapshot_extra(self) -> dict[str, Any]:
+        cfg = self.cfg
+        extra: dict[str, Any] = {
+            "stage": self.plan.stage, "kimg": self.nimg / 1000, "step": self.step,
+            "training": {"precond": cfg.precond, "arch": cfg.arch, "dataset": self.plan.dataset["name"],
+                         "resolution": self.plan.dataset["resolution"], "cond": cfg.cond,
+                         "label_dropout": cfg.label_dropout, "augment": cfg.augment, "seed": self.seed},
+        }
+        if self.plan.stage == 2:  # what generation needs to relay into this network
+            extra["up_scale"] = cfg.up_scale
+            extra["blur"] = {"up_scale": cfg.up_scale, "block_scale": cfg.block_scale,
+                             "prob_length": cfg.prob_length, "blur_sigma_max": cfg.blur_sigma_max}
+        return extra
+
+    def _grid_images(self) -> Optional[torch.Tensor]:
+        batch = max(self.plan.batch_gpu, 1)
+        if self.plan.stage == 2:
+            if self.grid_starts is None:
+                return None
+            return grids.stage2_samples(self.ema, self.grid_starts, self.grid_labels, self.cfg.up_scale,
+                                        self.cfg.blur_sigma_max, batch)
+        info = self.plan.dataset
+        label_dim = info["label_dim"] if self.cfg.cond else 0
+        return grids.stage1_samples(self.ema, self.cfg.grid, info["channels"], info["resolution"], label_dim,
+                                    self.device, batch)
+
+    def _save_state(self) -> None:
+        options = self.plan.options(str(self.run_dir))
+        save_state(self.run_dir / state_name(self.nimg // 1000), self.net, self.ema, self.optimizer,
+                   self.step, self.nimg, self.seed, options)
+
+    # --- main loop ---------------------------------------------------------------------------------
+    def run(self) -> Path:
+        self._setup()
+        cfg, total = self.cfg, self.cfg.total_images
+        if self.nimg >= total:
+            self.log(f"Nothing to do: {self.nimg / 1000:.3f} kimg already reached the duration of {cfg.duration} Mimg")
+            self.log.flush()
+            return self.run_dir
+        self.log(f"Training for {cfg.duration} Mimg...")
+        tick, tick_nimg, tick_time, tick_losses = 0, self.nimg, time.time(), []
+        memory_gb(self.device)  # reset the peak counters
+        try:
+            while True:
+                tick_losses.append(self._train_step())
+                done = self.nimg >= total
+                if not done and tick != 0 and self.nimg < tick_nimg + cfg.tick * 1000:
+                    continue
+                elapsed = time.time() - tick_time
+                sec_per_kimg = elapsed / max((self.nimg - tick_nimg) / 1000, 1e-12)
+                if self.ctx.is_main:
+                    record = {
+                        "tick": tick, "step": self.step, "kimg": self.nimg / 1000,
+                        "loss": sum(tick_losses) / len(tick_losses), "loss_last": tick_losses[-1],
+                        "lr": self.optimizer.param_groups[0]["lr"], "sec_per_tick": elapsed,
+                        "sec_per_kimg": sec_per_kimg, "eta_sec": (total - self.nimg) / 1000 * sec_per_kimg,
+                        "timestamp": time.time(), **memory_gb(self.device),
+                    }
+                    self.log(progress_line(record))
+                    self.stats.append(record)
+                    if cfg.snap is not None and (done or tick % cfg.snap == 0):
+                        self._snapshot()
+                    if done or (cfg.dump is not None and tick % cfg.dump == 0 and tick != 0):
+                        self._save_state()
+                    self.stats.flush()
+                    self.log.flush()
+                distributed.barrier()
+                if done:
+                    break
+                tick += 1
+                tick_nimg, tick_losses = self.nimg, []
+                tick_time = time.time()  # snapshots, grids and states are not counted as training time
+        except NonFiniteLossError as exc:
+            self.log.record(f"Error: {exc}")  # raised to the caller, which reports it
+            self.log.flush()
+            raise
+        finally:
+            if self.stats is not None:
+                self.stats.close()
+        self.log(f"Done: {self.nimg / 1000:.3f} kimg in {self.step} steps")
+        self.log.flush()
+        return self.run_dir
+
+
+def run_training(plan: TrainingPlan) -> Path:
+    """Train according to ``plan`` in this process (joining ``torchrun``'s process group when there is one)."""
+    created = not torch.distributed.is_initialized()
+    ctx = distributed.init(plan.config.device)
+    try:
+        return Trainer(plan, ctx).run()
+    finally:
+        if created:
+            distributed.shutdown()

@@ -1,0 +1,204 @@
+"""Everything decided before training starts: validation against the data and the processes, the network and
+loss settings, the run folder. Bad input fails here, with a :class:`ConfigError` naming the option, before
+any process group, network or file exists.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from relay_diffusion.training.config import AUGMENT_DIM, PRECOND_NETWORKS, ConfigError, TrainingConfig
+from relay_diffusion.training.distributed import env_world_size
+from relay_diffusion.training.state import latest_state
+
+
+@dataclass
+class TrainingPlan:
+    """A validated configuration plus what follows from it (the resolved options of the run)."""
+
+    config: TrainingConfig
+    world_size: int
+    batch_gpu: int                      # per process and accumulation round
+    rounds: int                         # gradient accumulation rounds per step
+    dataset: dict[str, Any]             # path, name, size, resolution, channels, label_dim
+    network: dict[str, Any]             # {"precond": class name, "init_kwargs": {...}}
+    loss: dict[str, Any]                # {"name": ..., settings}
+    resume_state: Optional[str] = None  # training-state file to start from
+    resume_in_place: bool = False       # --resume named a run folder: keep writing into it
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def stage(self) -> int:
+        return 2 if self.config.precond == "blur" else 1
+
+    def options(self, run_dir: Optional[str] = None) -> dict[str, Any]:
+        """The resolved options, as written to ``training_options.json`` and printed by ``--dry-run``."""
+        return {
+            "config": self.config.to_dict(),
+            "run_dir": run_dir,
+            "stage": self.stage,
+            "world_size": self.world_size,
+            "batch_gpu": self.batch_gpu,
+            "accumulation_rounds": self.rounds,
+            "dataset": self.dataset,
+            "network": self.network,
+            "loss": self.loss,
+            "optimizer": {"name": "Adam", "lr": self.config.lr, "betas": [0.9, 0.999], "eps": 1e-8},
+            "resume_state": self.resume_state,
+            "notes": self.notes,
+        }
+
+    def to_json(self, run_dir: Optional[str] = None) -> str:
+        return json.dumps(self.options(run_dir), indent=2)
+
+
+def open_dataset(cfg: TrainingConfig, cache: Optional[bool] = None):
+    """The training images of ``--data`` (with labels when ``--cond``)."""
+    from relay_diffusion.data import ImageFolderDataset
+
+    return ImageFolderDataset(cfg.data, use_labels=cfg.cond, xflip=cfg.xflip,
+                              cache=cfg.cache if cache is None else cache)
+
+
+def network_spec(cfg: TrainingConfig, resolution: int, channels: int, label_dim: int) -> dict[str, Any]:
+    """Precond class and constructor arguments: the ``--arch`` preset with the size overrides applied."""
+    from relay_diffusion.precond import arch_config
+
+    arch = dict(arch_config(cfg.arch, resolution))
+    overrides = {"model_channels": cfg.cbase, "channel_mult": cfg.cres, "num_blocks": cfg.num_blocks,
+                 "attn_resolutions": cfg.attn}
+    arch.update({k: v for k, v in overrides.items() if v is not None})
+    levels = len(arch["channel_mult"])
+    if resolution % (1 << (levels - 1)):
+        raise ConfigError("--cres", f"{levels} resolution levels need a resolution divisible by "
+                                    f"{1 << (levels - 1)}; the dataset has {resolution}")
+    kwargs: dict[str, Any] = dict(
+        img_resolution=resolution, img_channels=channels, label_dim=label_dim if cfg.cond else 0,
+        use_fp16=cfg.precision == "fp16", precision=cfg.precision, dropout=cfg.dropout,
+        label_dropout=cfg.label_dropout, **arch,
+    )
+    if cfg.augment > 0:
+        kwargs["augment_dim"] = AUGMENT_DIM
+    return {"precond": PRECOND_NETWORKS[cfg.precond], "init_kwargs": kwargs}
+
+
+def loss_spec(cfg: TrainingConfig) -> dict[str, Any]:
+    if cfg.precond == "blur":
+        return {"name": "BlurLoss", "up_scale": cfg.up_scale, "prob_length": cfg.prob_length,
+                "blur_sigma_max": cfg.blur_sigma_max, "block_scale": cfg.block_scale,
+                "label_dropout": cfg.label_dropout}
+    name = {"vp": "VPLoss", "ve": "VELoss", "edm": "EDMLoss"}[cfg.precond]
+    return {"name": name, "label_dropout": cfg.label_dropout}
+
+
+def build_loss(spec: dict[str, Any]):
+    from relay_diffusion.losses import BlurLoss, BlurLossConfig, EDMLoss, VELoss, VPLoss
+
+    spec = dict(spec)
+    name = spec.pop("name")
+    label_dropout = spec.pop("label_dropout")
+    if name == "BlurLoss":
+        return BlurLoss(BlurLossConfig(**spec), label_dropout=label_dropout)
+    return {"VPLoss": VPLoss, "VELoss": VELoss, "EDMLoss": EDMLoss}[name](label_dropout=label_dropout)
+
+
+def plan_training(cfg: TrainingConfig, world_size: Optional[int] = None) -> TrainingPlan:
+    """Validate ``cfg`` against the dataset and the number of processes; raises :class:`ConfigError`."""
+    cfg.validate()
+    world_size = env_world_size() if world_size is None else world_size
+    batch_gpu, rounds = cfg.check_world(world_size)
+    if not os.path.exists(cfg.data):
+        raise ConfigError("--data", f"no such file or folder: {cfg.data}")
+    try:
+        ds = open_dataset(cfg, cache=False)
+        info = dict(path=os.path.abspath(cfg.data), name=ds.name, size=len(ds), resolution=ds.resolution,
+                    channels=ds.num_channels, label_dim=ds.label_dim)
+    except (ValueError, OSError) as exc:
+        raise ConfigError("--data", f"cannot read the dataset: {exc}") from exc
+    cfg.check_dataset(info["resolution"], info["label_dim"] > 0, info["size"])
+    network = network_spec(cfg, info["resolution"], info["channels"], info["label_dim"])
+    _check_network_builds(network)
+
+    notes = []
+    resume_state, in_place = None, False
+    if cfg.resume is not None:
+        if os.path.isdir(cfg.resume):
+            found = latest_state(cfg.resume)
+            if found is None:
+                raise ConfigError("--resume", f"no training-state-*.pt in the run folder {cfg.resume}")
+            resume_state, in_place = str(found), True
+            notes.append(f"resuming in place in {cfg.resume}")
+        elif os.path.isfile(cfg.resume):
+            resume_state = cfg.resume
+        else:
+            raise ConfigError("--resume", f"no such run folder or state file: {cfg.resume}")
+    if cfg.transfer is not None:
+        if not os.path.isfile(cfg.transfer):
+            raise ConfigError("--transfer", f"no such file: {cfg.transfer}")
+        if not cfg.transfer.endswith(".safetensors"):
+            raise ConfigError("--transfer", "expected a .safetensors network snapshot; convert reference "
+                                            ".pkl/.pt files first with `rdm convert`")
+    return TrainingPlan(config=cfg, world_size=world_size, batch_gpu=batch_gpu, rounds=rounds, dataset=info,
+                        network=network, loss=loss_spec(cfg), resume_state=resume_state,
+                        resume_in_place=in_place, notes=notes)
+
+
+def _check_network_builds(network: dict[str, Any]) -> None:
+    """Build the network without memory (meta device), so a bad size override fails now, not mid-setup."""
+    from relay_diffusion.precond import build_network
+
+    try:
+        with torch.device("meta"):
+            build_network(network["precond"], **network["init_kwargs"])
+    except (ValueError, TypeError, AssertionError) as exc:
+        raise ConfigError("--arch", f"cannot build the {network['precond']} network: {exc}") from exc
+
+
+def run_dir_name(plan: TrainingPlan) -> str:
+    """``<dataset>-<cond>-<arch>-<precond>-gpus<N>-batch<B>-<precision>[-<desc>]``, as EDM names runs."""
+    cfg = plan.config
+    desc = (f"{plan.dataset['name']}-{'cond' if cfg.cond else 'uncond'}-{cfg.arch}-{cfg.precond}"
+            f"-gpus{plan.world_size}-batch{cfg.batch}-{cfg.precision}")
+    return desc + (f"-{cfg.desc}" if cfg.desc else "")
+
+
+def _next_run_id(outdir: Path) -> int:
+    ids = [int(m.group()) for m in (re.match(r"^\d+", p.name) for p in outdir.iterdir() if p.is_dir()) if m]
+    return max(ids, default=-1) + 1
+
+
+def preview_run_dir(plan: TrainingPlan) -> str:
+    """The folder a run would use, without creating it (for ``--dry-run``)."""
+    cfg = plan.config
+    if plan.resume_in_place:
+        return str(cfg.resume)
+    outdir = Path(cfg.outdir)
+    if cfg.nosubdir:
+        return str(outdir)
+    run_id = _next_run_id(outdir) if outdir.is_dir() else 0
+    return str(outdir / f"{run_id:05d}-{run_dir_name(plan)}")
+
+
+def create_run_dir(plan: TrainingPlan) -> Path:
+    """Create the next ``NNNNN-<desc>`` folder (racing runs get distinct ids), or reuse the resumed one."""
+    cfg = plan.config
+    if plan.resume_in_place:
+        return Path(cfg.resume)
+    outdir = Path(cfg.outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    if cfg.nosubdir:
+        return outdir
+    while True:
+        path = outdir / f"{_next_run_id(outdir):05d}-{run_dir_name(plan)}"
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue

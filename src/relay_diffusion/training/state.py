@@ -1,0 +1,70 @@
+"""Training state for resuming: state_dicts only, saved with ``torch.save`` and read with ``weights_only=True``.
+
+A state holds the network, its EMA, the optimizer, the step and images seen (which is also the position in
+the data order and the random streams, see :mod:`relay_diffusion.training.order`), the seed and the
+resolved options. No code and no pickled objects: loading cannot execute anything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from relay_diffusion.fileio import atomic_path
+
+FORMAT = "relay-diffusion/training-state-1"
+STATE_PATTERN = re.compile(r"^training-state-(\d+)\.pt$")
+
+
+def state_name(kimg: int) -> str:
+    return f"training-state-{kimg:06d}.pt"
+
+
+def save_state(path: Path, net: torch.nn.Module, ema: torch.nn.Module, optimizer: torch.optim.Optimizer,
+               step: int, nimg: int, seed: int, options: dict[str, Any]) -> None:
+    """Write a resumable state atomically (a kill during the write leaves the previous file intact)."""
+    state = {
+        "format": FORMAT,
+        "net": _cpu(net.state_dict()),
+        "ema": _cpu(ema.state_dict()),
+        "optimizer": _cpu(optimizer.state_dict()),
+        "step": int(step),
+        "nimg": int(nimg),
+        "seed": int(seed),
+        "options": json.dumps(options),
+    }
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_state(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a state written by :func:`save_state` (tensors on CPU), never executing code."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a relay-diffusion training state")
+    return state
+
+
+def latest_state(run_dir: str | os.PathLike) -> Optional[Path]:
+    """The newest ``training-state-*.pt`` of a run folder (by the kimg in its name), or None."""
+    found = []
+    for entry in Path(run_dir).iterdir():
+        m = STATE_PATTERN.match(entry.name)
+        if m and entry.is_file():
+            found.append((int(m.group(1)), entry))
+    return max(found)[1] if found else None
+
+
+def _cpu(obj: Any) -> Any:
+    if torch.is_tensor(obj):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu(v) for v in obj)
+    return obj
