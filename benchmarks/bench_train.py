@@ -35,7 +35,7 @@ import torch
 
 from relay_diffusion.rng import SeedGenerators
 from relay_diffusion.training import TrainingConfig, plan_training
-from relay_diffusion.training.distributed import init
+from relay_diffusion.distributed import init
 from relay_diffusion.training.loop import Trainer
 
 

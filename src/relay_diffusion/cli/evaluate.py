@@ -15,6 +15,7 @@ import click
 import numpy as np
 import torch
 
+from relay_diffusion import distributed
 from relay_diffusion.data import ImageFolderDataset
 from relay_diffusion.fileio import atomic_write_text
 from relay_diffusion.metrics import (
@@ -32,29 +33,19 @@ from relay_diffusion.metrics import (
 
 
 def _device(requested: str) -> torch.device:
-    """``auto``: cuda:LOCAL_RANK when CUDA is present, else cpu."""
-    if requested == "auto":
-        requested = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(requested)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return device
-
-
-def _init_distributed(device: torch.device) -> tuple[int, int]:
-    """Join torchrun's process group when WORLD_SIZE > 1 (gloo on CPU, NCCL on CUDA); (rank, world size)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not torch.distributed.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="env://")
-    return (torch.distributed.get_rank() if world > 1 else 0), world
+    try:
+        return distributed.pick_device(requested, int(os.environ.get("LOCAL_RANK", "0")))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--device") from exc
 
 
 def _activations_of(data: str, batch: int, detector: str, max_images: int | None, workers: int,
                     device_name: str) -> tuple[dict[str, np.ndarray], object, int]:
-    device = _device(device_name)
-    rank, world = _init_distributed(device)
+    try:
+        ctx = distributed.init(device_name)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--device") from exc
+    device, rank, world = ctx.device, ctx.rank, ctx.world_size
     try:
         det = load_detector(detector, device)
         dataset = ImageFolderDataset(data, max_size=max_images)
@@ -71,9 +62,7 @@ def _activations_of(data: str, batch: int, detector: str, max_images: int | None
 
 
 def _finish() -> None:
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    distributed.shutdown(wait=True)
 
 
 _data_options = [

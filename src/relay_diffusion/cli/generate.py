@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import pickle
 from typing import Any
 
@@ -27,17 +26,6 @@ def default_network_paths() -> dict[str, str] | None:
     """Networks to use when ``--network_first`` / ``--network_second`` are left out: ``{'first': path,
     'second': path}`` once the project bundles trained models; None until then."""
     return None
-
-
-def best_device() -> str:
-    """``cuda`` if available, else ``mps``, else ``cpu``."""
-    import torch
-
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
 
 
 class _SeedList(click.ParamType):
@@ -131,7 +119,7 @@ _NONNEG = click.FloatRange(min=0)
               help="The reference's settings for: generate.py (default), generate_imagenet.py, generate_celebahq.py")
 @click.option("--enhance/--no-enhance", default=None, help="PIL post-processing of the preset (imagenet256, "
               "celebahq256)  [default: on with those presets, except for --sampler_stages first]")
-@click.option("--device", type=str, help="cpu, cuda, cuda:N or mps  [default: best available]")
+@click.option("--device", type=str, help="cpu, cuda, cuda:N, ...  [default: cuda if available, else cpu]")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), help="Network precision on CUDA  "
               "[default: the network's own]")
 @click.option("--net_batch", type=click.IntRange(min=1), default=DEFAULT_NET_BATCH, show_default=True,
@@ -147,8 +135,6 @@ def generate(**opts: Any) -> None:
       torchrun --standalone --nproc_per_node=8 -m relay_diffusion generate --preset=imagenet256 \\
           --outdir=out --network_first=imagenet64.pkl --network_second=imagenet256.pt
     """
-    import torch
-
     from relay_diffusion.pipeline import generate_images, save_seed_grid
 
     preset = PRESETS[opts["preset"]]
@@ -160,11 +146,13 @@ def generate(**opts: Any) -> None:
     if stages_kind == "second" and not opts["indir"]:
         raise click.UsageError("--sampler_stages second needs --indir (the stage-1 images)")
 
+    from relay_diffusion import distributed
+
     try:
-        device = torch.device(opts["device"] or best_device())
-    except RuntimeError as exc:
+        ctx = distributed.init(opts["device"])
+    except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--device") from exc
-    rank, world_size, device = _init_distributed(device)
+    rank, world_size, device = ctx.rank, ctx.world_size, ctx.device
     try:
         pipeline = _build_pipeline(paths, first, second, enhancement, opts, device)
         if rank == 0:
@@ -177,14 +165,13 @@ def generate(**opts: Any) -> None:
             )
         except (ValueError, FileNotFoundError) as exc:
             raise click.ClickException(str(exc)) from exc
-        _barrier()
+        distributed.barrier()
         if rank == 0:
             if opts["grid"]:
                 click.echo(f"Grid: {save_seed_grid(opts['outdir'], seeds, opts['subdirs'])}")
             click.echo("Done.")
     finally:
-        if world_size > 1 and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        distributed.shutdown()
 
 
 def _parse_seeds(text: str) -> list[int]:
@@ -268,26 +255,3 @@ def _print_config(opts: dict[str, Any], pipeline: Any, seeds: list[int], device:
     click.echo(f"Post-processing (PIL ImageEnhance): {enhancement}")
     click.echo(f"Generating {len(seeds)} images ({pipeline.resolution}x{pipeline.resolution}) to {opts['outdir']!r} "
                f"on {device} x {world_size} process(es), network batch {pipeline.net_batch}...")
-
-
-def _init_distributed(device: Any) -> tuple[int, int, Any]:
-    """``torch.distributed`` from torchrun's environment (``env://``) when ``WORLD_SIZE > 1``: gloo on CPU,
-    nccl on CUDA (one GPU per local rank). Returns ``(rank, world_size, device)``."""
-    import torch
-
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
-        return 0, 1, device
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    torch.distributed.init_process_group(backend, init_method="env://")
-    return torch.distributed.get_rank(), world_size, device
-
-
-def _barrier() -> None:
-    import torch
-
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()

@@ -24,7 +24,8 @@ import torch
 from relay_diffusion.checkpoint import save_network
 from relay_diffusion.fileio import atomic_write_text
 from relay_diffusion.rng import SeedGenerators
-from relay_diffusion.training import distributed, grids
+from relay_diffusion import distributed
+from relay_diffusion.training import grids
 from relay_diffusion.training.augment import AugmentPipe
 from relay_diffusion.training.order import DataOrder, StepLayout, dropout_seed, make_loader, sample_seeds
 from relay_diffusion.training.plan import TrainingPlan, build_loss, create_run_dir, open_dataset

@@ -15,7 +15,7 @@ from typing import Any, Optional
 import torch
 
 from relay_diffusion.training.config import AUGMENT_DIM, PRECOND_NETWORKS, ConfigError, TrainingConfig
-from relay_diffusion.training.distributed import env_world_size
+from relay_diffusion.distributed import env_world_size
 from relay_diffusion.training.state import latest_state
 
 

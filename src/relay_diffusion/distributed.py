@@ -38,10 +38,14 @@ def env_world_size() -> int:
 
 
 def pick_device(requested: str | None, local_rank: int) -> torch.device:
-    """``requested`` as given, except that a bare ``cuda`` means ``cuda:LOCAL_RANK``; default cuda if present."""
-    if requested is None:
+    """``requested`` as given, except that a bare ``cuda`` means ``cuda:LOCAL_RANK``; ``None`` or ``auto``:
+    cuda if present, else cpu. An unknown device string raises ValueError naming it."""
+    if requested in (None, "auto"):
         requested = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(requested)
+    try:
+        device = torch.device(requested)
+    except RuntimeError as exc:
+        raise ValueError(f"unknown device {requested!r}: {exc}") from exc
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", local_rank)
     return device
@@ -61,8 +65,11 @@ def init(requested_device: str | None) -> DistContext:
     return DistContext(rank=rank, world_size=world, local_rank=local_rank, device=device)
 
 
-def shutdown() -> None:
+def shutdown(wait: bool = False) -> None:
+    """Leave the process group (no-op without one); ``wait``: first wait for every process."""
     if dist.is_initialized():
+        if wait:
+            dist.barrier()
         dist.destroy_process_group()
 
 
