@@ -14,23 +14,10 @@ import time
 
 import torch
 import torch.nn.functional as F
+from common import small_adm
 
-from relay_diffusion.precond import build_network
 from relay_diffusion.rng import SeedGenerators
 from relay_diffusion.samplers import relay_sampler
-
-
-class TimedNet(torch.nn.Module):
-    def __init__(self, net: torch.nn.Module) -> None:
-        super().__init__()
-        self.net, self.seconds = net, 0.0
-        self.sigma_min, self.sigma_max, self.round_sigma = net.sigma_min, net.sigma_max, net.round_sigma
-
-    def forward(self, *args, **kwargs):
-        t0 = time.perf_counter()
-        out = self.net(*args, **kwargs)
-        self.seconds += time.perf_counter() - t0
-        return out
 
 
 def main() -> None:
@@ -43,10 +30,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    net = build_network("EDMPrecond", img_resolution=64, img_channels=3, label_dim=0, model_type="DhariwalUNet",
-                        model_channels=32, channel_mult=[1, 2, 2, 2], num_blocks=1, attn_resolutions=[8])
-    net.eval().requires_grad_(False)
-    timed = TimedNet(net)
+    timed = small_adm(64, [1, 2, 2, 2])
     low = torch.rand(args.batch, 3, 16, 16, dtype=torch.float64) * 2 - 1
     up = F.interpolate(low, scale_factor=4, mode="nearest")
     totals, nets = [], []

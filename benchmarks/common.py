@@ -1,0 +1,33 @@
+"""Shared pieces of the benchmark scripts: a timing wrapper around a network, and the small ADM they use."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from relay_diffusion.precond import build_network
+
+
+class TimedNet(torch.nn.Module):
+    """Forwards to ``net`` and adds the seconds spent in it to ``seconds``."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net, self.seconds = net, 0.0
+        self.img_resolution, self.img_channels, self.label_dim = net.img_resolution, net.img_channels, net.label_dim
+        self.sigma_min, self.sigma_max, self.round_sigma = net.sigma_min, net.sigma_max, net.round_sigma
+
+    def forward(self, *args, **kwargs):
+        t0 = time.perf_counter()
+        out = self.net(*args, **kwargs)
+        self.seconds += time.perf_counter() - t0
+        return out
+
+
+def small_adm(resolution: int, channel_mult: list[int]) -> TimedNet:
+    """An inference-mode ADM (model_channels 32, one block per level, attention at 8x8), timed."""
+    net = build_network("EDMPrecond", img_resolution=resolution, img_channels=3, label_dim=0,
+                        model_type="DhariwalUNet", model_channels=32, channel_mult=channel_mult, num_blocks=1,
+                        attn_resolutions=[8])
+    return TimedNet(net.eval().requires_grad_(False))
