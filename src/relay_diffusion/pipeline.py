@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from relay_diffusion.images import from_uint8, save_grid, save_png, to_uint8
 from relay_diffusion.rng import SeedGenerators, parse_int_list
-from relay_diffusion.samplers import edm_sampler, relay_sampler
+from relay_diffusion.samplers import Callback, edm_sampler, relay_sampler
 
 #: Samples per network call. Every call is padded to exactly this size so that a sample's result never
 #: depends on how many samples share its batch: CPU and GPU kernels pick different code paths (and
@@ -223,13 +223,13 @@ class EDMStage:
         return _net_info(self.net)[0]
 
     def sample(self, rng: SeedGenerators, labels: torch.Tensor | None, inputs: torch.Tensor | None,
-               net_batch: int = DEFAULT_NET_BATCH) -> torch.Tensor:
+               net_batch: int = DEFAULT_NET_BATCH, callback: Callback = None) -> torch.Tensor:
         _, channels, _ = _net_info(self.net)
         if inputs is not None:
             raise ValueError("a stage-1 (EDM) stage takes no input images")
         latents = rng.randn([channels, self.resolution, self.resolution])  # float32, like the reference
         return edm_sampler(FixedBatchDenoiser(self.net, net_batch), latents, rng, labels,
-                           **self.config.sampler_kwargs())
+                           callback=callback, **self.config.sampler_kwargs())
 
 
 @dataclass
@@ -248,12 +248,12 @@ class RelayStage:
         return self.resolution // self.config.up_scale
 
     def sample(self, rng: SeedGenerators, labels: torch.Tensor | None, inputs: torch.Tensor | None,
-               net_batch: int = DEFAULT_NET_BATCH) -> torch.Tensor:
+               net_batch: int = DEFAULT_NET_BATCH, callback: Callback = None) -> torch.Tensor:
         if inputs is None:
             raise ValueError("a relay stage needs input images (a previous stage's output or --indir)")
         latents = F.interpolate(inputs.to(torch.float64), scale_factor=self.config.up_scale, mode="nearest")
         return relay_sampler(FixedBatchDenoiser(self.net, net_batch), latents, rng, labels,
-                             **self.config.sampler_kwargs())
+                             callback=callback, **self.config.sampler_kwargs())
 
 
 Stage = Union[EDMStage, RelayStage]

@@ -23,9 +23,11 @@ _D1, _D2 = PRESETS["default"].first, PRESETS["default"].second
 
 
 def default_network_paths() -> dict[str, str] | None:
-    """Networks to use when ``--network_first`` / ``--network_second`` are left out: ``{'first': path,
-    'second': path}`` once the project bundles trained models; None until then."""
-    return None
+    """Networks to use when ``--network_first`` / ``--network_second`` are left out: the bundled tiny emoji
+    models (``relay_diffusion.bundled``) when this copy has them, else None."""
+    from relay_diffusion.bundled import bundled_network_paths
+
+    return bundled_network_paths()
 
 
 class _SeedList(click.ParamType):
@@ -214,7 +216,7 @@ def _network_paths(opts: dict[str, Any], stages_kind: str) -> dict[str, str]:
         path = opts[f"network_{which}"] or (default_network_paths() or {}).get(which)
         if not path:
             raise click.UsageError(f"--network_{which} is required for --sampler_stages {stages_kind} "
-                                   "(no bundled networks are available yet)")
+                                   "(this copy of relay-diffusion has no bundled networks)")
         paths[which] = path
     return paths
 

@@ -1,0 +1,52 @@
+"""The tiny relay models shipped inside the package (trained by ``recipes/emoji.sh``).
+
+Stage 1: EDM at 16x16; stage 2: blur diffusion at 64x64 (relay factor 4); both trained on the Google Noto
+emoji images of the npm package ``emoji-datasource-google@16.0.0`` (Apache-2.0, see ``assets/emoji/NOTICE``).
+Weights are stored as float16 safetensors + JSON and load as float32.
+
+    python -m relay_diffusion.bundled STAGE1_SNAPSHOT STAGE2_SNAPSHOT    # install trained snapshots here
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+ASSETS = Path(__file__).resolve().parent / "assets" / "emoji"
+FILES = {"first": "stage1-16x16.safetensors", "second": "stage2-64x64.safetensors"}
+
+
+def bundled_network_paths(folder: Path = ASSETS) -> dict[str, str] | None:
+    """``{'first': path, 'second': path}`` when both bundled networks are installed, else None."""
+    paths = {which: folder / name for which, name in FILES.items()}
+    if not all(p.is_file() for p in paths.values()):
+        return None
+    return {which: str(p) for which, p in paths.items()}
+
+
+def export_bundled(first: str | Path, second: str | Path, folder: Path = ASSETS) -> dict[str, str]:
+    """Copy two training snapshots into ``folder`` as float16 safetensors + JSON (EMA weights as trained)."""
+    from relay_diffusion.checkpoint import read_config, save_network
+    from relay_diffusion.loading import load_network
+
+    out = {}
+    for which, src in (("first", first), ("second", second)):
+        net = load_network(str(src), "cpu")
+        extra = {k: v for k, v in read_config(src).items() if k not in ("format", "precond", "init_kwargs")} \
+            if str(src).endswith(".safetensors") else {}
+        extra["bundled_from"] = Path(src).name
+        out[which] = str(save_network(net, folder / FILES[which], extra=extra, dtype=torch.float16))
+    return out
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) != 2:
+        raise SystemExit("usage: python -m relay_diffusion.bundled STAGE1_SNAPSHOT STAGE2_SNAPSHOT")
+    for which, path in export_bundled(*argv).items():
+        print(f"{which}: {path}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,73 @@
+"""``rdm demo``: an 8x8 grid of relayed samples, the stage-1 grid they came from, and one relay trajectory.
+
+Uses the bundled tiny emoji models (``relay_diffusion.bundled``) unless networks are given.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+import numpy as np
+
+
+@click.command("demo")
+@click.option("--outdir", type=click.Path(file_okay=False), default="out/demo", show_default=True)
+@click.option("--seeds", default="0-63", show_default=True, help="Seeds of the grid (e.g. 0-63).")
+@click.option("--network_first", type=click.Path(dir_okay=False), help="Stage-1 network  [default: bundled]")
+@click.option("--network_second", type=click.Path(dir_okay=False), help="Stage-2 network  [default: bundled]")
+@click.option("--num_steps_first", type=click.IntRange(min=1), default=18, show_default=True)
+@click.option("--num_steps_second", type=click.IntRange(min=1), default=18, show_default=True)
+@click.option("--device", default=None, help="cpu, cuda, ...  [default: cuda if available, else cpu]")
+def demo(outdir: str, seeds: str, network_first: str | None, network_second: str | None, num_steps_first: int,
+         num_steps_second: int, device: str | None) -> None:
+    """Write a grid of relayed samples from the bundled tiny models."""
+    import torch
+    import torch.nn.functional as F
+
+    from relay_diffusion import distributed
+    from relay_diffusion.bundled import bundled_network_paths
+    from relay_diffusion.images import save_grid, to_uint8
+    from relay_diffusion.loading import load_network
+    from relay_diffusion.pipeline import EDMStage, EDMStageConfig, RelayStage, RelayStageConfig, check_stages
+    from relay_diffusion.rng import SeedGenerators, parse_int_list
+
+    seed_list = parse_int_list(seeds)
+    if not seed_list:
+        raise click.BadParameter("no seeds given", param_hint="--seeds")
+    bundled = bundled_network_paths() or {}
+    paths = {"first": network_first or bundled.get("first"), "second": network_second or bundled.get("second")}
+    for which, path in paths.items():
+        if not path:
+            raise click.UsageError(f"no bundled networks are installed in this copy of relay-diffusion; give "
+                                   f"--network_{which} (or train them with recipes/emoji.sh)")
+    dev = distributed.pick_device(device, 0)
+    nets = {which: load_network(path, dev) for which, path in paths.items()}
+    up_scale = nets["second"].img_resolution // nets["first"].img_resolution
+    first = EDMStage(nets["first"], EDMStageConfig(num_steps=num_steps_first))
+    second = RelayStage(nets["second"], RelayStageConfig(num_steps=num_steps_second, up_scale=up_scale))
+    try:
+        check_stages([first, second])
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+
+    # One pass: stage 1, then the relay sampler with a callback that keeps the first seed's trajectory.
+    # (the same images as ``rdm generate`` with these networks, seeds and step counts)
+    trajectory: list[torch.Tensor] = []
+    with torch.no_grad():
+        rng = SeedGenerators(seed_list, dev)
+        low = first.sample(rng, None, None)
+        high = second.sample(rng, None, low, callback=lambda info: trajectory.append(info["x"][:1]))
+    start = F.interpolate(low, scale_factor=up_scale, mode="nearest")
+    out = Path(outdir)
+    cols = int(np.ceil(np.sqrt(len(seed_list))))
+    relay = save_grid(to_uint8(high), out / "relay-grid.png", cols=cols)
+    stage1 = save_grid(to_uint8(start), out / "stage1-grid.png", cols=cols)
+    steps = [start[:1]] + trajectory
+    traj = save_grid(np.concatenate([to_uint8(x) for x in steps]), out / "relay-trajectory.png", cols=len(steps),
+                     scale=2)
+    click.echo(f"{len(seed_list)} samples relayed {nets['first'].img_resolution}x{nets['first'].img_resolution} -> "
+               f"{nets['second'].img_resolution}x{nets['second'].img_resolution}:")
+    click.echo(f"  relayed samples:  {relay}")
+    click.echo(f"  stage-1 samples:  {stage1}")
+    click.echo(f"  relay trajectory: {traj} (seed {seed_list[0]}: stage-1 start, then each relay step)")
