@@ -42,6 +42,13 @@ def _denoise(net, x, sigma, labels, aug_labels):
     return net(x, sigma.reshape(-1), class_labels=labels, augment_labels=aug_labels)
 
 
+def _noise_level_loss(net, images, rng, labels, augment_pipe, label_dropout, sigma, weight) -> torch.Tensor:
+    """``weight (D(y + sigma eps, sigma) - y)^2`` for the (augmented) images ``y``: the EDM-family losses."""
+    y, labels, aug = _prepare(images, rng, labels, augment_pipe, label_dropout)
+    n = rng.randn_like(y).to(y.device) * sigma
+    return weight * (_denoise(net, y + n, sigma, labels, aug) - y).square()
+
+
 @dataclass
 class VPLoss:
     """EDM's VP loss: ``t = 1 + u (epsilon_t - 1)``, ``sigma = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1)``."""
@@ -58,9 +65,7 @@ class VPLoss:
         u = rng.rand([1, 1, 1], dtype=images.dtype).to(images.device)
         sigma = self.sigma(1 + u * (self.epsilon_t - 1))
         weight = 1 / sigma.square()
-        y, labels, aug = _prepare(images, rng, labels, augment_pipe, self.label_dropout)
-        n = rng.randn_like(y).to(y.device) * sigma
-        return weight * (_denoise(net, y + n, sigma, labels, aug) - y).square()
+        return _noise_level_loss(net, images, rng, labels, augment_pipe, self.label_dropout, sigma, weight)
 
 
 @dataclass
@@ -75,9 +80,7 @@ class VELoss:
         u = rng.rand([1, 1, 1], dtype=images.dtype).to(images.device)
         sigma = self.sigma_min * (self.sigma_max / self.sigma_min) ** u
         weight = 1 / sigma.square()
-        y, labels, aug = _prepare(images, rng, labels, augment_pipe, self.label_dropout)
-        n = rng.randn_like(y).to(y.device) * sigma
-        return weight * (_denoise(net, y + n, sigma, labels, aug) - y).square()
+        return _noise_level_loss(net, images, rng, labels, augment_pipe, self.label_dropout, sigma, weight)
 
 
 @dataclass
@@ -94,9 +97,7 @@ class EDMLoss:
         n_level = rng.randn([1, 1, 1], dtype=images.dtype).to(images.device)
         sigma = (n_level * self.P_std + self.P_mean).exp()
         weight = (sigma.square() + self.sigma_data**2) / (sigma * self.sigma_data).square()
-        y, labels, aug = _prepare(images, rng, labels, augment_pipe, self.label_dropout)
-        n = rng.randn_like(y).to(y.device) * sigma
-        return weight * (_denoise(net, y + n, sigma, labels, aug) - y).square()
+        return _noise_level_loss(net, images, rng, labels, augment_pipe, self.label_dropout, sigma, weight)
 
 
 @dataclass
