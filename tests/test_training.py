@@ -159,7 +159,7 @@ def test_run_folder_stage2(tmp_path, data):
     net = load_safetensors_network(run_dir / "network-snapshot-000000.safetensors")
     assert net(torch.zeros(1, 3, 16, 16), torch.ones(1)).shape == (1, 3, 16, 16)
     with PIL.Image.open(run_dir / "samples-000000.png") as im:
-        assert im.size == (32, 16)
+        assert im.size == (512, 256)  # 2 samples of 16x16 side by side, enlarged 16x for viewing
     options = json.loads((run_dir / "training_options.json").read_text())
     assert options["config"]["precond"] == "blur" and options["seed"] == 5
     assert "kimg" in (run_dir / "log.txt").read_text() and "sec/kimg" in (run_dir / "log.txt").read_text()

@@ -14,6 +14,7 @@ from relay_diffusion.fileio import atomic_path
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
     """``[N, C, H, W]`` floats in [-1, 1] -> ``[N, H, W, C]`` uint8: ``clip(x * 127.5 + 128, 0, 255)`` truncated."""
+    x = x.to(torch.float64)  # the same rounding whatever the dtype the images come in
     return (x * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 

@@ -11,36 +11,19 @@ import math
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from relay_diffusion.fileio import atomic_path
+from relay_diffusion import images as images_lib
 from relay_diffusion.rng import SeedGenerators
 from relay_diffusion.samplers import edm_sampler, relay_sampler
 
 
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """``[N, C, H, W]`` in [-1, 1] -> uint8 ``[N, H, W, C]`` (SPEC 8 rounding: ``x * 127.5 + 128`` truncated)."""
-    x = (images.detach().to(torch.float64) * 127.5 + 128).clip(0, 255).to(torch.uint8)
-    return x.permute(0, 2, 3, 1).cpu().numpy()
-
-
 def save_grid(images: torch.Tensor, path: Path, cols: Optional[int] = None) -> None:
-    """Tile ``[N, C, H, W]`` images in [-1, 1] into one PNG (written atomically)."""
-    import PIL.Image
-
-    pix = to_uint8(images)
-    n, h, w, c = pix.shape
-    cols = cols or max(1, int(math.ceil(math.sqrt(n))))
-    rows = int(math.ceil(n / cols))
-    canvas = np.zeros([rows * h, cols * w, c], dtype=np.uint8)
-    for i in range(n):
-        r, q = divmod(i, cols)
-        canvas[r * h:(r + 1) * h, q * w:(q + 1) * w] = pix[i]
-    img = PIL.Image.fromarray(canvas[:, :, 0] if c == 1 else canvas, "L" if c == 1 else "RGB")
-    with atomic_path(path) as tmp:
-        img.save(tmp, format="PNG")
+    """Tile ``[N, C, H, W]`` images in [-1, 1] into one PNG, enlarged (nearest) to about 512 pixels wide."""
+    cols = cols or max(1, int(math.ceil(math.sqrt(images.shape[0]))))
+    scale = max(1, 512 // (cols * images.shape[-1]))
+    images_lib.save_grid(images_lib.to_uint8(images.detach()), path, cols=cols, scale=scale)
 
 
 def relay_start(images: torch.Tensor, up_scale: int) -> torch.Tensor:
