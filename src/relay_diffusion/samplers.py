@@ -58,8 +58,16 @@ def denoise(
     return out
 
 
-def _churn(t_cur: torch.Tensor, num_steps: int, S_churn: float, S_min: float, S_max: float) -> float:
-    return min(S_churn / num_steps, math.sqrt(2) - 1) if S_min <= float(t_cur) <= S_max else 0.0
+def _churn(
+    net: Any, x_cur: torch.Tensor, t_cur: torch.Tensor, rng: SeedGenerators, num_steps: int, S_churn: float,
+    S_min: float, S_max: float, S_noise: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """EDM's churn (SPEC 6a): raise the noise level to ``t_hat = t (1 + gamma)`` with fresh noise; the noise is
+    drawn at every step, also when ``gamma = 0``. Returns ``(t_hat, x_hat)``."""
+    gamma = min(S_churn / num_steps, math.sqrt(2) - 1) if S_min <= float(t_cur) <= S_max else 0.0
+    t_hat = _round_sigma(net, t_cur + gamma * t_cur)
+    x_hat = x_cur + (t_hat.square() - t_cur.square()).sqrt() * S_noise * rng.randn_like(x_cur)
+    return t_hat, x_hat
 
 
 def edm_sampler(
@@ -89,9 +97,7 @@ def edm_sampler(
     x_next = latents.to(F64) * t_steps[0]
     for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
         x_cur = x_next
-        gamma = _churn(t_cur, num_steps, S_churn, S_min, S_max)
-        t_hat = _round_sigma(net, t_cur + gamma * t_cur)
-        x_hat = x_cur + (t_hat.square() - t_cur.square()).sqrt() * S_noise * rng.randn_like(x_cur)
+        t_hat, x_hat = _churn(net, x_cur, t_cur, rng, num_steps, S_churn, S_min, S_max, S_noise)
         denoised = denoise(net, x_hat, t_hat, class_labels, cfg_scale)
         d_cur = (x_hat - denoised) / t_hat
         if sde_scale is None:
@@ -182,9 +188,7 @@ def relay_sampler(
         x_cur = x_next
         t_hat, x_hat = t_cur, x_cur
         if churn:
-            gamma = _churn(t_cur, num_steps, S_churn, S_min, S_max)
-            t_hat = _round_sigma(net, t_cur + gamma * t_cur)
-            x_hat = x_cur + (t_hat.square() - t_cur.square()).sqrt() * S_noise * rng.randn_like(x_cur)
+            t_hat, x_hat = _churn(net, x_cur, t_cur, rng, num_steps, S_churn, S_min, S_max, S_noise)
         x0 = denoise(net, x_hat, t_hat, class_labels, cfg_scale)
         if i == steps - 1:
             if callback is not None:
