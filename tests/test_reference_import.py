@@ -210,6 +210,10 @@ def test_convert_writes_safetensors_and_json(tmp_path):
     assert result.exit_code == 0, result.output
     assert (tmp_path / "out.json").is_file()
     assert_same_network(load_network(tmp_path / "out.safetensors"), net)
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("out.safetensors", "out.json"):  # the usual permissions, not mkstemp's 0600
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
     assert not marker.exists()
     bad = CliRunner().invoke(rdm, ["convert", str(_write(tmp_path / "x.pkl", pickle.dumps(Evil(marker)))), "y"])
     assert bad.exit_code != 0 and "system" in bad.output
