@@ -11,6 +11,26 @@ import click
 import numpy as np
 
 
+class StepBar:
+    """A progress bar over sampler steps, usable as the samplers' callback (its total comes with the first step)."""
+
+    def __init__(self, desc: str) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(desc=desc, unit="step", dynamic_ncols=True, leave=False)
+
+    def __call__(self, info: dict) -> None:
+        if self.bar.total is None:
+            self.bar.total = info["num_steps"]
+        self.bar.update(1)
+
+    def __enter__(self) -> "StepBar":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.close()
+
+
 @click.command("demo")
 @click.option("--outdir", type=click.Path(file_okay=False), default="out/demo", show_default=True)
 @click.option("--seeds", default="0-63", show_default=True, help="Seeds of the grid (e.g. 0-63).")
@@ -54,10 +74,16 @@ def demo(outdir: str, seeds: str, network_first: str | None, network_second: str
     # One pass: stage 1, then the relay sampler with a callback that keeps the first seed's trajectory.
     # (the same images as ``rdm generate`` with these networks, seeds and step counts)
     trajectory: list[torch.Tensor] = []
+
+    def keep_first_seed(info: dict) -> None:
+        trajectory.append(info["x"][:1])
+
     with torch.no_grad():
         rng = SeedGenerators(seed_list, dev)
-        low = first.sample(rng, None, None)
-        high = second.sample(rng, None, low, callback=lambda info: trajectory.append(info["x"][:1]))
+        with StepBar("stage 1") as bar:
+            low = first.sample(rng, None, None, callback=bar)
+        with StepBar("stage 2") as bar:
+            high = second.sample(rng, None, low, callback=lambda info: (bar(info), keep_first_seed(info)))
     start = F.interpolate(low, scale_factor=up_scale, mode="nearest")
     out = Path(outdir)
     cols = int(np.ceil(np.sqrt(len(seed_list))))
