@@ -37,6 +37,23 @@ def test_demo_writes_grids_and_matches_generate(tmp_path):
     assert res.exit_code == 0, res.output
     top_left = np.asarray(Image.open(tmp_path / "gen" / "000000.png"))
     np.testing.assert_array_equal(grid[:8, :8], top_left)
+    np.testing.assert_array_equal(traj[::2, -16::2], top_left)  # the trajectory ends at the first seed's sample
+
+
+def test_demo_trajectory_of_a_chosen_seed(tmp_path):
+    first, second = tiny(4, tmp_path / "s1.safetensors"), tiny(8, tmp_path / "s2.safetensors")
+    args = ["demo", "--seeds", "0-3", "--device", "cpu", "--network_first", str(first), "--network_second",
+            str(second), "--num_steps_first", "4", "--num_steps_second", "8"]
+    res = CliRunner().invoke(main, [*args, "--outdir", str(tmp_path), "--trajectory_seed", "2"])
+    assert res.exit_code == 0, res.output
+    assert "seed 2:" in res.output
+    grid = np.asarray(Image.open(tmp_path / "relay-grid.png"))
+    traj = np.asarray(Image.open(tmp_path / "relay-trajectory.png"))
+    np.testing.assert_array_equal(traj[::2, -16::2], grid[8:, :8])  # seed 2: second row, first column
+    stage1 = np.asarray(Image.open(tmp_path / "stage1-grid.png"))
+    np.testing.assert_array_equal(traj[::2, :16:2], stage1[8:, :8])  # and starts at its stage-1 sample
+    res = CliRunner().invoke(main, [*args, "--outdir", str(tmp_path / "x"), "--trajectory_seed", "9"])
+    assert res.exit_code != 0 and "--trajectory_seed" in res.output
 
 
 def test_export_bundled_round_trip(tmp_path):

@@ -34,13 +34,14 @@ class StepBar:
 @click.command("demo")
 @click.option("--outdir", type=click.Path(file_okay=False), default="out/demo", show_default=True)
 @click.option("--seeds", default="0-63", show_default=True, help="Seeds of the grid (e.g. 0-63).")
+@click.option("--trajectory_seed", type=int, help="Seed whose relay trajectory is drawn  [default: the first]")
 @click.option("--network_first", type=click.Path(dir_okay=False), help="Stage-1 network  [default: bundled]")
 @click.option("--network_second", type=click.Path(dir_okay=False), help="Stage-2 network  [default: bundled]")
 @click.option("--num_steps_first", type=click.IntRange(min=1), default=18, show_default=True)
 @click.option("--num_steps_second", type=click.IntRange(min=1), default=18, show_default=True)
 @click.option("--device", default=None, help="cpu, cuda, ...  [default: cuda if available, else cpu]")
-def demo(outdir: str, seeds: str, network_first: str | None, network_second: str | None, num_steps_first: int,
-         num_steps_second: int, device: str | None) -> None:
+def demo(outdir: str, seeds: str, trajectory_seed: int | None, network_first: str | None,
+         network_second: str | None, num_steps_first: int, num_steps_second: int, device: str | None) -> None:
     """Write a grid of relayed samples from the bundled tiny models."""
     import torch
     import torch.nn.functional as F
@@ -55,6 +56,11 @@ def demo(outdir: str, seeds: str, network_first: str | None, network_second: str
     seed_list = parse_int_list(seeds)
     if not seed_list:
         raise click.BadParameter("no seeds given", param_hint="--seeds")
+    if trajectory_seed is None:
+        trajectory_seed = seed_list[0]
+    if trajectory_seed not in seed_list:
+        raise click.BadParameter(f"{trajectory_seed} is not one of --seeds", param_hint="--trajectory_seed")
+    shown = seed_list.index(trajectory_seed)
     bundled = bundled_network_paths() or {}
     paths = {"first": network_first or bundled.get("first"), "second": network_second or bundled.get("second")}
     for which, path in paths.items():
@@ -71,29 +77,29 @@ def demo(outdir: str, seeds: str, network_first: str | None, network_second: str
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
 
-    # One pass: stage 1, then the relay sampler with a callback that keeps the first seed's trajectory.
+    # One pass: stage 1, then the relay sampler with a callback that keeps one seed's trajectory.
     # (the same images as ``rdm generate`` with these networks, seeds and step counts)
     trajectory: list[torch.Tensor] = []
 
-    def keep_first_seed(info: dict) -> None:
-        trajectory.append(info["x"][:1])
+    def keep_trajectory(info: dict) -> None:
+        trajectory.append(info["x"][shown:shown + 1])
 
     with torch.no_grad():
         rng = SeedGenerators(seed_list, dev)
         with StepBar("stage 1") as bar:
             low = first.sample(rng, None, None, callback=bar)
         with StepBar("stage 2") as bar:
-            high = second.sample(rng, None, low, callback=lambda info: (bar(info), keep_first_seed(info)))
+            high = second.sample(rng, None, low, callback=lambda info: (bar(info), keep_trajectory(info)))
     start = F.interpolate(low, scale_factor=up_scale, mode="nearest")
     out = Path(outdir)
     cols = int(np.ceil(np.sqrt(len(seed_list))))
     relay = save_grid(to_uint8(high), out / "relay-grid.png", cols=cols)
     stage1 = save_grid(to_uint8(start), out / "stage1-grid.png", cols=cols)
-    steps = [start[:1]] + trajectory
+    steps = [start[shown:shown + 1]] + trajectory
     traj = save_grid(np.concatenate([to_uint8(x) for x in steps]), out / "relay-trajectory.png", cols=len(steps),
                      scale=2)
     click.echo(f"{len(seed_list)} samples relayed {nets['first'].img_resolution}x{nets['first'].img_resolution} -> "
                f"{nets['second'].img_resolution}x{nets['second'].img_resolution}:")
     click.echo(f"  relayed samples:  {relay}")
     click.echo(f"  stage-1 samples:  {stage1}")
-    click.echo(f"  relay trajectory: {traj} (seed {seed_list[0]}: stage-1 start, then each relay step)")
+    click.echo(f"  relay trajectory: {traj} (seed {trajectory_seed}: stage-1 start, then each relay step)")
