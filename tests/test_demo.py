@@ -65,6 +65,11 @@ def test_export_bundled_round_trip(tmp_path):
     assert paths is not None and set(paths) == {"first", "second"}
 
 
+def test_demo_never_pairs_a_given_network_with_a_bundled_one(tmp_path):
+    res = CliRunner().invoke(main, ["demo", "--network_second", str(tiny(8, tmp_path / "s2.safetensors"))])
+    assert res.exit_code != 0 and "--network_first is required when the other network is given" in res.output
+
+
 def test_demo_without_networks_says_what_is_missing(monkeypatch):
     monkeypatch.setattr("relay_diffusion.bundled.bundled_network_paths", lambda folder=None: None)
     res = CliRunner().invoke(main, ["demo"])

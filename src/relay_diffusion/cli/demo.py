@@ -61,11 +61,13 @@ def demo(outdir: str, seeds: str, trajectory_seed: int | None, network_first: st
     if trajectory_seed not in seed_list:
         raise click.BadParameter(f"{trajectory_seed} is not one of --seeds", param_hint="--trajectory_seed")
     shown = seed_list.index(trajectory_seed)
-    bundled = bundled_network_paths() or {}
+    given = network_first or network_second
+    bundled = {} if given else (bundled_network_paths() or {})  # never pair a given network with a bundled one
     paths = {"first": network_first or bundled.get("first"), "second": network_second or bundled.get("second")}
     for which, path in paths.items():
         if not path:
-            raise click.UsageError(f"no bundled networks are installed in this copy of relay-diffusion; give "
+            raise click.UsageError(f"--network_{which} is required when the other network is given" if given else
+                                   f"no bundled networks are installed in this copy of relay-diffusion; give "
                                    f"--network_{which} (or train them with recipes/emoji.sh)")
     dev = distributed.pick_device(device, 0)
     nets = {which: load_network(path, dev) for which, path in paths.items()}

@@ -208,15 +208,20 @@ def _enhancement(preset: Any, enhance: bool | None, stages_kind: str) -> Any:
 
 
 def _network_paths(opts: dict[str, Any], stages_kind: str) -> dict[str, str]:
+    """The networks of the stages to run. The bundled ones stand in only when no network is given at all:
+    a network of the user's is never paired with a bundled one."""
     needed = {"first": ("first", "both"), "second": ("second", "both")}
+    given = opts["network_first"] or opts["network_second"]
+    defaults = {} if given else (default_network_paths() or {})
     paths = {}
     for which, kinds in needed.items():
         if stages_kind not in kinds:
             continue
-        path = opts[f"network_{which}"] or (default_network_paths() or {}).get(which)
+        path = opts[f"network_{which}"] or defaults.get(which)
         if not path:
-            raise click.UsageError(f"--network_{which} is required for --sampler_stages {stages_kind} "
-                                   "(this copy of relay-diffusion has no bundled networks)")
+            why = ("when the other network is given" if given
+                   else "(this copy of relay-diffusion has no bundled networks)")
+            raise click.UsageError(f"--network_{which} is required for --sampler_stages {stages_kind} {why}")
         paths[which] = path
     return paths
 
