@@ -47,7 +47,7 @@ def demo(outdir: str, seeds: str, trajectory_seed: int | None, network_first: st
     import torch.nn.functional as F
 
     from relay_diffusion import distributed
-    from relay_diffusion.bundled import bundled_network_paths
+    from relay_diffusion.cli.generate import network_paths
     from relay_diffusion.images import save_grid, to_uint8
     from relay_diffusion.loading import load_network
     from relay_diffusion.pipeline import EDMStage, EDMStageConfig, RelayStage, RelayStageConfig, check_stages
@@ -61,14 +61,7 @@ def demo(outdir: str, seeds: str, trajectory_seed: int | None, network_first: st
     if trajectory_seed not in seed_list:
         raise click.BadParameter(f"{trajectory_seed} is not one of --seeds", param_hint="--trajectory_seed")
     shown = seed_list.index(trajectory_seed)
-    given = network_first or network_second
-    bundled = {} if given else (bundled_network_paths() or {})  # never pair a given network with a bundled one
-    paths = {"first": network_first or bundled.get("first"), "second": network_second or bundled.get("second")}
-    for which, path in paths.items():
-        if not path:
-            raise click.UsageError(f"--network_{which} is required when the other network is given" if given else
-                                   f"no bundled networks are installed in this copy of relay-diffusion; give "
-                                   f"--network_{which} (or train them with recipes/emoji.sh)")
+    paths = network_paths(network_first, network_second)
     dev = distributed.pick_device(device, 0)
     nets = {which: load_network(path, dev) for which, path in paths.items()}
     up_scale = nets["second"].img_resolution // nets["first"].img_resolution

@@ -144,7 +144,8 @@ def generate(**opts: Any) -> None:
     first, second = _stage_configs(preset, opts)
     seeds = opts["seeds"] if opts["seeds"] is not None else _parse_seeds(preset.seeds)
     enhancement = _enhancement(preset, opts["enhance"], stages_kind)
-    paths = _network_paths(opts, stages_kind)
+    stages = ("first", "second") if stages_kind == "both" else (stages_kind,)
+    paths = network_paths(opts["network_first"], opts["network_second"], stages)
     if stages_kind == "second" and not opts["indir"]:
         raise click.UsageError("--sampler_stages second needs --indir (the stage-1 images)")
 
@@ -207,21 +208,20 @@ def _enhancement(preset: Any, enhance: bool | None, stages_kind: str) -> Any:
     return preset.enhancement if on else Enhancement()
 
 
-def _network_paths(opts: dict[str, Any], stages_kind: str) -> dict[str, str]:
-    """The networks of the stages to run. The bundled ones stand in only when no network is given at all:
-    a network of the user's is never paired with a bundled one."""
-    needed = {"first": ("first", "both"), "second": ("second", "both")}
-    given = opts["network_first"] or opts["network_second"]
-    defaults = {} if given else (default_network_paths() or {})
+def network_paths(network_first: str | None, network_second: str | None,
+                  stages: tuple[str, ...] = ("first", "second")) -> dict[str, str]:
+    """The networks of ``stages`` (``'first'``, ``'second'``). The bundled ones stand in only when no network
+    is given at all: a network of the user's is never paired with a bundled one."""
+    given = {"first": network_first, "second": network_second}
+    any_given = network_first or network_second
+    defaults = {} if any_given else (default_network_paths() or {})
     paths = {}
-    for which, kinds in needed.items():
-        if stages_kind not in kinds:
-            continue
-        path = opts[f"network_{which}"] or defaults.get(which)
+    for which in stages:
+        path = given[which] or defaults.get(which)
         if not path:
-            why = ("when the other network is given" if given
-                   else "(this copy of relay-diffusion has no bundled networks)")
-            raise click.UsageError(f"--network_{which} is required for --sampler_stages {stages_kind} {why}")
+            why = ("when the other network is given" if any_given
+                   else "(this copy of relay-diffusion has no bundled networks; recipes/emoji.sh trains them)")
+            raise click.UsageError(f"--network_{which} is required {why}")
         paths[which] = path
     return paths
 
