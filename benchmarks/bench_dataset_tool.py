@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 
-from relay_diffusion.dataset_tool import BuildOptions, build_datasets, parse_resolution
+from relay_diffusion.data.tool import BuildOptions, build_datasets, parse_resolution
 
 
 def make_images(folder: Path, count: int, size: int) -> None:

@@ -28,7 +28,7 @@ import torch
 
 
 def bench_activations(images: int, size: int, batch: int, workers: int) -> dict:
-    from relay_diffusion.data import ImageFolderDataset
+    from relay_diffusion.data.dataset import ImageFolderDataset
     from relay_diffusion.metrics import compute_activations, default_detector_path, load_detector
     from relay_diffusion.metrics.activations import detect_batch
 

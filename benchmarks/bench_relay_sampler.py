@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from common import small_adm
 
-from relay_diffusion.rng import SeedGenerators
-from relay_diffusion.samplers import relay_sampler
+from relay_diffusion.core.rng import SeedGenerators
+from relay_diffusion.core.samplers import relay_sampler
 
 
 def main() -> None:

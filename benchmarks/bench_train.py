@@ -33,9 +33,9 @@ import numpy as np
 import PIL.Image
 import torch
 
-from relay_diffusion.rng import SeedGenerators
+from relay_diffusion.core.rng import SeedGenerators
 from relay_diffusion.training import TrainingConfig, plan_training
-from relay_diffusion.distributed import init
+from relay_diffusion.utils.distributed import init
 from relay_diffusion.training.loop import Trainer
 
 

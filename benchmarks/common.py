@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from relay_diffusion.precond import build_network
+from relay_diffusion.networks.precond import build_network
 
 
 class TimedNet(torch.nn.Module):

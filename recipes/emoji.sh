@@ -61,7 +61,7 @@ export)
     # the latest EMA snapshot of each stage -> src/relay_diffusion/assets/emoji (float16 safetensors + JSON)
     s1=$(ls "$(latest_run stage1)"network-snapshot-*.safetensors | sort | tail -n 1)
     s2=$(ls "$(latest_run stage2)"network-snapshot-*.safetensors | sort | tail -n 1)
-    .venv/bin/python -m relay_diffusion.bundled "$s1" "$s2"
+    .venv/bin/python -m relay_diffusion.checkpoints.bundled "$s1" "$s2"
     ;;
 figures)
     # the README's pictures: 8x8 relayed grid, the stage-1 grid it came from, one relay trajectory

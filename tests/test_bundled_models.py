@@ -11,11 +11,11 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from relay_diffusion.bundled import ASSETS, bundled_network_paths
-from relay_diffusion.checkpoint import read_config, save_network
+from relay_diffusion.checkpoints.bundled import ASSETS, bundled_network_paths
+from relay_diffusion.checkpoints.snapshot import read_config, save_network
 from relay_diffusion.cli import main
-from relay_diffusion.loading import load_network
-from relay_diffusion.precond import build_network
+from relay_diffusion.checkpoints.loading import load_network
+from relay_diffusion.networks.precond import build_network
 
 SUBSET = Path(__file__).parent / "data" / "emoji-subset"
 

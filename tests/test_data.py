@@ -13,7 +13,7 @@ import PIL.Image
 import pytest
 import torch
 
-from relay_diffusion.data import ImageFolderDataset, iter_image_files, list_image_files
+from relay_diffusion.data.dataset import ImageFolderDataset, iter_image_files, list_image_files
 
 
 def _png(image: np.ndarray) -> bytes:

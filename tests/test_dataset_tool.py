@@ -22,9 +22,9 @@ import pytest
 from click.testing import CliRunner
 
 from relay_diffusion.cli import main
-from relay_diffusion.data import ImageFolderDataset
-from relay_diffusion.dataset_tool import DatasetToolError, dest_paths, parse_resolution
-from relay_diffusion.datasets.convert import block_mean, center_crop, composite, resize, to_array
+from relay_diffusion.data.dataset import ImageFolderDataset
+from relay_diffusion.data.tool import DatasetToolError, dest_paths, parse_resolution
+from relay_diffusion.data.transforms import block_mean, center_crop, composite, resize, to_array
 
 
 # --- helpers -------------------------------------------------------------------------------------------------

@@ -7,10 +7,10 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from relay_diffusion.bundled import bundled_network_paths, export_bundled
-from relay_diffusion.checkpoint import save_network
+from relay_diffusion.checkpoints.bundled import bundled_network_paths, export_bundled
+from relay_diffusion.checkpoints.snapshot import save_network
 from relay_diffusion.cli import main
-from relay_diffusion.precond import build_network
+from relay_diffusion.networks.precond import build_network
 
 
 def tiny(res: int, path):
@@ -71,6 +71,6 @@ def test_demo_never_pairs_a_given_network_with_a_bundled_one(tmp_path):
 
 
 def test_demo_without_networks_says_what_is_missing(monkeypatch):
-    monkeypatch.setattr("relay_diffusion.bundled.bundled_network_paths", lambda folder=None: None)
+    monkeypatch.setattr("relay_diffusion.checkpoints.bundled.bundled_network_paths", lambda folder=None: None)
     res = CliRunner().invoke(main, ["demo"])
     assert res.exit_code != 0 and "--network_first" in res.output

@@ -9,8 +9,8 @@ import pytest
 import scipy.fft
 import torch
 
-from relay_diffusion import forward
-from relay_diffusion.rng import SeedGenerators
+from relay_diffusion.core import blur as forward
+from relay_diffusion.core.rng import SeedGenerators
 
 
 @pytest.mark.parametrize("p,h,w", [(1, 3, 5), (2, 8, 8), (3, 9, 12), (4, 16, 8), (8, 16, 24)])

@@ -15,15 +15,15 @@ import torch
 from click.testing import CliRunner
 
 from conftest import REPO, fixtures_dir
-from relay_diffusion.checkpoint import save_network
+from relay_diffusion.checkpoints.snapshot import save_network
 from relay_diffusion.cli import main as rdm
-from relay_diffusion.images import to_uint8
-from relay_diffusion.pipeline import (
+from relay_diffusion.utils.images import to_uint8
+from relay_diffusion.generation.pipeline import (
     PRESETS, EDMStage, EDMStageConfig, Enhancement, RelayPipeline, RelayStage, RelayStageConfig, image_path,
     load_images,
 )
-from relay_diffusion.precond import build_network
-from relay_diffusion.toy import GaussianToyDenoiser
+from relay_diffusion.networks.precond import build_network
+from relay_diffusion.core.toy import GaussianToyDenoiser
 
 STAGE1_OPTIONS = ["--num_steps_first=5"]
 STAGE2_OPTIONS = ["--num_steps_second=10"]  # 4 steps below truncation_sigma 0.9

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from relay_diffusion import forward, losses
-from relay_diffusion.rng import SeedGenerators
-from relay_diffusion.toy import GaussianToyDenoiser
+from relay_diffusion.core import blur as forward
+from relay_diffusion.core import losses
+from relay_diffusion.core.rng import SeedGenerators
+from relay_diffusion.core.toy import GaussianToyDenoiser
 
 
 class Recorder(torch.nn.Module):

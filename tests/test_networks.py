@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from relay_diffusion.layers import init_weights, self_attention
-from relay_diffusion.networks import DhariwalUNet, SongUNet
-from relay_diffusion.precond import PRECONDS, arch_config, build_network, iddpm_grid
+from relay_diffusion.networks.layers import init_weights, self_attention
+from relay_diffusion.networks.unets import DhariwalUNet, SongUNet
+from relay_diffusion.networks.precond import PRECONDS, arch_config, build_network, iddpm_grid
 
 RTOL = 1e-5
 REPO = Path(__file__).resolve().parents[1]

@@ -8,7 +8,7 @@ import numpy as np
 from click.testing import CliRunner
 
 from relay_diffusion.cli import main
-from relay_diffusion.data import ImageFolderDataset
+from relay_diffusion.data.dataset import ImageFolderDataset
 
 SUBSET = Path(__file__).parent / "data" / "emoji-subset"
 

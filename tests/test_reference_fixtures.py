@@ -15,10 +15,11 @@ import torch
 import torch.nn.functional as F
 
 from conftest import fixtures_dir
-from relay_diffusion import forward, losses
-from relay_diffusion.rng import SeedGenerators
-from relay_diffusion.samplers import edm_sampler, relay_sampler
-from relay_diffusion.toy import GaussianToyDenoiser
+from relay_diffusion.core import blur as forward
+from relay_diffusion.core import losses
+from relay_diffusion.core.rng import SeedGenerators
+from relay_diffusion.core.samplers import edm_sampler, relay_sampler
+from relay_diffusion.core.toy import GaussianToyDenoiser
 
 SAMPLER_RTOL = 1e-6
 NETWORK_RTOL = 1e-5
@@ -155,7 +156,7 @@ def check_sampler(name, case):
 
 
 def check_network(name, case):
-    from relay_diffusion.precond import build_network
+    from relay_diffusion.networks.precond import build_network
 
     net = build_network(case["precond"], **case["config"])
     prefix = f"{name}/weights/"

@@ -22,8 +22,8 @@ import torch
 from click.testing import CliRunner
 
 from relay_diffusion.cli import main as rdm
-from relay_diffusion.loading import load_network
-from relay_diffusion.reference_import import UnsafeCheckpointError, load_reference_checkpoint, load_reference_network
+from relay_diffusion.checkpoints.loading import load_network
+from relay_diffusion.checkpoints.reference import UnsafeCheckpointError, load_reference_checkpoint, load_reference_network
 from test_generate import STAGE1_OPTIONS, STAGE2_OPTIONS, read_pngs, single_thread, tiny_network  # noqa: F401
 
 CONTAINERS = (torch.nn.ModuleDict, torch.nn.ModuleList, torch.nn.Sequential)
@@ -188,7 +188,7 @@ def test_reference_checkpoints_give_the_same_images(tmp_path):
     first, second = tiny_network(8, label_dim=3, seed=1), tiny_network(16, label_dim=3, seed=2)
     write_reference_pkl(tmp_path / "first.pkl", first, marker)
     write_reference_pt(tmp_path / "second.pt", second, marker)
-    from relay_diffusion.checkpoint import save_network
+    from relay_diffusion.checkpoints.snapshot import save_network
 
     save_network(first, tmp_path / "first.safetensors")
     save_network(second, tmp_path / "second.safetensors")

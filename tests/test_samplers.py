@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from relay_diffusion.rng import SeedGenerators, parse_int_list
-from relay_diffusion.samplers import edm_sampler, relay_sampler, relay_time_steps, time_steps
-from relay_diffusion.toy import GaussianToyDenoiser
+from relay_diffusion.core.rng import SeedGenerators, parse_int_list
+from relay_diffusion.core.samplers import edm_sampler, relay_sampler, relay_time_steps, time_steps
+from relay_diffusion.core.toy import GaussianToyDenoiser
 
 
 def test_time_steps_endpoints_and_order():

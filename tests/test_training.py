@@ -25,7 +25,7 @@ import torch
 from click.testing import CliRunner
 
 from relay_diffusion.cli.train import train as train_cli
-from relay_diffusion.rng import SeedGenerators
+from relay_diffusion.core.rng import SeedGenerators
 from relay_diffusion.training import ConfigError, TrainingConfig, plan_training, run_training
 from relay_diffusion.training.augment import AugmentPipe, resample
 from relay_diffusion.training.loop import build_training_network, ema_beta, learning_rate
@@ -140,7 +140,7 @@ def test_loss_decreases(tmp_path, data, precond, arch, extra):
 
 # --- run folder contents, stage 2 grids, snapshot metadata ---------------------------------------------
 def test_run_folder_stage2(tmp_path, data):
-    from relay_diffusion.checkpoint import load_safetensors_network, read_config
+    from relay_diffusion.checkpoints.snapshot import load_safetensors_network, read_config
 
     cfg = config(tmp_path, data["plain16"], precond="blur", up_scale=4, duration=3 * 8 / 1e6, grid=2, snap=1000,
                  dump=1, tick=0.016, desc="t")

@@ -1,8 +1,9 @@
 """Relay Diffusion Models (Teng et al., ICLR 2024) in PyTorch.
 
-Modules, in the direction imports flow:
-``rng`` / ``forward`` (block DCT, blur, block noise) -> ``layers`` -> ``networks`` -> ``precond``
--> (``losses``, ``samplers``) -> pipeline / training -> ``cli``.
+Sub-packages, in the direction imports flow:
+``core`` (block DCT, blur, block noise, samplers, losses, per-seed generators) -> ``networks`` (layers,
+U-Nets, preconditioning) -> ``checkpoints`` (snapshots, reference import) -> ``data`` / ``generation`` /
+``training`` / ``metrics`` -> ``cli``. ``utils`` holds file, image and process-group helpers used by all.
 """
 
 __version__ = "0.1.0"

@@ -16,8 +16,8 @@ def convert(src: str, dest: str, key: str, fp16: bool) -> None:
 
     import torch
 
-    from relay_diffusion.checkpoint import save_network
-    from relay_diffusion.reference_import import load_reference_network
+    from relay_diffusion.checkpoints.snapshot import save_network
+    from relay_diffusion.checkpoints.reference import load_reference_network
 
     try:
         net = load_reference_network(src, "cpu", key=key)

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import click
 
-from relay_diffusion.dataset_tool import (
+from relay_diffusion.data.tool import (
     REPORT_SUFFIX,
     BuildOptions,
     DatasetToolError,
@@ -15,7 +15,7 @@ from relay_diffusion.dataset_tool import (
     parse_background,
     parse_resolution,
 )
-from relay_diffusion.datasets.convert import RESAMPLE, TRANSFORMS, Size
+from relay_diffusion.data.transforms import RESAMPLE, TRANSFORMS, Size
 
 
 def _resolutions(ctx: click.Context, param: click.Parameter, values: Sequence[str]) -> list[Size]:

@@ -1,6 +1,6 @@
 """``rdm demo``: an 8x8 grid of relayed samples, the stage-1 grid they came from, and one relay trajectory.
 
-Uses the bundled tiny emoji models (``relay_diffusion.bundled``) unless networks are given.
+Uses the bundled tiny emoji models (``relay_diffusion.checkpoints.bundled``) unless networks are given.
 """
 
 from __future__ import annotations
@@ -46,12 +46,12 @@ def demo(outdir: str, seeds: str, trajectory_seed: int | None, network_first: st
     import torch
     import torch.nn.functional as F
 
-    from relay_diffusion import distributed
+    from relay_diffusion.utils import distributed
     from relay_diffusion.cli.generate import network_paths
-    from relay_diffusion.images import save_grid, to_uint8
-    from relay_diffusion.loading import load_network
-    from relay_diffusion.pipeline import EDMStage, EDMStageConfig, RelayStage, RelayStageConfig, check_stages
-    from relay_diffusion.rng import SeedGenerators, parse_int_list
+    from relay_diffusion.utils.images import save_grid, to_uint8
+    from relay_diffusion.checkpoints.loading import load_network
+    from relay_diffusion.generation.pipeline import EDMStage, EDMStageConfig, RelayStage, RelayStageConfig, check_stages
+    from relay_diffusion.core.rng import SeedGenerators, parse_int_list
 
     seed_list = parse_int_list(seeds)
     if not seed_list:

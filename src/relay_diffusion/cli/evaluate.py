@@ -15,9 +15,9 @@ import click
 import numpy as np
 import torch
 
-from relay_diffusion import distributed
-from relay_diffusion.data import ImageFolderDataset
-from relay_diffusion.fileio import atomic_write_text
+from relay_diffusion.utils import distributed
+from relay_diffusion.data.dataset import ImageFolderDataset
+from relay_diffusion.utils.fileio import atomic_write_text
 from relay_diffusion.metrics import (
     METRICS,
     ActivationFile,

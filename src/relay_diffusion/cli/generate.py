@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from relay_diffusion.pipeline import DEFAULT_NET_BATCH, PRESETS, EDMStageConfig, RelayStageConfig
+from relay_diffusion.generation.pipeline import DEFAULT_NET_BATCH, PRESETS, EDMStageConfig, RelayStageConfig
 
 FIRST_FIELDS = tuple(f.name for f in dataclasses.fields(EDMStageConfig))
 SECOND_FIELDS = tuple(f.name for f in dataclasses.fields(RelayStageConfig))
@@ -24,8 +24,8 @@ _D1, _D2 = PRESETS["default"].first, PRESETS["default"].second
 
 def default_network_paths() -> dict[str, str] | None:
     """Networks to use when ``--network_first`` / ``--network_second`` are left out: the bundled tiny emoji
-    models (``relay_diffusion.bundled``) when this copy has them, else None."""
-    from relay_diffusion.bundled import bundled_network_paths
+    models (``relay_diffusion.checkpoints.bundled``) when this copy has them, else None."""
+    from relay_diffusion.checkpoints.bundled import bundled_network_paths
 
     return bundled_network_paths()
 
@@ -34,7 +34,7 @@ class _SeedList(click.ParamType):
     name = "LIST"
 
     def convert(self, value: Any, param: Any, ctx: Any) -> list[int]:
-        from relay_diffusion.rng import parse_int_list
+        from relay_diffusion.core.rng import parse_int_list
 
         if isinstance(value, list):
             return value
@@ -137,7 +137,7 @@ def generate(**opts: Any) -> None:
       torchrun --standalone --nproc_per_node=8 -m relay_diffusion generate --preset=imagenet256 \\
           --outdir=out --network_first=imagenet64.pkl --network_second=imagenet256.pt
     """
-    from relay_diffusion.pipeline import generate_images, save_seed_grid
+    from relay_diffusion.generation.pipeline import generate_images, save_seed_grid
 
     preset = PRESETS[opts["preset"]]
     stages_kind = opts["sampler_stages"]
@@ -149,7 +149,7 @@ def generate(**opts: Any) -> None:
     if stages_kind == "second" and not opts["indir"]:
         raise click.UsageError("--sampler_stages second needs --indir (the stage-1 images)")
 
-    from relay_diffusion import distributed
+    from relay_diffusion.utils import distributed
 
     try:
         ctx = distributed.init(opts["device"])
@@ -178,7 +178,7 @@ def generate(**opts: Any) -> None:
 
 
 def _parse_seeds(text: str) -> list[int]:
-    from relay_diffusion.rng import parse_int_list
+    from relay_diffusion.core.rng import parse_int_list
 
     return parse_int_list(text)
 
@@ -202,7 +202,7 @@ def _stage_configs(preset: Any, opts: dict[str, Any]) -> tuple[EDMStageConfig, R
 def _enhancement(preset: Any, enhance: bool | None, stages_kind: str) -> Any:
     """The preset's post-processing: on for final images unless --no-enhance; stage-1-only outputs (inputs
     of a later --sampler_stages second run) get it only with an explicit --enhance."""
-    from relay_diffusion.pipeline import Enhancement
+    from relay_diffusion.generation.pipeline import Enhancement
 
     on = enhance if enhance is not None else stages_kind != "first"
     return preset.enhancement if on else Enhancement()
@@ -228,8 +228,8 @@ def network_paths(network_first: str | None, network_second: str | None,
 
 def _build_pipeline(paths: dict[str, str], first: EDMStageConfig, second: RelayStageConfig, enhancement: Any,
                     opts: dict[str, Any], device: Any) -> Any:
-    from relay_diffusion.loading import load_network
-    from relay_diffusion.pipeline import EDMStage, RelayPipeline, RelayStage
+    from relay_diffusion.checkpoints.loading import load_network
+    from relay_diffusion.generation.pipeline import EDMStage, RelayPipeline, RelayStage
 
     nets = {}
     for which, path in paths.items():
@@ -251,7 +251,7 @@ def _build_pipeline(paths: dict[str, str], first: EDMStageConfig, second: RelayS
 
 
 def _print_config(opts: dict[str, Any], pipeline: Any, seeds: list[int], device: Any, world_size: int) -> None:
-    from relay_diffusion.pipeline import EDMStage
+    from relay_diffusion.generation.pipeline import EDMStage
 
     click.echo(f"Preset: {opts['preset']}")
     for i, stage in enumerate(pipeline.stages):

@@ -13,10 +13,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from relay_diffusion.images import save_grid, to_uint8
-from relay_diffusion.rng import SeedGenerators, parse_int_list
-from relay_diffusion.samplers import edm_sampler, relay_sampler
-from relay_diffusion.toy import GaussianToyDenoiser
+from relay_diffusion.utils.images import save_grid, to_uint8
+from relay_diffusion.core.rng import SeedGenerators, parse_int_list
+from relay_diffusion.core.samplers import edm_sampler, relay_sampler
+from relay_diffusion.core.toy import GaussianToyDenoiser
 
 
 @click.command("smoke")

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from relay_diffusion.fileio import atomic_path
+from relay_diffusion.utils.fileio import atomic_path
 
 from .detector import HEAD_SOURCE, Detector, DetectorError
 from .scores import feature_statistics

@@ -20,7 +20,7 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
-from relay_diffusion.rng import SeedGenerators
+from relay_diffusion.core.rng import SeedGenerators
 
 #: Per-sample draws: uniforms (coins and angles) and normals (magnitudes), always drawn in full.
 NUM_UNIFORMS = 11

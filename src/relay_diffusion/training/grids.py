@@ -14,9 +14,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from relay_diffusion import images as images_lib
-from relay_diffusion.rng import SeedGenerators
-from relay_diffusion.samplers import edm_sampler, relay_sampler
+from relay_diffusion.utils import images as images_lib
+from relay_diffusion.core.rng import SeedGenerators
+from relay_diffusion.core.samplers import edm_sampler, relay_sampler
 
 
 def save_grid(images: torch.Tensor, path: Path, cols: Optional[int] = None) -> None:

@@ -21,10 +21,10 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-from relay_diffusion.checkpoint import save_network
-from relay_diffusion.fileio import atomic_write_text
-from relay_diffusion.rng import SeedGenerators
-from relay_diffusion import distributed
+from relay_diffusion.checkpoints.snapshot import save_network
+from relay_diffusion.utils.fileio import atomic_write_text
+from relay_diffusion.core.rng import SeedGenerators
+from relay_diffusion.utils import distributed
 from relay_diffusion.training import grids
 from relay_diffusion.training.augment import AugmentPipe
 from relay_diffusion.training.order import DataOrder, StepLayout, dropout_seed, make_loader, sample_seeds
@@ -69,8 +69,8 @@ def learning_rate(lr: float, nimg: int, rampup_mimg: float) -> float:
 
 def build_training_network(plan: TrainingPlan, seed: int) -> torch.nn.Module:
     """The network with weights drawn from a generator seeded by ``seed`` (same on every process)."""
-    from relay_diffusion.layers import init_weights
-    from relay_diffusion.precond import build_network
+    from relay_diffusion.networks.layers import init_weights
+    from relay_diffusion.networks.precond import build_network
 
     with torch.random.fork_rng(devices=[]):  # the constructors draw from the global generator; keep it untouched
         net = build_network(plan.network["precond"], **plan.network["init_kwargs"])

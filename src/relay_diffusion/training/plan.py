@@ -15,7 +15,7 @@ from typing import Any, Optional
 import torch
 
 from relay_diffusion.training.config import AUGMENT_DIM, PRECOND_NETWORKS, ConfigError, TrainingConfig
-from relay_diffusion.distributed import env_world_size
+from relay_diffusion.utils.distributed import env_world_size
 from relay_diffusion.training.state import latest_state
 
 
@@ -61,7 +61,7 @@ class TrainingPlan:
 
 def open_dataset(cfg: TrainingConfig, cache: Optional[bool] = None):
     """The training images of ``--data`` (with labels when ``--cond``)."""
-    from relay_diffusion.data import ImageFolderDataset
+    from relay_diffusion.data.dataset import ImageFolderDataset
 
     return ImageFolderDataset(cfg.data, use_labels=cfg.cond, xflip=cfg.xflip,
                               cache=cfg.cache if cache is None else cache)
@@ -69,7 +69,7 @@ def open_dataset(cfg: TrainingConfig, cache: Optional[bool] = None):
 
 def network_spec(cfg: TrainingConfig, resolution: int, channels: int, label_dim: int) -> dict[str, Any]:
     """Precond class and constructor arguments: the ``--arch`` preset with the size overrides applied."""
-    from relay_diffusion.precond import arch_config
+    from relay_diffusion.networks.precond import arch_config
 
     arch = dict(arch_config(cfg.arch, resolution))
     overrides = {"model_channels": cfg.cbase, "channel_mult": cfg.cres, "num_blocks": cfg.num_blocks,
@@ -99,7 +99,7 @@ def loss_spec(cfg: TrainingConfig) -> dict[str, Any]:
 
 
 def build_loss(spec: dict[str, Any]):
-    from relay_diffusion.losses import BlurLoss, BlurLossConfig, EDMLoss, VELoss, VPLoss
+    from relay_diffusion.core.losses import BlurLoss, BlurLossConfig, EDMLoss, VELoss, VPLoss
 
     spec = dict(spec)
     name = spec.pop("name")
@@ -152,7 +152,7 @@ def plan_training(cfg: TrainingConfig, world_size: Optional[int] = None) -> Trai
 
 def _check_network_builds(network: dict[str, Any]) -> None:
     """Build the network without memory (meta device), so a bad size override fails now, not mid-setup."""
-    from relay_diffusion.precond import build_network
+    from relay_diffusion.networks.precond import build_network
 
     try:
         with torch.device("meta"):

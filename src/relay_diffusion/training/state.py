@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 import torch
 
-from relay_diffusion.fileio import atomic_path
+from relay_diffusion.utils.fileio import atomic_path
 
 FORMAT = "relay-diffusion/training-state-1"
 STATE_PATTERN = re.compile(r"^training-state-(\d+)\.pt$")

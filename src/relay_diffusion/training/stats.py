@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import torch
 
-from relay_diffusion.fileio import atomic_path, atomic_write_text
+from relay_diffusion.utils.fileio import atomic_path, atomic_write_text
 
 LOG_FILE = "log.txt"
 STATS_FILE = "stats.jsonl"

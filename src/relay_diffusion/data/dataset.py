@@ -12,8 +12,8 @@ import numpy as np
 import PIL.Image
 import torch
 
-from relay_diffusion.datasets.convert import to_array
-from relay_diffusion.datasets.files import (
+from relay_diffusion.data.transforms import to_array
+from relay_diffusion.data.files import (
     check_dataset_path,
     iter_image_files,
     list_image_files,

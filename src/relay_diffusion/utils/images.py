@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from relay_diffusion.fileio import atomic_path
+from relay_diffusion.utils.fileio import atomic_path
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:

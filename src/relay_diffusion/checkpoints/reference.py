@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from relay_diffusion.precond import PRECONDS, build_network
+from relay_diffusion.networks.precond import PRECONDS, build_network
 
 #: Reference class name -> the project's preconditioning class. The reference trains its stage-2 (blur)
 #: models with ``EDMPrecond`` (the blur lives in the loss and the sampler); forks name that wrapper
@@ -182,7 +182,7 @@ def _restricted_load(file: Any, **kwargs: Any) -> Any:
 #: A pickle-compatible module for ``torch.load(..., pickle_module=...)``: torch's zip reader supplies the
 #: storages, and every other global goes through the allow-list.
 restricted_pickle = types.SimpleNamespace(
-    __name__="relay_diffusion.reference_import.restricted_pickle",
+    __name__="relay_diffusion.checkpoints.reference.restricted_pickle",
     Unpickler=RestrictedUnpickler,
     load=_restricted_load,
 )

@@ -2,7 +2,7 @@
 
 All are pure functions with one signature shape: ``(net, latents, rng, class_labels, *, settings, callback)``.
 ``net(x, sigma, class_labels)`` is a denoiser (a preconditioned network or the toy); ``rng`` supplies every
-random draw (:class:`relay_diffusion.rng.SeedGenerators`, one generator per sample) in the order of SPEC 8.
+random draw (:class:`relay_diffusion.core.rng.SeedGenerators`, one generator per sample) in the order of SPEC 8.
 Sampler state is float64; the network sees float32 and its output is cast back to float64.
 """
 
@@ -13,8 +13,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from relay_diffusion.forward import MIN_SCALE, block_noise, blur_schedule, dct, idct, to_patches
-from relay_diffusion.rng import SeedGenerators
+from relay_diffusion.core.blur import MIN_SCALE, block_noise, blur_schedule, dct, idct, to_patches
+from relay_diffusion.core.rng import SeedGenerators
 
 Callback = Optional[Callable[[dict[str, Any]], None]]
 F64 = torch.float64

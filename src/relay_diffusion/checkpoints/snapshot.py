@@ -2,8 +2,8 @@
 
 A snapshot ``name.safetensors`` holds the state_dict; its metadata key ``relay_diffusion`` and the sidecar
 ``name.json`` hold ``{"format", "precond", "init_kwargs", ...extra}``, enough to rebuild the network
-with :func:`relay_diffusion.precond.build_network`. Loading never executes code from the file.
-Reference ``.pkl`` / ``.pt`` checkpoints are imported by :mod:`relay_diffusion.reference_import`.
+with :func:`relay_diffusion.networks.precond.build_network`. Loading never executes code from the file.
+Reference ``.pkl`` / ``.pt`` checkpoints are imported by :mod:`relay_diffusion.checkpoints.reference`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from relay_diffusion.fileio import atomic_path, atomic_write_text
+from relay_diffusion.utils.fileio import atomic_path, atomic_write_text
 
 FORMAT = "relay-diffusion/network-1"
 META_KEY = "relay_diffusion"
@@ -72,7 +72,7 @@ def load_safetensors_network(path: str | os.PathLike, device: torch.device | str
     """Rebuild a network from a snapshot written by :func:`save_network` (float32, eval mode)."""
     from safetensors.torch import load_file
 
-    from relay_diffusion.precond import build_network
+    from relay_diffusion.networks.precond import build_network
 
     config = read_config(path)
     net = build_network(config["precond"], **config["init_kwargs"])

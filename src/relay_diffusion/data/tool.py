@@ -23,7 +23,7 @@ import PIL
 import PIL.ImageColor
 import tqdm
 
-from relay_diffusion.datasets.convert import (
+from relay_diffusion.data.transforms import (
     RESAMPLE,
     TRANSFORMS,
     WHITE,
@@ -34,9 +34,9 @@ from relay_diffusion.datasets.convert import (
     make_outputs,
     to_array,
 )
-from relay_diffusion.datasets.sources import Source, SourceItem, open_source
-from relay_diffusion.datasets.writer import DatasetWriter, image_name
-from relay_diffusion.fileio import atomic_write_text
+from relay_diffusion.data.sources import Source, SourceItem, open_source
+from relay_diffusion.data.writer import DatasetWriter, image_name
+from relay_diffusion.utils.fileio import atomic_write_text
 
 RES_PLACEHOLDER = "{res}"
 REPORT_SUFFIX = ".report.json"

@@ -12,7 +12,7 @@ REFERENCE_SUFFIXES = (".pkl", ".pt", ".pth")
 
 def load_network(path: str | os.PathLike, device: torch.device | str = "cpu") -> torch.nn.Module:
     """A network in eval mode on ``device`` from ``.safetensors`` (+ JSON config) or a reference ``.pkl`` /
-    ``.pt`` (imported without executing it, :mod:`relay_diffusion.reference_import`)."""
+    ``.pt`` (imported without executing it, :mod:`relay_diffusion.checkpoints.reference`)."""
     text = str(path)
     if "://" in text:
         raise ValueError(f"{text}: URLs are not fetched; download the file and pass its path")
@@ -20,11 +20,11 @@ def load_network(path: str | os.PathLike, device: torch.device | str = "cpu") ->
     if not path.is_file():
         raise FileNotFoundError(f"network file not found: {path}")
     if path.suffix == ".safetensors":
-        from relay_diffusion.checkpoint import load_safetensors_network
+        from relay_diffusion.checkpoints.snapshot import load_safetensors_network
 
         return load_safetensors_network(path, device)
     if path.suffix in REFERENCE_SUFFIXES:
-        from relay_diffusion.reference_import import load_reference_network
+        from relay_diffusion.checkpoints.reference import load_reference_network
 
         return load_reference_network(path, device)
     raise ValueError(f"{path}: unknown network format {path.suffix!r}; expected .safetensors, .pkl or .pt")

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .layers import Initialisable
-from .networks import NETWORKS
+from .unets import NETWORKS
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

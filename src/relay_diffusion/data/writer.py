@@ -14,7 +14,7 @@ import shutil
 import zipfile
 from typing import Any
 
-from relay_diffusion.datasets.files import LABELS_FILE
+from relay_diffusion.data.files import LABELS_FILE
 
 # Fixed member timestamps make the zip a function of its contents only (same bytes for any --workers).
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)

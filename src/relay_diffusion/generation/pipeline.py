@@ -20,9 +20,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from relay_diffusion.images import from_uint8, save_grid, save_png, to_uint8
-from relay_diffusion.rng import SeedGenerators, parse_int_list
-from relay_diffusion.samplers import Callback, edm_sampler, relay_sampler
+from relay_diffusion.utils.images import from_uint8, save_grid, save_png, to_uint8
+from relay_diffusion.core.rng import SeedGenerators, parse_int_list
+from relay_diffusion.core.samplers import Callback, edm_sampler, relay_sampler
 
 #: Samples per network call. Every call is padded to exactly this size so that a sample's result never
 #: depends on how many samples share its batch: CPU and GPU kernels pick different code paths (and
@@ -60,7 +60,7 @@ class EDMStageConfig:
                f"cfg_scale{suffix} > 1 is not available with sde_scale{suffix} (SPEC 6b has no guidance)")
 
     def sampler_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of :func:`relay_diffusion.samplers.edm_sampler`."""
+        """Keyword arguments of :func:`relay_diffusion.core.samplers.edm_sampler`."""
         kwargs = dataclasses.asdict(self)
         if self.sde_scale is not None:
             kwargs["cfg_scale"] = 1.0
@@ -98,7 +98,7 @@ class RelayStageConfig:
         _check(0 <= self.s_noise <= 1, f"s_noise{suffix} must be in [0, 1], got {self.s_noise}")
 
     def sampler_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of :func:`relay_diffusion.samplers.relay_sampler`."""
+        """Keyword arguments of :func:`relay_diffusion.core.samplers.relay_sampler`."""
         return dataclasses.asdict(self)
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from relay_diffusion.datasets.files import (
+from relay_diffusion.data.files import (
     LABELS_FILE,
     is_hidden_name,
     is_image_name,

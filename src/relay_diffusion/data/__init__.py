@@ -5,5 +5,5 @@
 ``sources``  reads the inputs of ``rdm dataset``: image folders and zips, CIFAR-10, MNIST, LSUN lmdb.
 ``writer``   writes an EDM-format zip or folder under a temporary name and renames it into place.
 
-The training data loader (``relay_diffusion.data``) and the builder (``relay_diffusion.dataset_tool``) sit on top.
+The training data loader (``relay_diffusion.data.dataset``) and the builder (``relay_diffusion.data.tool``) sit on top.
 """

@@ -2,7 +2,7 @@
 
 Each loss is a small callable ``loss(net, images, rng, labels=None, augment_pipe=None) -> [N, C, H, W]``
 returning per-pixel weighted squared errors. Every random draw comes from ``rng`` (per-sample generators,
-:class:`relay_diffusion.rng.SeedGenerators`), in this order per sample: the noise level, the augmentation,
+:class:`relay_diffusion.core.rng.SeedGenerators`), in this order per sample: the noise level, the augmentation,
 the label-dropout coin, the noise ``eps``, and (blur loss with block noise) ``eps'``.
 The training loop sums the result and divides by its per-process batch (SPEC 5).
 """
@@ -15,8 +15,8 @@ from typing import Callable, Optional
 
 import torch
 
-from relay_diffusion.forward import MIN_SCALE, P_MEAN, P_STD, block_noise, blur, normal_cdf, normal_icdf
-from relay_diffusion.rng import SeedGenerators
+from relay_diffusion.core.blur import MIN_SCALE, P_MEAN, P_STD, block_noise, blur, normal_cdf, normal_icdf
+from relay_diffusion.core.rng import SeedGenerators
 
 AugmentPipe = Optional[Callable[[torch.Tensor, SeedGenerators], tuple[torch.Tensor, torch.Tensor]]]
 

@@ -4,7 +4,7 @@ Stage 1: EDM at 16x16; stage 2: blur diffusion at 64x64 (relay factor 4); both t
 emoji images of the npm package ``emoji-datasource-google@16.0.0`` (Apache-2.0, see ``assets/emoji/NOTICE``).
 Weights are stored as float16 safetensors + JSON and load as float32.
 
-    python -m relay_diffusion.bundled STAGE1_SNAPSHOT STAGE2_SNAPSHOT    # install trained snapshots here
+    python -m relay_diffusion.checkpoints.bundled STAGE1_SNAPSHOT STAGE2_SNAPSHOT    # install trained snapshots here
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-ASSETS = Path(__file__).resolve().parent / "assets" / "emoji"
+ASSETS = Path(__file__).resolve().parent.parent / "assets" / "emoji"
 FILES = {"first": "stage1-16x16.safetensors", "second": "stage2-64x64.safetensors"}
 
 
@@ -28,8 +28,8 @@ def bundled_network_paths(folder: Path = ASSETS) -> dict[str, str] | None:
 
 def export_bundled(first: str | Path, second: str | Path, folder: Path = ASSETS) -> dict[str, str]:
     """Copy two training snapshots into ``folder`` as float16 safetensors + JSON (EMA weights as trained)."""
-    from relay_diffusion.checkpoint import read_config, save_network
-    from relay_diffusion.loading import load_network
+    from relay_diffusion.checkpoints.snapshot import read_config, save_network
+    from relay_diffusion.checkpoints.loading import load_network
 
     out = {}
     for which, src in (("first", first), ("second", second)):
@@ -43,7 +43,7 @@ def export_bundled(first: str | Path, second: str | Path, folder: Path = ASSETS)
 
 def main(argv: list[str]) -> None:
     if len(argv) != 2:
-        raise SystemExit("usage: python -m relay_diffusion.bundled STAGE1_SNAPSHOT STAGE2_SNAPSHOT")
+        raise SystemExit("usage: python -m relay_diffusion.checkpoints.bundled STAGE1_SNAPSHOT STAGE2_SNAPSHOT")
     for which, path in export_bundled(*argv).items():
         print(f"{which}: {path}")
 

@@ -1,0 +1,1 @@
+"""Relay generation: stage configs and presets, stages, the pipeline, image files and ``generate_images``."""
