@@ -7,6 +7,7 @@ import torch
 
 from relay_diffusion.core import blur as forward
 from relay_diffusion.core import losses
+from relay_diffusion.core.process import BlurProcess
 from relay_diffusion.core.rng import SeedGenerators
 from relay_diffusion.core.toy import GaussianToyDenoiser
 
@@ -23,7 +24,7 @@ def images(n=4, c=3, r=8):
     return torch.randn(n, c, r, r, generator=torch.Generator().manual_seed(3)).clamp(-1, 1)
 
 
-ALL = [losses.EDMLoss(), losses.VPLoss(), losses.VELoss(), losses.BlurLoss(losses.BlurLossConfig(up_scale=4))]
+ALL = [losses.EDMLoss(), losses.VPLoss(), losses.VELoss(), losses.BlurLoss(losses.BlurLossConfig(BlurProcess(up_scale=4)))]
 
 
 @pytest.mark.parametrize("loss", ALL, ids=lambda l: type(l).__name__)
@@ -42,7 +43,7 @@ def test_loss_depends_on_sample_seed_only(loss):
 
 
 def test_blur_loss_draw_order_and_target():
-    cfg = losses.BlurLossConfig(up_scale=4, block_scale=0.15)
+    cfg = losses.BlurLossConfig(BlurProcess(up_scale=4, block_scale=0.15))
     y = images()
     rec = Recorder()
     out = losses.BlurLoss(cfg)(rec, y, SeedGenerators([0, 1, 2, 3]))
@@ -61,14 +62,14 @@ def test_blur_loss_levels_cover_the_truncated_range():
     u = torch.linspace(0, 1, 1001, dtype=torch.float64)
     sigma, b, w = losses.blur_loss_levels(u, cfg)
     assert (sigma[1:] >= sigma[:-1]).all() and (b[1:] >= b[:-1]).all()
-    assert b.max().item() == pytest.approx(cfg.blur_sigma_max)
-    assert sigma.max().item() == pytest.approx(float(torch.exp(forward.normal_icdf(torch.tensor(cfg.prob_length))
+    assert b.max().item() == pytest.approx(cfg.process.blur_sigma_max)
+    assert sigma.max().item() == pytest.approx(float(torch.exp(forward.normal_icdf(torch.tensor(cfg.process.prob_length))
                                                              * cfg.P_std + cfg.P_mean)))
 
 
 def test_blur_loss_rejects_indivisible_images():
     with pytest.raises(ValueError, match="up_scale=4"):
-        losses.BlurLoss(losses.BlurLossConfig(up_scale=4))(Recorder(), torch.zeros(1, 3, 6, 6), SeedGenerators([0]))
+        losses.BlurLoss(losses.BlurLossConfig(BlurProcess(up_scale=4)))(Recorder(), torch.zeros(1, 3, 6, 6), SeedGenerators([0]))
 
 
 def test_label_dropout_drops_whole_labels_at_its_rate():

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from conftest import fixtures_dir
 from relay_diffusion.core import blur as forward
 from relay_diffusion.core import losses
+from relay_diffusion.core.process import REFERENCE_SAMPLING_NAMES, BlurProcess
 from relay_diffusion.core.rng import SeedGenerators
 from relay_diffusion.core.samplers import edm_sampler, relay_sampler
 from relay_diffusion.core.toy import GaussianToyDenoiser
@@ -90,9 +91,11 @@ def check_blur_schedule(name, case):
 
 
 def check_blur_loss(name, case):
+    process = BlurProcess(up_scale=case["up_scale"], prob_length=case["prob_length"],
+                          blur_sigma_max=case["blur_sigma_max"], block_scale=case["block_scale"],
+                          min_scale=case["min_scale"])
     cfg = losses.BlurLossConfig(
-        up_scale=case["up_scale"], prob_length=case["prob_length"], blur_sigma_max=case["blur_sigma_max"],
-        block_scale=case["block_scale"], min_scale=case["min_scale"], P_mean=case["P_mean"], P_std=case["P_std"],
+        process=process, P_mean=case["P_mean"], P_std=case["P_std"],
         sigma_data=case["sigma_data"], truncate_sigma=case["truncate_sigma"],
     )
     u, y = arr(name, "u"), arr(name, "y")
@@ -136,10 +139,18 @@ def run_sampler_case(name: str):
             rng, low = SeedGenerators(seeds), arr(name, "low")
         latents = F.interpolate(low.to(torch.float64), scale_factor=case["up_scale"], mode="nearest")
         net = GaussianToyDenoiser(latents.shape[1], latents.shape[-1], label_dim)
-        out = relay_sampler(net, latents, rng, labels, up_scale=case["up_scale"],
-                            churn=case.get("variant") == "churn", **kwargs)
+        process, kwargs = split_process_kwargs(kwargs, up_scale=case["up_scale"])
+        out = relay_sampler(net, latents, rng, labels, process=process, churn=case.get("variant") == "churn",
+                            **kwargs)
     _STATE[name] = (rng, out)
     return rng, out
+
+
+def split_process_kwargs(kwargs, **extra):
+    """The reference's relay-sampler keyword arguments -> (:class:`BlurProcess`, the sampler's own)."""
+    process = {REFERENCE_SAMPLING_NAMES[k]: kwargs[k] for k in kwargs if k in REFERENCE_SAMPLING_NAMES}
+    rest = {k: v for k, v in kwargs.items() if k not in REFERENCE_SAMPLING_NAMES}
+    return BlurProcess(**process, **extra), rest
 
 
 def check_sampler(name, case):

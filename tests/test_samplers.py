@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from relay_diffusion.core.process import BlurProcess
 from relay_diffusion.core.rng import SeedGenerators, parse_int_list
 from relay_diffusion.core.samplers import edm_sampler, relay_sampler, relay_time_steps, time_steps
 from relay_diffusion.core.toy import GaussianToyDenoiser
@@ -24,6 +26,9 @@ def test_time_steps_endpoints_and_order():
         relay_time_steps(2, 0.008, 80, 7, truncation_sigma=1e-3)
 
 
+PROCESS = {f.name for f in dataclasses.fields(BlurProcess)}
+
+
 def test_parse_int_list():
     assert parse_int_list("0-3,10, 12-12") == [0, 1, 2, 3, 10, 12]
     with pytest.raises(ValueError):
@@ -33,7 +38,8 @@ def test_parse_int_list():
 def _relay(seeds, low, net, **kw):
     rng = SeedGenerators(seeds)
     lat = F.interpolate(low, scale_factor=4, mode="nearest")
-    return relay_sampler(net, lat, rng, None, num_steps=12, **kw)
+    return relay_sampler(net, lat, rng, None, process=BlurProcess(**{k: kw.pop(k) for k in list(kw) if k in PROCESS}),
+                         num_steps=12, **kw)
 
 
 def test_samples_depend_on_their_seed_only():

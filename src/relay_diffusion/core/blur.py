@@ -101,19 +101,19 @@ def blur(x: torch.Tensor, b: torch.Tensor | float, p: int, min_scale: float = MI
     return idct((to_patches(dct(x, p), p) * a).reshape(x.shape), p)
 
 
-def blur_strength(t: torch.Tensor, blur_sigma_max: float, truncation_t: float) -> torch.Tensor:
+def blur_strength(t: torch.Tensor, blur_sigma_max: float, prob_length: float) -> torch.Tensor:
     """Blur strength at noise level ``t`` (SPEC 6c): ``b = bsm sin(tau pi / 2)^2``,
-    ``tau = Phi((ln t - P_mean) / P_std) / truncation_t``."""
+    ``tau = Phi((ln t - P_mean) / P_std) / L`` (``L = prob_length``, the reference's ``truncation_t``)."""
     t = torch.as_tensor(t, dtype=torch.float64)
-    tau = _normal_cdf((torch.log(t) - P_MEAN) / P_STD) / truncation_t
+    tau = _normal_cdf((torch.log(t) - P_MEAN) / P_STD) / prob_length
     return blur_sigma_max * torch.sin(tau * math.pi / 2).square()
 
 
 def blur_schedule(
-    t: torch.Tensor | float, p: int, blur_sigma_max: float, truncation_t: float, min_scale: float = MIN_SCALE
+    t: torch.Tensor | float, p: int, blur_sigma_max: float, prob_length: float, min_scale: float = MIN_SCALE
 ) -> torch.Tensor:
     """``A(t)``, the blur factors at noise level ``t`` (SPEC 6c), patch layout ``[*t.shape, p, 1, p]``."""
-    return blur_factors(blur_strength(t, blur_sigma_max, truncation_t), p, min_scale)
+    return blur_factors(blur_strength(t, blur_sigma_max, prob_length), p, min_scale)
 
 
 def block_noise(eps: torch.Tensor, p: int) -> torch.Tensor:

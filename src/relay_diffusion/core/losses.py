@@ -15,7 +15,8 @@ from typing import Callable, Optional
 
 import torch
 
-from relay_diffusion.core.blur import MIN_SCALE, P_MEAN, P_STD, block_noise, blur, normal_cdf, normal_icdf
+from relay_diffusion.core.blur import P_MEAN, P_STD, block_noise, blur, normal_cdf, normal_icdf
+from relay_diffusion.core.process import BlurProcess
 from relay_diffusion.core.rng import SeedGenerators
 
 AugmentPipe = Optional[Callable[[torch.Tensor, SeedGenerators], tuple[torch.Tensor, torch.Tensor]]]
@@ -104,11 +105,7 @@ class EDMLoss:
 class BlurLossConfig:
     """Settings of the stage-2 blur loss (SPEC 5); defaults are the ImageNet ones."""
 
-    up_scale: int = 4  # relay factor p
-    prob_length: float = 0.93  # L: the part of the noise distribution that stage 2 covers
-    blur_sigma_max: float = 3.0  # blur strength at the end of the schedule
-    block_scale: float = 0.15  # strength of the block noise added to the pixel noise
-    min_scale: float = MIN_SCALE
+    process: BlurProcess = BlurProcess()  # relay factor, blur schedule and block noise
     P_mean: float = P_MEAN
     P_std: float = P_STD
     sigma_data: float = 0.5
@@ -122,10 +119,10 @@ def blur_loss_levels(u: torch.Tensor, cfg: BlurLossConfig) -> tuple[torch.Tensor
     ``L`` there *and* again in ``sigma``, so the smallest level is slightly below ``truncate_sigma``. Kept.
     """
     u = u.to(torch.float64)
-    L = cfg.prob_length
+    L = cfg.process.prob_length
     u_min = float(normal_cdf((math.log(cfg.truncate_sigma) - cfg.P_mean) / cfg.P_std)) * L
     u = u.clamp(min=u_min)
-    b = cfg.blur_sigma_max * torch.sin(u * math.pi / 2).square()
+    b = cfg.process.blur_sigma_max * torch.sin(u * math.pi / 2).square()
     sigma = torch.exp(normal_icdf(u * L) * cfg.P_std + cfg.P_mean)
     weight = ((sigma.square() + cfg.sigma_data**2) / (sigma * cfg.sigma_data).square()).clamp(max=MAX_WEIGHT)
     return sigma, b, weight
@@ -138,9 +135,10 @@ def blur_loss_input(
     """The network input of the blur loss: ``blur(y, b) + sigma eps + block_scale sigma block_noise(eps')``."""
     dtype = torch.promote_types(y.dtype, sigma.dtype)
     y, sigma, b, eps = y.to(dtype), sigma.to(dtype), b.to(dtype), eps.to(dtype)
-    x = blur(y, b, cfg.up_scale, cfg.min_scale) + sigma * eps
-    if cfg.block_scale > 0 and eps_block is not None:
-        x = x + cfg.block_scale * sigma * block_noise(eps_block.to(dtype), cfg.up_scale)
+    process = cfg.process
+    x = blur(y, b, process.up_scale, process.min_scale) + sigma * eps
+    if process.block_scale > 0 and eps_block is not None:
+        x = x + process.block_scale * sigma * block_noise(eps_block.to(dtype), process.up_scale)
     return x
 
 
@@ -152,14 +150,14 @@ class BlurLoss:
     label_dropout: float = 0.0
 
     def __call__(self, net, images, rng: SeedGenerators, labels=None, augment_pipe: AugmentPipe = None):
-        cfg = self.config
-        if images.shape[-1] % cfg.up_scale or images.shape[-2] % cfg.up_scale:
-            raise ValueError(f"image size {tuple(images.shape[-2:])} is not divisible by up_scale={cfg.up_scale}")
+        cfg, p = self.config, self.config.process.up_scale
+        if images.shape[-1] % p or images.shape[-2] % p:
+            raise ValueError(f"image size {tuple(images.shape[-2:])} is not divisible by up_scale={p}")
         u = rng.rand([1, 1, 1], dtype=torch.float32).to(images.device)
         sigma, b, weight = blur_loss_levels(u, cfg)
         y, labels, aug = _prepare(images, rng, labels, augment_pipe, self.label_dropout)
         eps = rng.randn_like(y).to(y.device)
-        eps_block = rng.randn_like(y).to(y.device) if cfg.block_scale > 0 else None
+        eps_block = rng.randn_like(y).to(y.device) if cfg.process.block_scale > 0 else None
         x = blur_loss_input(y, sigma, b, eps, eps_block, cfg).to(y.dtype)
         sigma, weight = sigma.to(y.dtype), weight.to(y.dtype)
         return weight * (_denoise(net, x, sigma, labels, aug) - y).square()

@@ -13,7 +13,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from relay_diffusion.core.blur import MIN_SCALE, block_noise, blur_schedule, dct, idct, to_patches
+from relay_diffusion.core.blur import block_noise, dct, idct, to_patches
+from relay_diffusion.core.process import BlurProcess
 from relay_diffusion.core.rng import SeedGenerators
 
 Callback = Optional[Callable[[dict[str, Any]], None]]
@@ -138,15 +139,12 @@ def relay_sampler(
     rng: SeedGenerators,
     class_labels: torch.Tensor | None = None,
     *,
-    up_scale: int = 4,
+    process: BlurProcess = BlurProcess(),
     num_steps: int = 18,
     sigma_min: float = 0.008,
     sigma_max: float = 80.0,
     rho: float = 7.0,
-    blur_sigma_max: float = 3.0,
     truncation_sigma: float = 0.9,
-    truncation_t: float = 0.93,
-    s_block: float = 0.15,
     s_noise: float = 0.2,
     cfg_scale: float = 1.0,
     S_churn: float = 0.0,
@@ -154,24 +152,24 @@ def relay_sampler(
     S_max: float = math.inf,
     S_noise: float = 1.0,
     churn: bool = False,
-    min_scale: float = MIN_SCALE,
     callback: Callback = None,
 ) -> torch.Tensor:
     """Stage-2 relay sampler (SPEC 6c): second-order blur-diffusion steps in the block-DCT domain.
 
-    ``latents``: ``[N, C, H, W]``, the stage-1 image upsampled by nearest neighbour (``H, W`` multiples of
-    ``up_scale``). It starts at the truncation level ``t_0`` by adding ``t_0 (eps + s_block block_noise(eps'))``.
+    ``process`` is the forward process the network was trained on (relay factor p, blur schedule, block
+    noise). ``latents``: ``[N, C, H, W]``, the stage-1 image upsampled by nearest neighbour (``H, W`` multiples
+    of p). It starts at the truncation level ``t_0`` by adding ``t_0 (eps + block_scale block_noise(eps'))``.
     ``churn=True`` is the CelebA-HQ variant: an EDM-style churn step (``S_churn``, ``S_min``, ``S_max``,
     ``S_noise``) before every network call, whose noise is drawn at every step, also when ``gamma = 0``.
     Returns float64 images.
     """
-    p = up_scale
+    p, s_block = process.up_scale, process.block_scale
     t_steps = relay_time_steps(num_steps, sigma_min, sigma_max, rho, truncation_sigma, net, latents.device)
     steps = len(t_steps) - 1
     x = latents.to(F64)
     shape = x.shape
 
-    def noise() -> torch.Tensor:  # eps (+ s_block * block_noise(eps')), drawn in SPEC 8 order
+    def noise() -> torch.Tensor:  # eps (+ block_scale * block_noise(eps')), drawn in SPEC 8 order
         eps = rng.randn_like(x)
         if s_block > 0:
             eps = eps + s_block * block_noise(rng.randn_like(x), p)
@@ -181,7 +179,7 @@ def relay_sampler(
         return to_patches(dct(u, p), p)
 
     def alpha(t: torch.Tensor) -> torch.Tensor:
-        return blur_schedule(t, p, blur_sigma_max, truncation_t, min_scale).to(device=x.device)
+        return process.factors(t).to(device=x.device)
 
     x_next = x + t_steps[0] * noise()
     for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):

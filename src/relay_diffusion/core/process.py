@@ -1,0 +1,94 @@
+"""The stage-2 forward process as one typed config (docs/math.md §3-5, 6c).
+
+A relay stage's network is only meaningful together with the forward process it was trained on: the relay
+factor, the blur strength and its time schedule, the block noise. :class:`BlurProcess` owns these; the blur
+loss, the relay sampler and its schedule all read them from here, and every stage-2 snapshot stores it.
+Field names are the project's one name per quantity; the reference's command-line names are aliases at the
+CLI edge only (:data:`REFERENCE_TRAINING_NAMES`, :data:`REFERENCE_SAMPLING_NAMES`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch
+
+from relay_diffusion.core.blur import MIN_SCALE, blur_schedule, blur_strength
+
+
+def _help(text: str) -> Any:
+    return field(metadata={"help": text})
+
+
+@dataclass(frozen=True)
+class BlurProcess:
+    """Blur diffusion (docs/math.md §3-5): inside every ``up_scale x up_scale`` patch, the DCT coefficient
+    ``(i, j)`` of an image is scaled by ``A(t)`` and noise ``t (eps + block_scale block_noise(eps'))`` is added."""
+
+    up_scale: int = field(default=4, metadata={"help": "Relay factor p: this stage's resolution / the previous one's"})
+    blur_sigma_max: float = field(default=3.0, metadata={"help": "Blur strength at the end of the blur schedule"})
+    prob_length: float = field(default=0.93, metadata={
+        "help": "Part L of the noise distribution covered by the blur schedule (its time truncation)"})
+    block_scale: float = field(default=0.15, metadata={"help": "Strength of the block noise"})
+    min_scale: float = field(default=MIN_SCALE, metadata={"help": "Smallest blur factor of a DCT coefficient"})
+
+    def validate(self, names: Mapping[str, str] | None = None) -> "BlurProcess":
+        """Raise ``ValueError`` naming the bad field (as ``names[field]`` when given, e.g. a CLI flag)."""
+        n = (lambda k: (names or {}).get(k, k))
+        _check(isinstance(self.up_scale, int) and self.up_scale >= 1, f"{n('up_scale')} must be an integer >= 1, "
+               f"got {self.up_scale}")
+        _check(math.isfinite(self.blur_sigma_max) and self.blur_sigma_max >= 0,
+               f"{n('blur_sigma_max')} must be a finite number >= 0, got {self.blur_sigma_max}")
+        _check(math.isfinite(self.prob_length) and self.prob_length > 0,
+               f"{n('prob_length')} must be a finite number > 0, got {self.prob_length}")
+        _check(math.isfinite(self.block_scale) and self.block_scale >= 0,
+               f"{n('block_scale')} must be a finite number >= 0, got {self.block_scale}")
+        _check(0 < self.min_scale <= 1, f"{n('min_scale')} must be in (0, 1], got {self.min_scale}")
+        return self
+
+    # --- the schedule (docs/math.md §6c) ---------------------------------------------------------
+    def strength(self, t: torch.Tensor | float) -> torch.Tensor:
+        """Blur strength ``b(t)`` at noise level ``t``, float64."""
+        return blur_strength(t, self.blur_sigma_max, self.prob_length)
+
+    def factors(self, t: torch.Tensor | float) -> torch.Tensor:
+        """``A(t)`` in patch layout ``[*t.shape, p, 1, p]``, float64."""
+        return blur_schedule(t, self.up_scale, self.blur_sigma_max, self.prob_length, self.min_scale)
+
+    # --- files -------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "BlurProcess":
+        """Inverse of :meth:`to_dict`; unknown keys are an error. Also reads the reference's names."""
+        d = {REFERENCE_NAMES.get(k, k): v for k, v in d.items()}
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown forward-process settings {unknown}")
+        if "up_scale" in d:
+            d["up_scale"] = int(d["up_scale"])
+        return cls(**d).validate()
+
+    def differences(self, other: "BlurProcess") -> dict[str, tuple[Any, Any]]:
+        """``{field: (self's value, other's value)}`` for every field where the two differ."""
+        a, b = self.to_dict(), other.to_dict()
+        return {k: (a[k], b[k]) for k in a if a[k] != b[k]}
+
+
+#: ``rdm train`` / ``train.py`` flag -> field (the reference's training names).
+REFERENCE_TRAINING_NAMES = {"up_scale": "up_scale", "blur_sigma_max": "blur_sigma_max",
+                            "prob_length": "prob_length", "block_scale": "block_scale"}
+#: ``rdm generate`` flag (without ``--`` and the ``_second`` suffix) -> field (the reference's sampling names).
+REFERENCE_SAMPLING_NAMES = {"up_scale": "up_scale", "blur_sigma_max": "blur_sigma_max",
+                            "truncation_t": "prob_length", "s_block": "block_scale"}
+REFERENCE_NAMES = {**REFERENCE_TRAINING_NAMES, **REFERENCE_SAMPLING_NAMES}
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
