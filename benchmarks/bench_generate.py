@@ -19,7 +19,8 @@ import time
 import torch
 from common import TimedNet, small_adm
 
-from relay_diffusion.generation.pipeline import EDMStage, RelayPipeline, RelayStage, RelayStageConfig, generate_images
+from relay_diffusion.core.process import BlurProcess
+from relay_diffusion.generation import EDMStage, RelayPipeline, RelayStage, generate_images
 
 
 def main() -> None:
@@ -33,7 +34,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     first, second = small_adm(16, [1, 2]), small_adm(64, [1, 2, 2, 2])
-    pipeline = RelayPipeline([EDMStage(first), RelayStage(second, RelayStageConfig(up_scale=4))])
+    pipeline = RelayPipeline([EDMStage(first), RelayStage(second, process=BlurProcess(up_scale=4))])
     seeds = list(range(args.images))
     totals, nets = [], []
     for r in range(args.repeats + 1):

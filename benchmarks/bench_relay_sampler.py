@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from common import small_adm
 
+from relay_diffusion.core.process import BlurProcess
 from relay_diffusion.core.rng import SeedGenerators
 from relay_diffusion.core.samplers import relay_sampler
 
@@ -38,7 +39,7 @@ def main() -> None:
         for r in range(args.repeats + 1):
             timed.seconds = 0.0
             t0 = time.perf_counter()
-            relay_sampler(timed, up, SeedGenerators(range(args.batch)), up_scale=4, num_steps=args.steps)
+            relay_sampler(timed, up, SeedGenerators(range(args.batch)), process=BlurProcess(up_scale=4), num_steps=args.steps)
             total = time.perf_counter() - t0
             if r:  # the first run warms up
                 totals.append(total)

@@ -18,10 +18,12 @@ from conftest import REPO, fixtures_dir
 from relay_diffusion.checkpoints.snapshot import save_network
 from relay_diffusion.cli import main as rdm
 from relay_diffusion.utils.images import to_uint8
-from relay_diffusion.generation.pipeline import (
-    PRESETS, EDMStage, EDMStageConfig, Enhancement, RelayPipeline, RelayStage, RelayStageConfig, image_path,
-    load_images,
+from relay_diffusion.core.process import BlurProcess
+from relay_diffusion.generation import (
+    PRESETS, EDMStage, EDMStageConfig, Enhancement, RelayPipeline, RelayStage, RelayStageConfig,
 )
+from relay_diffusion.generation.configs import from_reference_kwargs
+from relay_diffusion.generation.files import image_path, load_images
 from relay_diffusion.networks.precond import build_network
 from relay_diffusion.core.toy import GaussianToyDenoiser
 
@@ -83,7 +85,7 @@ def relay_args(nets, outdir, *extra):
 
 def api_pipeline(nets, stages="both", **kwargs) -> RelayPipeline:
     first = EDMStage(nets["first"], EDMStageConfig(num_steps=5))
-    second = RelayStage(nets["second"], RelayStageConfig(up_scale=2, num_steps=10))
+    second = RelayStage(nets["second"], RelayStageConfig(num_steps=10), BlurProcess(up_scale=2))
     return RelayPipeline({"first": [first], "second": [second], "both": [first, second]}[stages], **kwargs)
 
 
@@ -101,7 +103,7 @@ def test_pipeline_reproduces_the_reference_chain():
     toy1 = GaussianToyDenoiser(channels, c1["res"], c1["label_dim"])
     toy2 = GaussianToyDenoiser(channels, c2["res"], c2["label_dim"])
     pipeline = RelayPipeline([EDMStage(toy1, EDMStageConfig(**c1["kwargs"])),
-                              RelayStage(toy2, RelayStageConfig(up_scale=c2["up_scale"], **c2["kwargs"]))])
+                              RelayStage(toy2, *from_reference_kwargs(c2["kwargs"], up_scale=c2["up_scale"]))])
     out = pipeline(c1["seeds"]).numpy()
     expected = arrays["pipe_stage2/out"]
     assert np.abs(out - expected).max() / max(1.0, np.abs(expected).max()) < 1e-6
@@ -121,8 +123,8 @@ def test_images_depend_on_their_seed_only(nets):
 def test_three_stage_chain(nets):
     third = tiny_network(32, seed=3)
     chain = RelayPipeline([EDMStage(nets["first"], EDMStageConfig(num_steps=4)),
-                           RelayStage(nets["second"], RelayStageConfig(up_scale=2, num_steps=10)),
-                           RelayStage(third, RelayStageConfig(up_scale=2, num_steps=10))])
+                           RelayStage(nets["second"], RelayStageConfig(num_steps=10), BlurProcess(up_scale=2)),
+                           RelayStage(third, RelayStageConfig(num_steps=10), BlurProcess(up_scale=2))])
     images = chain([0, 1, 2], output="uint8")
     assert images.shape == (3, 32, 32, 3) and images.dtype == np.uint8
     assert np.array_equal(chain([1], output="uint8")[0], images[1])
@@ -131,12 +133,12 @@ def test_three_stage_chain(nets):
 def test_stage_compatibility_is_checked_in_one_error(nets):
     wrong = tiny_network(24, label_dim=5, channels=1)
     with pytest.raises(ValueError) as info:
-        RelayPipeline([EDMStage(nets["first"]), RelayStage(wrong, RelayStageConfig(up_scale=4))])
+        RelayPipeline([EDMStage(nets["first"]), RelayStage(wrong, RelayStageConfig(), BlurProcess(up_scale=4))])
     message = str(info.value)
     assert "resolution 24 != previous stage resolution 8 x up_scale 4 = 32" in message
     assert "1 channels, previous stage has 3" in message and "label_dim 5, previous stage has 3" in message
     with pytest.raises(ValueError, match="not divisible by up_scale 5"):
-        RelayPipeline([RelayStage(nets["second"], RelayStageConfig(up_scale=5))])
+        RelayPipeline([RelayStage(nets["second"], RelayStageConfig(), BlurProcess(up_scale=5))])
     with pytest.raises(ValueError, match="only the first stage"):
         RelayPipeline([EDMStage(nets["first"]), EDMStage(nets["first"])])
 
@@ -144,9 +146,9 @@ def test_stage_compatibility_is_checked_in_one_error(nets):
 def test_labels_and_class_option(nets):
     pipeline = api_pipeline(nets)
     assert pipeline.class_labels([0, 1, 5]).argmax(1).tolist() == [0, 1, 2]
-    assert pipeline.class_labels([0, 1, 5], class_idx=2).argmax(1).tolist() == [2, 2, 2]
+    assert pipeline.class_labels([0, 1, 5], class_labels=2).argmax(1).tolist() == [2, 2, 2]
     with pytest.raises(ValueError, match="out of range"):
-        pipeline.class_labels([0], class_idx=3)
+        pipeline.class_labels([0], class_labels=3)
 
 
 def test_presets_match_the_reference_scripts():
@@ -156,8 +158,8 @@ def test_presets_match_the_reference_scripts():
     assert (imagenet.second.num_steps, imagenet.second.rho, imagenet.second.cfg_scale) == (200, 100, 3.5)
     assert imagenet.enhancement == Enhancement(brightness=1.06)
     assert (celeba.first.num_steps, celeba.first.sde_scale) == (120, 0.05)
-    assert (celeba.second.num_steps, celeba.second.truncation_sigma, celeba.second.truncation_t,
-            celeba.second.blur_sigma_max, celeba.second.churn) == (150, 0.95, 1.05, 2.0, True)
+    assert (celeba.second.num_steps, celeba.second.truncation_sigma, celeba.process.prob_length,
+            celeba.process.blur_sigma_max, celeba.second.churn) == (150, 0.95, 1.05, 2.0, True)
     assert celeba.enhancement == Enhancement(contrast=0.9, brightness=1.05, color=0.99)
     assert not PRESETS["default"].enhancement.enabled
 
@@ -220,8 +222,9 @@ def test_presets_through_the_cli(nets, tmp_path, preset):
     enhancement = PRESETS[preset].enhancement
     assert f'"brightness": {enhancement.brightness}' in result.output
     first = dataclasses.replace(PRESETS[preset].first, num_steps=4)
-    second = dataclasses.replace(PRESETS[preset].second, num_steps=8, up_scale=2)
-    pipeline = RelayPipeline([EDMStage(nets["first"], first), RelayStage(nets["second"], second)])
+    second = dataclasses.replace(PRESETS[preset].second, num_steps=8)
+    process = dataclasses.replace(PRESETS[preset].process, up_scale=2)
+    pipeline = RelayPipeline([EDMStage(nets["first"], first), RelayStage(nets["second"], second, process)])
     plain = read_uint8(tmp_path / "plain", [0, 1, 2])
     assert np.array_equal(plain, pipeline([0, 1, 2], output="uint8"))
     assert np.array_equal(read_uint8(tmp_path / "enhanced", [0, 1, 2]), enhancement.apply(plain))

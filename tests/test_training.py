@@ -153,8 +153,9 @@ def test_run_folder_stage2(tmp_path, data):
         assert f in names, f
     assert not [n for n in names if n.endswith(".tmp")]
     meta = read_config(run_dir / "network-snapshot-000000.safetensors")
-    assert meta["precond"] == "EDMPrecond" and meta["stage"] == 2 and meta["up_scale"] == 4
-    assert meta["blur"] == {"up_scale": 4, "block_scale": 0.15, "prob_length": 0.93, "blur_sigma_max": 3.0}
+    assert meta["precond"] == "EDMPrecond" and meta["stage"] == 2 and meta["stage_kind"] == "relay"
+    assert meta["process"] == {"up_scale": 4, "block_scale": 0.15, "prob_length": 0.93, "blur_sigma_max": 3.0,
+                               "min_scale": 0.001}
     assert meta["step"] == 3
     net = load_safetensors_network(run_dir / "network-snapshot-000000.safetensors")
     assert net(torch.zeros(1, 3, 16, 16), torch.ones(1)).shape == (1, 3, 16, 16)
@@ -278,8 +279,8 @@ def test_dry_run_prints_resolved_options(tmp_path, data):
     assert options["accumulation_rounds"] == 8 and options["batch_gpu"] == 8 and options["stage"] == 2
     assert options["network"]["precond"] == "EDMPrecond"
     assert options["network"]["init_kwargs"]["model_type"] == "DhariwalUNet"
-    assert options["loss"] == {"name": "BlurLoss", "up_scale": 4, "prob_length": 0.93, "blur_sigma_max": 3.0,
-                               "block_scale": 0.15, "label_dropout": 0.0}
+    assert options["loss"] == {"name": "BlurLoss", "label_dropout": 0.0, "process": {
+        "up_scale": 4, "prob_length": 0.93, "blur_sigma_max": 3.0, "block_scale": 0.15, "min_scale": 0.001}}
     assert options["run_dir"].endswith("00000-plain-16x16-uncond-adm-blur-gpus1-batch64-fp16")
     assert not (tmp_path / "runs").exists()  # a dry run creates nothing
     defaults = CliRunner().invoke(train_cli, ["--outdir", "x", "--data", str(data["plain8"]), "-n"])

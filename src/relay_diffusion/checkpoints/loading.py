@@ -3,28 +3,67 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Optional
 
 import torch
+
+from relay_diffusion.core.process import BlurProcess
 
 REFERENCE_SUFFIXES = (".pkl", ".pt", ".pth")
 
 
-def load_network(path: str | os.PathLike, device: torch.device | str = "cpu") -> torch.nn.Module:
-    """A network in eval mode on ``device`` from ``.safetensors`` (+ JSON config) or a reference ``.pkl`` /
-    ``.pt`` (imported without executing it, :mod:`relay_diffusion.checkpoints.reference`)."""
+@dataclass
+class NetworkFile:
+    """A loaded network with what its file says about it.
+
+    ``kind``: ``'edm'`` (stage 1), ``'relay'`` (a relay stage) or None when the file does not say (reference
+    checkpoints); ``process``: the forward process a relay network was trained with, or None.
+    """
+
+    net: torch.nn.Module
+    path: str
+    kind: Optional[str] = None
+    process: Optional[BlurProcess] = None
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+def _check_path(path: str | os.PathLike) -> Path:
     text = str(path)
     if "://" in text:
         raise ValueError(f"{text}: URLs are not fetched; download the file and pass its path")
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"network file not found: {path}")
+    if path.suffix not in (".safetensors", *REFERENCE_SUFFIXES):
+        raise ValueError(f"{path}: unknown network format {path.suffix!r}; expected .safetensors, .pkl or .pt")
+    return path
+
+
+def load_network_file(path: str | os.PathLike, device: torch.device | str = "cpu") -> NetworkFile:
+    """:func:`load_network` plus the stage kind and forward process recorded in the file."""
+    path = _check_path(path)
+    if path.suffix != ".safetensors":
+        return NetworkFile(load_network(path, device), str(path))
+    from relay_diffusion.checkpoints.snapshot import load_safetensors_network, read_config, stage_kind, stage_process
+
+    config = read_config(path)
+    try:
+        kind, process = stage_kind(config), stage_process(config)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from exc
+    return NetworkFile(load_safetensors_network(path, device), str(path), kind, process, config)
+
+
+def load_network(path: str | os.PathLike, device: torch.device | str = "cpu") -> torch.nn.Module:
+    """A network in eval mode on ``device`` from ``.safetensors`` (+ JSON config) or a reference ``.pkl`` /
+    ``.pt`` (imported without executing it, :mod:`relay_diffusion.checkpoints.reference`)."""
+    path = _check_path(path)
     if path.suffix == ".safetensors":
         from relay_diffusion.checkpoints.snapshot import load_safetensors_network
 
         return load_safetensors_network(path, device)
-    if path.suffix in REFERENCE_SUFFIXES:
-        from relay_diffusion.checkpoints.reference import load_reference_network
+    from relay_diffusion.checkpoints.reference import load_reference_network
 
-        return load_reference_network(path, device)
-    raise ValueError(f"{path}: unknown network format {path.suffix!r}; expected .safetensors, .pkl or .pt")
+    return load_reference_network(path, device)

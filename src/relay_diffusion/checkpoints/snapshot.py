@@ -80,3 +80,30 @@ def load_safetensors_network(path: str | os.PathLike, device: torch.device | str
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     net.load_state_dict(state, strict=True)
     return net.eval().requires_grad_(False).to(device)
+
+
+#: The stage kinds a snapshot can declare (``stage_kind``): stage 1 and a blur-diffusion relay stage.
+STAGE_KINDS = ("edm", "relay")
+
+
+def stage_kind(config: dict[str, Any]) -> str | None:
+    """``'edm'`` (stage 1), ``'relay'`` (a relay stage) or None (not recorded, e.g. a converted reference file).
+    Reads ``stage_kind`` and, for older snapshots, ``stage`` (1 or 2)."""
+    kind = config.get("stage_kind")
+    if kind is None:
+        kind = {1: "edm", 2: "relay"}.get(config.get("stage"))
+    if kind is not None and kind not in STAGE_KINDS:
+        raise ValueError(f"unknown stage_kind {kind!r}; expected one of {', '.join(STAGE_KINDS)}")
+    return kind
+
+
+def stage_process(config: dict[str, Any]):
+    """The :class:`BlurProcess` a relay snapshot was trained with (``process``, or the older ``blur`` key), else None."""
+    from relay_diffusion.core.process import BlurProcess
+
+    process = config.get("process", config.get("blur"))
+    if process is None:
+        return None
+    if not isinstance(process, dict):
+        raise ValueError(f"its forward process is not a JSON object: {process!r}")
+    return BlurProcess.from_dict(process)

@@ -43,48 +43,54 @@ class StepBar:
 def demo(outdir: str, seeds: str, trajectory_seed: int | None, network_first: str | None,
          network_second: str | None, num_steps_first: int, num_steps_second: int, device: str | None) -> None:
     """Write a grid of relayed samples from the bundled tiny models."""
-    import torch
     import torch.nn.functional as F
 
+    from relay_diffusion.cli.generate import build, network_paths
+    from relay_diffusion.core.rng import parse_int_list
+    from relay_diffusion.generation.configs import PRESETS, EDMStageConfig, RelayStageConfig
     from relay_diffusion.utils import distributed
-    from relay_diffusion.cli.generate import network_paths
     from relay_diffusion.utils.images import save_grid, to_uint8
-    from relay_diffusion.checkpoints.loading import load_network
-    from relay_diffusion.generation.pipeline import EDMStage, EDMStageConfig, RelayStage, RelayStageConfig, check_stages
-    from relay_diffusion.core.rng import SeedGenerators, parse_int_list
 
-    seed_list = parse_int_list(seeds)
-    if not seed_list:
-        raise click.BadParameter("no seeds given", param_hint="--seeds")
+    try:
+        seed_list = parse_int_list(seeds, max_count=4096)
+    except ValueError as exc:
+        raise click.BadParameter(f"{seeds!r} is not a list of seeds like 0-63 ({exc})", param_hint="--seeds")
+    if not seed_list or min(seed_list) < 0:
+        raise click.BadParameter("give at least one non-negative seed", param_hint="--seeds")
     if trajectory_seed is None:
         trajectory_seed = seed_list[0]
     if trajectory_seed not in seed_list:
         raise click.BadParameter(f"{trajectory_seed} is not one of --seeds", param_hint="--trajectory_seed")
     shown = seed_list.index(trajectory_seed)
     paths = network_paths(network_first, network_second)
-    dev = distributed.pick_device(device, 0)
-    nets = {which: load_network(path, dev) for which, path in paths.items()}
-    up_scale = nets["second"].img_resolution // nets["first"].img_resolution
-    first = EDMStage(nets["first"], EDMStageConfig(num_steps=num_steps_first))
-    second = RelayStage(nets["second"], RelayStageConfig(num_steps=num_steps_second, up_scale=up_scale))
     try:
-        check_stages([first, second])
+        dev = distributed.pick_device(device, 0)
     except ValueError as exc:
-        raise click.UsageError(str(exc)) from exc
+        raise click.BadParameter(str(exc), param_hint="--device") from exc
+    preset = PRESETS["default"]
+    built = build([("--network_first", paths["first"]), ("--network_second", paths["second"])],
+                  EDMStageConfig(num_steps=num_steps_first), RelayStageConfig(num_steps=num_steps_second), {},
+                  preset, None, {}, dev)
+    pipeline = built.pipeline
+    for note in built.notes:
+        click.echo(f"Note: {note}")
 
-    # One pass: stage 1, then the relay sampler with a callback that keeps one seed's trajectory.
-    # (the same images as ``rdm generate`` with these networks, seeds and step counts)
-    trajectory: list[torch.Tensor] = []
+    # One pass through the pipeline (the same images as ``rdm generate`` with these networks, seeds and step
+    # counts), with a callback that drives the progress bars and keeps one seed's relay trajectory.
+    trajectory: list = []
+    bars = [StepBar("stage 1"), StepBar("stage 2")]
 
-    def keep_trajectory(info: dict) -> None:
-        trajectory.append(info["x"][shown:shown + 1])
+    def step(info: dict) -> None:
+        bars[info["stage"]](info)
+        if info["stage"] == 1:
+            trajectory.append(info["x"][shown:shown + 1])
 
-    with torch.no_grad():
-        rng = SeedGenerators(seed_list, dev)
-        with StepBar("stage 1") as bar:
-            low = first.sample(rng, None, None, callback=bar)
-        with StepBar("stage 2") as bar:
-            high = second.sample(rng, None, low, callback=lambda info: (bar(info), keep_trajectory(info)))
+    try:
+        low, high = pipeline.run(seed_list, callback=step)
+    finally:
+        for bar in bars:
+            bar.__exit__()
+    up_scale = pipeline.stages[1].up_scale
     start = F.interpolate(low, scale_factor=up_scale, mode="nearest")
     out = Path(outdir)
     cols = int(np.ceil(np.sqrt(len(seed_list))))
@@ -93,8 +99,8 @@ def demo(outdir: str, seeds: str, trajectory_seed: int | None, network_first: st
     steps = [start[shown:shown + 1]] + trajectory
     traj = save_grid(np.concatenate([to_uint8(x) for x in steps]), out / "relay-trajectory.png", cols=len(steps),
                      scale=2)
-    click.echo(f"{len(seed_list)} samples relayed {nets['first'].img_resolution}x{nets['first'].img_resolution} -> "
-               f"{nets['second'].img_resolution}x{nets['second'].img_resolution}:")
+    r1, r2 = pipeline.stages[0].resolution, pipeline.stages[1].resolution
+    click.echo(f"{len(seed_list)} samples relayed {r1}x{r1} -> {r2}x{r2}:")
     click.echo(f"  relayed samples:  {relay}")
     click.echo(f"  stage-1 samples:  {stage1}")
     click.echo(f"  relay trajectory: {traj} (seed {trajectory_seed}: stage-1 start, then each relay step)")

@@ -1,30 +1,44 @@
-"""``rdm generate``: relay generation with the reference's options (SPEC 8, 9).
+"""``rdm generate``: relay generation with the reference's options (docs/math.md §8, §9).
 
-Option names are the reference's (``--network_first``, ``--S_churn``, ``--truncation_t_second``...).
-Sampler options left out take the value of ``--preset`` (``default``, ``imagenet256``, ``celebahq256``:
-the reference's ``generate.py``, ``generate_imagenet.py`` and ``generate_celebahq.py``). Runs under
-``torchrun``: seeds are split across processes, and the files do not depend on that split.
+Option names are the reference's (``--network_first``, ``--S_churn``, ``--truncation_t_second``...); each is
+derived from one config field (:mod:`relay_diffusion.cli.options`). Sampler options left out take the value of
+``--preset``; a relay stage's forward process (relay factor, blur schedule, block noise) comes from its file,
+and an explicit option overrides it with a note. Runs under ``torchrun``: seeds are split across processes,
+and the files do not depend on that split.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import pickle
 from typing import Any
 
 import click
 
-from relay_diffusion.generation.pipeline import DEFAULT_NET_BATCH, PRESETS, EDMStageConfig, RelayStageConfig
+from relay_diffusion.cli.options import FieldOptions
+from relay_diffusion.core.process import BlurProcess
+from relay_diffusion.generation.configs import PRESETS, EDMStageConfig, RelayStageConfig
+from relay_diffusion.generation.stages import DEFAULT_NET_BATCH
 
-FIRST_FIELDS = tuple(f.name for f in dataclasses.fields(EDMStageConfig))
-SECOND_FIELDS = tuple(f.name for f in dataclasses.fields(RelayStageConfig))
-_D1, _D2 = PRESETS["default"].first, PRESETS["default"].second
+_SUFFIX_FIRST = {"S_churn", "S_min", "S_max", "S_noise"}  # the reference names these without _first
+_PROCESS_ALIASES = {"prob_length": "truncation_t", "block_scale": "s_block"}  # canonical -> reference name
+
+
+def _default(note: str) -> Any:
+    return lambda f: f"  [default: {'none' if f.default is None else f.default}, or {note}]"
+
+
+FIRST = FieldOptions(
+    EDMStageConfig, lambda k: [f"--{k}", f"--{k}_first"] if k in _SUFFIX_FIRST else [f"--{k}_first"], "first_",
+    _default("the preset's"))
+SECOND = FieldOptions(RelayStageConfig, lambda k: [f"--{k}_second"], "second_", _default("the preset's"))
+PROCESS = FieldOptions(
+    BlurProcess, lambda k: [f"--{k}_second"] + ([f"--{_PROCESS_ALIASES[k]}_second"] if k in _PROCESS_ALIASES else []),
+    "process_", lambda f: f"  [default: the network file's, else {f.default} or the preset's]")
 
 
 def default_network_paths() -> dict[str, str] | None:
-    """Networks to use when ``--network_first`` / ``--network_second`` are left out: the bundled tiny emoji
-    models (``relay_diffusion.checkpoints.bundled``) when this copy has them, else None."""
+    """Networks to use when no network option is given: the bundled tiny emoji models, else None."""
     from relay_diffusion.checkpoints.bundled import bundled_network_paths
 
     return bundled_network_paths()
@@ -32,6 +46,7 @@ def default_network_paths() -> dict[str, str] | None:
 
 class _SeedList(click.ParamType):
     name = "LIST"
+    MAX = 10_000_000
 
     def convert(self, value: Any, param: Any, ctx: Any) -> list[int]:
         from relay_diffusion.core.rng import parse_int_list
@@ -39,7 +54,7 @@ class _SeedList(click.ParamType):
         if isinstance(value, list):
             return value
         try:
-            seeds = parse_int_list(value)
+            seeds = parse_int_list(value, max_count=self.MAX)
         except ValueError as exc:
             self.fail(f"{value!r} is not a list of seeds like 0-63,100 ({exc})", param, ctx)
         if not seeds or min(seeds) < 0:
@@ -47,76 +62,29 @@ class _SeedList(click.ParamType):
         return seeds
 
 
-class _FloatOrNone(click.ParamType):
-    """A float, or ``none`` (given explicitly, unlike a left-out option)."""
-
-    name = "FLOAT|none"
-    NONE = "none"
-
-    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
-        if value is None or value == self.NONE or isinstance(value, float):
-            return value
-        if str(value).lower() == self.NONE:
-            return self.NONE
-        try:
-            return float(value)
-        except ValueError:
-            self.fail(f"{value!r} is neither a number nor 'none'", param, ctx)
-
-
-def _d(value: Any) -> str:
-    return f"  [default: {value}, or the preset's]"
-
-
-_POS = click.FloatRange(min=0, min_open=True)
-_NONNEG = click.FloatRange(min=0)
+def _options(command: Any) -> Any:
+    for decorate in (PROCESS.decorate, SECOND.decorate, FIRST.decorate):
+        command = decorate(command)
+    return command
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.option("--indir", metavar="DIR", type=str, help="Input images of a --sampler_stages second run")
 @click.option("--outdir", metavar="DIR", type=str, required=True, help="Where to save the output images")
-@click.option("--seeds", type=_SeedList(), help="Random seeds (e.g. 1,2,5-10)" + _d(PRESETS["default"].seeds))
+@click.option("--seeds", type=_SeedList(), help=f"Random seeds (e.g. 1,2,5-10)  [default: {PRESETS['default'].seeds}, "
+              "or the preset's]")
 @click.option("--subdirs", is_flag=True, help="Create a sub-folder for every 1000 seeds")
 @click.option("--class", "class_idx", metavar="INT", type=click.IntRange(min=0), help="Class label  [default: seed % classes]")
-@click.option("--batch", "max_batch_size", metavar="INT", type=click.IntRange(min=1), default=64, show_default=True,
-              help="Maximum batch size")
+@click.option("--batch", "max_batch_size", metavar="INT", type=click.IntRange(min=1, max=65536), default=64,
+              show_default=True, help="Maximum batch size")
 @click.option("--sampler_stages", type=click.Choice(["first", "second", "both"]), default="both", show_default=True,
               help="Which stages to run")
-# first stage
 @click.option("--network_first", metavar="PATH", type=str, help="Stage-1 network (.safetensors, .pkl or .pt)")
-@click.option("--num_steps_first", type=click.IntRange(min=1), help="Stage-1 sampling steps" + _d(_D1.num_steps))
-@click.option("--sigma_min_first", type=_POS, help="Lowest noise level" + _d(_D1.sigma_min))
-@click.option("--sigma_max_first", type=_POS, help="Highest noise level" + _d(_D1.sigma_max))
-@click.option("--rho_first", type=_POS, help="Time step exponent" + _d(_D1.rho))
-@click.option("--cfg_scale_first", type=_NONNEG, help="Classifier-free guidance scale" + _d(_D1.cfg_scale))
-@click.option("--S_churn", "S_churn_first", type=_NONNEG, help="Stochasticity strength" + _d(_D1.S_churn))
-@click.option("--S_min", "S_min_first", type=_NONNEG, help="Stoch. min noise level" + _d(_D1.S_min))
-@click.option("--S_max", "S_max_first", type=_NONNEG, help="Stoch. max noise level" + _d(_D1.S_max))
-@click.option("--S_noise", "S_noise_first", type=float, help="Stoch. noise inflation" + _d(_D1.S_noise))
-@click.option("--sde_scale_first", type=_FloatOrNone(), help="SDE steps with g = sde_scale * t (SPEC 6b); "
-              "'none' = Heun steps" + _d("none"))
-# second stage
-@click.option("--network_second", metavar="PATH", type=str, help="Stage-2 network (.safetensors, .pkl or .pt)")
-@click.option("--num_steps_second", type=click.IntRange(min=1), help="Stage-2 steps before truncation" + _d(_D2.num_steps))
-@click.option("--sigma_min_second", type=_POS, help="Lowest noise level" + _d(_D2.sigma_min))
-@click.option("--sigma_max_second", type=_POS, help="Highest noise level" + _d(_D2.sigma_max))
-@click.option("--blur_sigma_max_second", type=_NONNEG, help="Maximum blur strength" + _d(_D2.blur_sigma_max))
-@click.option("--rho_second", type=_POS, help="Time step exponent" + _d(_D2.rho))
-@click.option("--cfg_scale_second", type=_NONNEG, help="Classifier-free guidance scale" + _d(_D2.cfg_scale))
-@click.option("--up_scale_second", type=click.IntRange(min=1), help="Relay factor: stage-2 / stage-1 resolution"
-              + _d(_D2.up_scale))
-@click.option("--truncation_sigma_second", type=_POS, help="Truncation point of the noise schedule"
-              + _d(_D2.truncation_sigma))
-@click.option("--truncation_t_second", type=_POS, help="Truncation point of the time schedule" + _d(_D2.truncation_t))
-@click.option("--s_block_second", type=_NONNEG, help="Strength of block noise" + _d(_D2.s_block))
-@click.option("--s_noise_second", type=click.FloatRange(0, 1), help="Strength of stochasticity" + _d(_D2.s_noise))
-@click.option("--churn_second/--no-churn_second", default=None, help="EDM churn inside the relay sampler (CelebA-HQ)"
-              + _d("off"))
-@click.option("--S_churn_second", "S_churn_second", type=_NONNEG, help="Stage-2 churn strength (with --churn_second)" + _d(_D2.S_churn))
-@click.option("--S_min_second", "S_min_second", type=_NONNEG, help="Stage-2 churn min noise level" + _d(_D2.S_min))
-@click.option("--S_max_second", "S_max_second", type=_NONNEG, help="Stage-2 churn max noise level" + _d(_D2.S_max))
-@click.option("--S_noise_second", "S_noise_second", type=float, help="Stage-2 churn noise inflation" + _d(_D2.S_noise))
-# new
+@click.option("--network_second", metavar="PATH", type=str, help="Relay (stage-2) network (.safetensors, .pkl or .pt)")
+@click.option("--network_next", metavar="PATH", type=str, multiple=True,
+              help="A further relay stage after the second, e.g. 16 -> 64 -> 256 (repeatable; sampled with the "
+                   "*_second settings and its own file's forward process)")
+@_options
 @click.option("--preset", type=click.Choice(sorted(PRESETS)), default="default", show_default=True,
               help="The reference's settings for: generate.py (default), generate_imagenet.py, generate_celebahq.py")
 @click.option("--enhance/--no-enhance", default=None, help="PIL post-processing of the preset (imagenet256, "
@@ -124,7 +92,7 @@ _NONNEG = click.FloatRange(min=0)
 @click.option("--device", type=str, help="cpu, cuda, cuda:N, ...  [default: cuda if available, else cpu]")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), help="Network precision on CUDA  "
               "[default: the network's own]")
-@click.option("--net_batch", type=click.IntRange(min=1), default=DEFAULT_NET_BATCH, show_default=True,
+@click.option("--net_batch", type=click.IntRange(min=1, max=65536), default=DEFAULT_NET_BATCH, show_default=True,
               help="Samples per network call; results depend on it, never on --batch (1 = exact on any hardware)")
 @click.option("--grid", is_flag=True, help="Also write outdir/grid.png of the first 256 seeds")
 @click.option("--overwrite", is_flag=True, help="Regenerate seeds whose PNG already exists")
@@ -134,22 +102,23 @@ def generate(**opts: Any) -> None:
     \b
     Examples:
       rdm generate --outdir=out --network_first=a.pkl --network_second=b.pt --seeds=0-63
+      rdm generate --outdir=out --network_first=s16.safetensors --network_second=s64.safetensors \\
+          --network_next=s256.safetensors
       torchrun --standalone --nproc_per_node=8 -m relay_diffusion generate --preset=imagenet256 \\
           --outdir=out --network_first=imagenet64.pkl --network_second=imagenet256.pt
     """
-    from relay_diffusion.generation.pipeline import generate_images, save_seed_grid
+    from relay_diffusion.generation.files import save_seed_grid
+    from relay_diffusion.generation.run import generate_images
+    from relay_diffusion.utils import distributed
 
     preset = PRESETS[opts["preset"]]
     stages_kind = opts["sampler_stages"]
-    first, second = _stage_configs(preset, opts)
+    first, second, process_overrides = stage_settings(preset, opts)
     seeds = opts["seeds"] if opts["seeds"] is not None else _parse_seeds(preset.seeds)
     enhancement = _enhancement(preset, opts["enhance"], stages_kind)
-    stages = ("first", "second") if stages_kind == "both" else (stages_kind,)
-    paths = network_paths(opts["network_first"], opts["network_second"], stages)
+    paths = chain_paths(opts, stages_kind)
     if stages_kind == "second" and not opts["indir"]:
         raise click.UsageError("--sampler_stages second needs --indir (the stage-1 images)")
-
-    from relay_diffusion.utils import distributed
 
     try:
         ctx = distributed.init(opts["device"])
@@ -157,12 +126,16 @@ def generate(**opts: Any) -> None:
         raise click.BadParameter(str(exc), param_hint="--device") from exc
     rank, world_size, device = ctx.rank, ctx.world_size, ctx.device
     try:
-        pipeline = _build_pipeline(paths, first, second, enhancement, opts, device)
+        built = build(paths, first, second, process_overrides, preset, enhancement, opts, device,
+                      first_is_relay=stages_kind == "second")
+        pipeline = built.pipeline
         if rank == 0:
+            for note in built.notes:
+                click.echo(f"Note: {note}")
             _print_config(opts, pipeline, seeds, device, world_size)
         try:
             generate_images(
-                pipeline, seeds, opts["outdir"], max_batch_size=opts["max_batch_size"], class_idx=opts["class_idx"],
+                pipeline, seeds, opts["outdir"], max_batch_size=opts["max_batch_size"], class_labels=opts["class_idx"],
                 indir=opts["indir"], subdirs=opts["subdirs"], overwrite=opts["overwrite"], rank=rank,
                 world_size=world_size, progress=rank == 0,
             )
@@ -183,26 +156,24 @@ def _parse_seeds(text: str) -> list[int]:
     return parse_int_list(text)
 
 
-def _stage_configs(preset: Any, opts: dict[str, Any]) -> tuple[EDMStageConfig, RelayStageConfig]:
-    """The preset's stage configs with every option that was given on the command line."""
-    first = {k: opts[f"{k}_first"] for k in FIRST_FIELDS if opts.get(f"{k}_first") is not None}
-    if first.get("sde_scale") == _FloatOrNone.NONE:
-        first["sde_scale"] = None
-    second = {k: opts[f"{k}_second"] for k in SECOND_FIELDS if opts.get(f"{k}_second") is not None}
-    first_cfg = dataclasses.replace(preset.first, **first)
-    second_cfg = dataclasses.replace(preset.second, **second)
+def stage_settings(preset: Any, opts: dict[str, Any]) -> tuple[EDMStageConfig, RelayStageConfig, dict[str, Any]]:
+    """The preset's stage configs with every option that was given, and the given forward-process settings."""
+    first_cfg = dataclasses.replace(preset.first, **FIRST.given(opts))
+    second_cfg = dataclasses.replace(preset.second, **SECOND.given(opts))
+    overrides = PROCESS.given(opts)
     try:
-        first_cfg.validate("_first")
-        second_cfg.validate("_second")
+        first_cfg.validate(FIRST.names())
+        second_cfg.validate(SECOND.names())
+        dataclasses.replace(preset.process, **overrides).validate(PROCESS.names())
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
-    return first_cfg, second_cfg
+    return first_cfg, second_cfg, overrides
 
 
 def _enhancement(preset: Any, enhance: bool | None, stages_kind: str) -> Any:
     """The preset's post-processing: on for final images unless --no-enhance; stage-1-only outputs (inputs
     of a later --sampler_stages second run) get it only with an explicit --enhance."""
-    from relay_diffusion.generation.pipeline import Enhancement
+    from relay_diffusion.generation.configs import Enhancement
 
     on = enhance if enhance is not None else stages_kind != "first"
     return preset.enhancement if on else Enhancement()
@@ -226,38 +197,43 @@ def network_paths(network_first: str | None, network_second: str | None,
     return paths
 
 
-def _build_pipeline(paths: dict[str, str], first: EDMStageConfig, second: RelayStageConfig, enhancement: Any,
-                    opts: dict[str, Any], device: Any) -> Any:
-    from relay_diffusion.checkpoints.loading import load_network
-    from relay_diffusion.generation.pipeline import EDMStage, RelayPipeline, RelayStage
+def chain_paths(opts: dict[str, Any], stages_kind: str) -> list[tuple[str, str]]:
+    """``[(option, path), ...]`` of the stages to run, in chain order."""
+    stages = ("first", "second") if stages_kind == "both" else (stages_kind,)
+    if opts["network_next"] and stages_kind == "first":
+        raise click.UsageError("--network_next adds relay stages; it cannot be used with --sampler_stages first")
+    if opts["network_next"] and not (opts["network_first"] or opts["network_second"]):
+        raise click.UsageError("--network_next needs --network_first and --network_second")
+    paths = network_paths(opts["network_first"], opts["network_second"], stages)
+    return [(f"--network_{w}", paths[w]) for w in stages] + [("--network_next", p) for p in opts["network_next"]]
 
-    nets = {}
-    for which, path in paths.items():
-        try:
-            nets[which] = load_network(path, device)
-        except (ValueError, OSError, pickle.UnpicklingError) as exc:
-            raise click.BadParameter(str(exc), param_hint=f"--network_{which}") from exc
-        if opts["precision"] is not None:
-            if not hasattr(nets[which], "precision"):
-                raise click.BadParameter(f"{path}: this network has no precision setting", param_hint="--precision")
-            nets[which].precision = opts["precision"]
-    stages = ([EDMStage(nets["first"], first)] if "first" in nets else []) + (
-        [RelayStage(nets["second"], second)] if "second" in nets else []
-    )
+
+def build(paths: list[tuple[str, str]], first: EDMStageConfig, second: RelayStageConfig,
+          process_overrides: dict[str, Any], preset: Any, enhancement: Any, opts: dict[str, Any], device: Any,
+          first_is_relay: bool = False) -> Any:
+    """The pipeline of ``paths``, with errors as one line naming the option."""
+    from relay_diffusion.generation.build import StageFileError, build_pipeline
+
     try:
-        return RelayPipeline(stages, enhancement=enhancement, net_batch=opts["net_batch"])
+        return build_pipeline([p for _, p in paths], first=first, relay=second, first_is_relay=first_is_relay,
+                              default_process=preset.process, process_overrides=process_overrides,
+                              enhancement=enhancement, net_batch=opts.get("net_batch", DEFAULT_NET_BATCH),
+                              precision=opts.get("precision"), device=device)
+    except StageFileError as exc:
+        raise click.BadParameter(str(exc), param_hint=paths[exc.index][0]) from exc
     except ValueError as exc:
-        raise click.UsageError(f"{exc}\n(check --network_first, --network_second and --up_scale_second)") from exc
+        raise click.UsageError(f"{exc}\n(check the network options and --up_scale_second)") from exc
 
 
 def _print_config(opts: dict[str, Any], pipeline: Any, seeds: list[int], device: Any, world_size: int) -> None:
-    from relay_diffusion.generation.pipeline import EDMStage
+    from relay_diffusion.generation.stages import stage_name
 
     click.echo(f"Preset: {opts['preset']}")
     for i, stage in enumerate(pipeline.stages):
-        kind = "EDM" if isinstance(stage, EDMStage) else "relay"
-        res = stage.resolution
-        click.echo(f"Stage {i + 1} ({kind}, {res}x{res}): {json.dumps(dataclasses.asdict(stage.config))}")
+        settings = dataclasses.asdict(stage.config)
+        if stage.kind == "relay":
+            settings["process"] = stage.process.to_dict()
+        click.echo(f"{stage_name(i, stage).capitalize()}: {json.dumps(settings)}")
     enhancement = json.dumps(dataclasses.asdict(pipeline.enhancement)) if pipeline.enhancement.enabled else "off"
     click.echo(f"Post-processing (PIL ImageEnhance): {enhancement}")
     click.echo(f"Generating {len(seeds)} images ({pipeline.resolution}x{pipeline.resolution}) to {opts['outdir']!r} "

@@ -1,7 +1,7 @@
 """``rdm smoke``: run both samplers on the exact Gaussian denoiser (no weights needed) and write a grid.
 
 A check that an installation works end to end: stage 1 at the low resolution, then the relay sampler
-at ``up_scale`` times that resolution, started from the nearest-upsampled stage-1 images.
+at ``up_scale`` times that resolution, through the same :class:`RelayPipeline` as every other command.
 """
 
 from __future__ import annotations
@@ -10,29 +10,33 @@ from pathlib import Path
 
 import click
 import numpy as np
-import torch
 import torch.nn.functional as F
-
-from relay_diffusion.utils.images import save_grid, to_uint8
-from relay_diffusion.core.rng import SeedGenerators, parse_int_list
-from relay_diffusion.core.samplers import edm_sampler, relay_sampler
-from relay_diffusion.core.toy import GaussianToyDenoiser
 
 
 @click.command("smoke")
 @click.option("--outdir", type=click.Path(file_okay=False), default="out/smoke", show_default=True)
 @click.option("--seeds", default="0-15", show_default=True, help="Seeds, e.g. 0-15,100.")
-@click.option("--resolution", type=click.IntRange(min=1), default=16, show_default=True, help="Stage-1 size.")
-@click.option("--up-scale", type=click.IntRange(min=1), default=4, show_default=True, help="Relay factor.")
+@click.option("--resolution", type=click.IntRange(min=1, max=256), default=16, show_default=True, help="Stage-1 size.")
+@click.option("--up-scale", type=click.IntRange(min=1, max=16), default=4, show_default=True, help="Relay factor.")
 def smoke(outdir: str, seeds: str, resolution: int, up_scale: int) -> None:
     """Run the core relay sampler on a toy denoiser and write an image."""
-    seed_list = parse_int_list(seeds)
-    if not seed_list:
-        raise click.BadParameter("no seeds given", param_hint="--seeds")
-    rng = SeedGenerators(seed_list)
-    low = edm_sampler(GaussianToyDenoiser(3, resolution), rng.randn([3, resolution, resolution]), rng)
+    from relay_diffusion.core.process import BlurProcess
+    from relay_diffusion.core.rng import parse_int_list
+    from relay_diffusion.core.toy import GaussianToyDenoiser
+    from relay_diffusion.generation import EDMStage, RelayPipeline, RelayStage
+    from relay_diffusion.utils.images import save_grid, to_uint8
+
+    try:
+        seed_list = parse_int_list(seeds, max_count=1024)
+    except ValueError as exc:
+        raise click.BadParameter(f"{seeds!r} is not a list of seeds like 0-15 ({exc})", param_hint="--seeds")
+    if not seed_list or min(seed_list) < 0:
+        raise click.BadParameter("give at least one non-negative seed", param_hint="--seeds")
+    pipeline = RelayPipeline([EDMStage(GaussianToyDenoiser(3, resolution)),
+                              RelayStage(GaussianToyDenoiser(3, resolution * up_scale),
+                                         process=BlurProcess(up_scale=up_scale))])
+    low, high = pipeline.run(seed_list)
     up = F.interpolate(low, scale_factor=up_scale, mode="nearest")
-    high = relay_sampler(GaussianToyDenoiser(3, resolution * up_scale), up, rng, up_scale=up_scale)
     out = Path(outdir)
     pairs = np.concatenate([to_uint8(up.clamp(-1, 1)), to_uint8(high)], axis=2)  # stage 1 | stage 2, side by side
     path = save_grid(pairs, out / "smoke-grid.png", scale=max(1, 128 // (resolution * up_scale)))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import click
 
-from relay_diffusion.training.config import ARCHS, PRECISIONS, PRECONDS, ConfigError, TrainingConfig
+from relay_diffusion.training.config import ARCHS, PRECISIONS, PRECOND_CHOICES, ConfigError, TrainingConfig
 
 
 def _int_list(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int] | None:
@@ -34,7 +34,7 @@ def _bad(exc: ConfigError) -> click.BadParameter:
 @click.option("--data", metavar="ZIP|DIR", type=str, required=True, help="Path to the dataset")
 @click.option("--cond", type=bool, default=False, show_default=True, help="Train class-conditional model")
 @click.option("--arch", type=click.Choice(ARCHS), default="adm", show_default=True, help="Network architecture")
-@click.option("--precond", type=click.Choice(PRECONDS), default="edm", show_default=True,
+@click.option("--precond", type=click.Choice(PRECOND_CHOICES), default="edm", show_default=True,
               help="Preconditioning & loss function (blur: the stage-2 relay loss)")
 # Hyperparameters.
 @click.option("--duration", metavar="MIMG", type=float, default=200, show_default=True, help="Training duration")

@@ -59,8 +59,9 @@ class SeedGenerators:
             g.set_state(s)
 
 
-def parse_int_list(text: str) -> list[int]:
-    """Parse ``'0-63,100'`` into ``[0, ..., 63, 100]`` (the reference's ``--seeds`` syntax)."""
+def parse_int_list(text: str, max_count: int | None = None) -> list[int]:
+    """Parse ``'0-63,100'`` into ``[0, ..., 63, 100]`` (the reference's ``--seeds`` syntax); more than
+    ``max_count`` values is a ``ValueError`` (checked before anything is allocated)."""
     out: list[int] = []
     for part in str(text).split(","):
         part = part.strip()
@@ -71,6 +72,8 @@ def parse_int_list(text: str) -> list[int]:
             a, b = int(lo), int(hi)
             if b < a:
                 raise ValueError(f"empty range {part!r}")
+            if max_count is not None and len(out) + (b - a + 1) > max_count:
+                raise ValueError(f"more than {max_count} values")
             out.extend(range(a, b + 1))
         else:
             out.append(int(part))

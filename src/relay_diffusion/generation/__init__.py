@@ -1,1 +1,21 @@
-"""Relay generation: stage configs and presets, stages, the pipeline, image files and ``generate_images``."""
+"""Relay generation.
+
+``configs``   sampler settings of the stages, post-processing and the reference's presets
+``stages``    stage 1 (EDM) and relay stages, batch-invariant network calls, the compatibility check
+``pipeline``  :class:`RelayPipeline`: the one sampling path of every command
+``build``     stages from network files (stage kinds checked, forward process from the file)
+``files``     the PNG layout of generated images and stage inputs
+``run``       :func:`generate_images`: a process's share of the seeds, in batches, to files
+"""
+
+from relay_diffusion.generation.build import Built, StageFileError, build_pipeline
+from relay_diffusion.generation.configs import PRESETS, EDMStageConfig, Enhancement, Preset, RelayStageConfig
+from relay_diffusion.generation.pipeline import RelayPipeline
+from relay_diffusion.generation.run import generate_images
+from relay_diffusion.generation.stages import DEFAULT_NET_BATCH, EDMStage, FixedBatchDenoiser, RelayStage, check_stages
+
+__all__ = [
+    "DEFAULT_NET_BATCH", "PRESETS", "Built", "EDMStage", "EDMStageConfig", "Enhancement", "FixedBatchDenoiser",
+    "Preset", "RelayPipeline", "RelayStage", "RelayStageConfig", "StageFileError", "build_pipeline",
+    "check_stages", "generate_images",
+]

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 ARCHS = ("ddpmpp", "ncsnpp", "adm")
-PRECONDS = ("vp", "ve", "edm", "blur")
+PRECOND_CHOICES = ("vp", "ve", "edm", "blur")
 PRECISIONS = ("fp32", "fp16", "bf16")
 #: Network class behind each ``--precond``; stage 2 (``blur``) is an ordinary EDM-preconditioned network.
 PRECOND_NETWORKS = {"vp": "VPPrecond", "ve": "VEPrecond", "edm": "EDMPrecond", "blur": "EDMPrecond"}
@@ -78,7 +78,7 @@ class TrainingConfig:
     def validate(self) -> "TrainingConfig":
         """Check every option on its own; raises :class:`ConfigError` naming the first bad one."""
         _choice("--arch", self.arch, ARCHS)
-        _choice("--precond", self.precond, PRECONDS)
+        _choice("--precond", self.precond, PRECOND_CHOICES)
         _choice("--precision", self.precision, PRECISIONS)
         _positive("--duration", self.duration)
         _positive_int("--batch", self.batch)
@@ -145,6 +145,13 @@ class TrainingConfig:
             raise ConfigError(
                 "--up-scale", f"the dataset resolution {resolution} is not divisible by --up-scale {self.up_scale}"
             )
+
+    def process(self):
+        """The stage-2 forward process of these options (:class:`relay_diffusion.core.process.BlurProcess`)."""
+        from relay_diffusion.core.process import BlurProcess
+
+        return BlurProcess(up_scale=self.up_scale, blur_sigma_max=self.blur_sigma_max, prob_length=self.prob_length,
+                           block_scale=self.block_scale)
 
     # ----------------------------------------------------------------------------------------------
     @property

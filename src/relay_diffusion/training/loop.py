@@ -181,11 +181,12 @@ class Trainer:
         order = DataOrder(len(self.dataset), seed=0)
         items = [self.dataset[order.index(i)] for i in range(n)]
         reals = torch.stack([torch.as_tensor(img) for img, _ in items]).to(self.device, torch.float32) / 127.5 - 1
-        self.grid_starts = grids.relay_start(reals, self.cfg.up_scale)
+        self.grid_starts = grids.relay_inputs(reals, self.cfg.up_scale)
         if self.cfg.cond:
             self.grid_labels = torch.stack([torch.as_tensor(lab) for _, lab in items]).to(self.device)
-        grids.save_grid(reals, self.run_dir / "reals.png")
-        grids.save_grid(self.grid_starts, self.run_dir / "reals-relay-start.png")
+        grids.save_training_grid(reals, self.run_dir / "reals.png")
+        grids.save_training_grid(grids.upsample(self.grid_starts, self.cfg.up_scale),
+                                 self.run_dir / "reals-relay-start.png")
 
     # --- one step ----------------------------------------------------------------------------------
     def _train_step(self) -> float:
@@ -241,20 +242,18 @@ class Trainer:
         if self.cfg.grid > 0:
             images = self._grid_images()
             if images is not None:
-                grids.save_grid(images, self.run_dir / f"samples-{kimg:06d}.png")
+                grids.save_training_grid(images, self.run_dir / f"samples-{kimg:06d}.png")
 
     def _snapshot_extra(self) -> dict[str, Any]:
         cfg = self.cfg
         extra: dict[str, Any] = {
-            "stage": self.plan.stage, "kimg": self.nimg / 1000, "step": self.step,
+            "stage": self.plan.stage, "stage_kind": "relay" if self.plan.stage == 2 else "edm", "kimg": self.nimg / 1000, "step": self.step,
             "training": {"precond": cfg.precond, "arch": cfg.arch, "dataset": self.plan.dataset["name"],
                          "resolution": self.plan.dataset["resolution"], "cond": cfg.cond,
                          "label_dropout": cfg.label_dropout, "augment": cfg.augment, "seed": self.seed},
         }
         if self.plan.stage == 2:  # what generation needs to relay into this network
-            extra["up_scale"] = cfg.up_scale
-            extra["blur"] = {"up_scale": cfg.up_scale, "block_scale": cfg.block_scale,
-                             "prob_length": cfg.prob_length, "blur_sigma_max": cfg.blur_sigma_max}
+            extra["process"] = cfg.process().to_dict()
         return extra
 
     def _grid_images(self) -> Optional[torch.Tensor]:
@@ -262,12 +261,8 @@ class Trainer:
         if self.plan.stage == 2:
             if self.grid_starts is None:
                 return None
-            return grids.stage2_samples(self.ema, self.grid_starts, self.grid_labels, self.cfg.up_scale,
-                                        self.cfg.blur_sigma_max, batch)
-        info = self.plan.dataset
-        label_dim = info["label_dim"] if self.cfg.cond else 0
-        return grids.stage1_samples(self.ema, self.cfg.grid, info["channels"], info["resolution"], label_dim,
-                                    self.device, batch)
+            return grids.stage2_samples(self.ema, self.grid_starts, self.grid_labels, self.cfg.process(), batch)
+        return grids.stage1_samples(self.ema, self.cfg.grid, batch)
 
     def _save_state(self) -> None:
         options = self.plan.options(str(self.run_dir))

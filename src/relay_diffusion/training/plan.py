@@ -91,21 +91,20 @@ def network_spec(cfg: TrainingConfig, resolution: int, channels: int, label_dim:
 
 def loss_spec(cfg: TrainingConfig) -> dict[str, Any]:
     if cfg.precond == "blur":
-        return {"name": "BlurLoss", "up_scale": cfg.up_scale, "prob_length": cfg.prob_length,
-                "blur_sigma_max": cfg.blur_sigma_max, "block_scale": cfg.block_scale,
-                "label_dropout": cfg.label_dropout}
+        return {"name": "BlurLoss", "process": cfg.process().to_dict(), "label_dropout": cfg.label_dropout}
     name = {"vp": "VPLoss", "ve": "VELoss", "edm": "EDMLoss"}[cfg.precond]
     return {"name": name, "label_dropout": cfg.label_dropout}
 
 
 def build_loss(spec: dict[str, Any]):
     from relay_diffusion.core.losses import BlurLoss, BlurLossConfig, EDMLoss, VELoss, VPLoss
+    from relay_diffusion.core.process import BlurProcess
 
     spec = dict(spec)
     name = spec.pop("name")
     label_dropout = spec.pop("label_dropout")
     if name == "BlurLoss":
-        return BlurLoss(BlurLossConfig(**spec), label_dropout=label_dropout)
+        return BlurLoss(BlurLossConfig(BlurProcess.from_dict(spec["process"])), label_dropout=label_dropout)
     return {"VPLoss": VPLoss, "VELoss": VELoss, "EDMLoss": EDMLoss}[name](label_dropout=label_dropout)
 
 

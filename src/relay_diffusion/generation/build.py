@@ -1,0 +1,109 @@
+"""Stages from network files: the stage kind is checked and a relay stage's forward process comes from its file.
+
+A relay snapshot records the :class:`BlurProcess` it was trained with; generation uses it unless a setting is
+given explicitly (then a note says where it differs from the training value). Files that record nothing
+(reference checkpoints) take the preset's process, with the relay factor inferred from the resolutions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional, Sequence
+
+import torch
+
+from relay_diffusion.checkpoints.loading import NetworkFile, load_network_file
+from relay_diffusion.core.process import BlurProcess
+from relay_diffusion.generation.configs import EDMStageConfig, Enhancement, RelayStageConfig
+from relay_diffusion.generation.pipeline import RelayPipeline
+from relay_diffusion.generation.stages import DEFAULT_NET_BATCH, EDMStage, RelayStage, Stage, net_info
+
+
+class StageFileError(ValueError):
+    """A network file that cannot serve as the stage it was given for; ``index`` is the stage (0-based)."""
+
+    def __init__(self, index: int, message: str) -> None:
+        super().__init__(message)
+        self.index = index
+
+
+@dataclass
+class Built:
+    """A pipeline and the notes worth telling the user (settings that override the files' values)."""
+
+    pipeline: RelayPipeline
+    notes: list[str] = field(default_factory=list)
+
+
+def relay_process(file: NetworkFile, default: BlurProcess, overrides: Mapping[str, Any],
+                  prev_resolution: Optional[int], label: str) -> tuple[BlurProcess, list[str]]:
+    """The forward process to sample ``file`` with: the file's own, else ``default`` (with the relay factor
+    inferred from ``prev_resolution`` when it divides the network's), then ``overrides`` (given settings)."""
+    notes = []
+    base = file.process
+    if base is None:
+        base = default
+        res = net_info(file.net)[0]
+        if "up_scale" not in overrides and prev_resolution and res % prev_resolution == 0:
+            base = dataclasses.replace(base, up_scale=res // prev_resolution)
+    process = dataclasses.replace(base, **dict(overrides))
+    if file.process is not None:
+        for k, (mine, trained) in process.differences(file.process).items():
+            notes.append(f"{label}: {k} = {mine} overrides the value {trained} the network was trained with")
+    return process, notes
+
+
+def load_stage(file: NetworkFile, index: int, first: EDMStageConfig, relay: RelayStageConfig, *,
+               as_relay: bool, default_process: BlurProcess, process_overrides: Mapping[str, Any],
+               prev_resolution: Optional[int]) -> tuple[Stage, list[str]]:
+    """One stage from a loaded file; refuses a stage-1 file as a relay stage and the reverse."""
+    label = f"stage {index + 1} ({file.path})"
+    if as_relay and file.kind == "edm":
+        raise StageFileError(index, f"{file.path} is a stage-1 (EDM) network; it cannot be the relay stage {index + 1}")
+    if not as_relay and file.kind == "relay":
+        raise StageFileError(index, f"{file.path} is a relay (stage-2) network; it cannot be stage 1")
+    if not as_relay:
+        return EDMStage(file.net, first, source=file.path), []
+    process, notes = relay_process(file, default_process, process_overrides, prev_resolution, label)
+    return RelayStage(file.net, relay, process, source=file.path), notes
+
+
+def build_pipeline(
+    paths: Sequence[str],
+    *,
+    first: EDMStageConfig | None = None,
+    relay: RelayStageConfig | None = None,
+    first_is_relay: bool = False,
+    default_process: BlurProcess | None = None,
+    process_overrides: Mapping[str, Any] | None = None,
+    enhancement: Enhancement | None = None,
+    net_batch: int = DEFAULT_NET_BATCH,
+    precision: str | None = None,
+    device: torch.device | str = "cpu",
+) -> Built:
+    """A :class:`RelayPipeline` from network files: ``paths[0]`` is stage 1 (or, with ``first_is_relay``, a
+    relay stage fed with images), every later path a relay stage sampled with ``relay``. ``process_overrides``
+    (explicit forward-process settings) apply to every relay stage. Raises :class:`StageFileError` (a file)
+    or ``ValueError`` (an incompatible chain)."""
+    first, relay = first or EDMStageConfig(), relay or RelayStageConfig()
+    default_process = default_process or BlurProcess()
+    stages: list[Stage] = []
+    notes: list[str] = []
+    prev_resolution = None
+    for i, path in enumerate(paths):
+        try:
+            file = load_network_file(path, device)
+        except (ValueError, OSError) as exc:
+            raise StageFileError(i, str(exc)) from exc
+        if precision is not None:
+            if not hasattr(file.net, "precision"):
+                raise StageFileError(i, f"{path}: this network has no precision setting")
+            file.net.precision = precision
+        stage, stage_notes = load_stage(file, i, first, relay, as_relay=i > 0 or first_is_relay,
+                                        default_process=default_process, process_overrides=process_overrides or {},
+                                        prev_resolution=prev_resolution)
+        stages.append(stage)
+        notes += stage_notes
+        prev_resolution = stage.resolution
+    return Built(RelayPipeline(stages, enhancement=enhancement, net_batch=net_batch), notes)

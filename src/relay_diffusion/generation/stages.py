@@ -1,0 +1,159 @@
+"""Stages of a relay chain: stage 1 (EDM) and relay stages (blur diffusion), and their compatibility check.
+
+A stage is one self-describing unit: its network, its sampler settings and, for a relay stage, the forward
+process the network was trained on (:class:`BlurProcess`, read from its file by :func:`stage_from_file`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+
+from relay_diffusion.core.process import BlurProcess
+from relay_diffusion.core.rng import SeedGenerators
+from relay_diffusion.core.samplers import Callback, edm_sampler, relay_sampler
+from relay_diffusion.generation.configs import EDMStageConfig, RelayStageConfig
+
+#: Samples per network call. Every call is padded to exactly this size so that a sample's result never
+#: depends on how many samples share its batch: CPU and GPU kernels pick different code paths (and
+#: summation orders) for different batch sizes, which changes results in the last float bits.
+DEFAULT_NET_BATCH = 8
+
+
+class FixedBatchDenoiser:
+    """Calls ``net`` on chunks of exactly ``net_batch`` samples (the last one padded with copies of its
+    last sample), so a sample's result does not depend on the batch it arrives in.
+
+    This is exact when the kernels compute a sample alike at every position of a batch of fixed size:
+    always for ``net_batch = 1``; for the CPU GEMMs measured here, for multiples of 4 (other batch sizes
+    give position-dependent last bits). Other hardware is not guaranteed: use ``net_batch = 1`` to be sure.
+    """
+
+    def __init__(self, net: Callable, net_batch: int = DEFAULT_NET_BATCH) -> None:
+        if net_batch < 1:
+            raise ValueError(f"net_batch must be >= 1, got {net_batch}")
+        self.net, self.net_batch = net, net_batch
+        self.sigma_min = getattr(net, "sigma_min", 0.0)
+        self.sigma_max = getattr(net, "sigma_max", math.inf)
+        if hasattr(net, "round_sigma"):
+            self.round_sigma = net.round_sigma
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """``x [N, C, H, W]``, ``sigma [N]``, ``class_labels [N, L]`` or None -> ``[N, C, H, W]``."""
+        k, n = self.net_batch, x.shape[0]
+        sigma = torch.as_tensor(sigma, device=x.device).reshape(-1).expand(n)
+        outs = []
+        for start in range(0, n, k):
+            index = torch.arange(start, start + k, device=x.device).clamp(max=n - 1)
+            labels = None if class_labels is None else class_labels[index]
+            outs.append(self.net(x[index], sigma[index], labels)[: min(k, n - start)])
+        return torch.cat(outs)
+
+
+def net_info(net: Any) -> tuple[int, int, int]:
+    """``(resolution, channels, label_dim)`` of a network (or a toy denoiser)."""
+    return int(net.img_resolution), int(net.img_channels), int(getattr(net, "label_dim", 0))
+
+
+@dataclass
+class EDMStage:
+    """Stage 1: samples ``[N, C, R, R]`` from per-seed latents (docs/math.md §6a / §6b)."""
+
+    net: Any
+    config: EDMStageConfig = field(default_factory=EDMStageConfig)
+    source: str | None = None                   # the network's file, for messages
+
+    kind = "edm"
+
+    @property
+    def resolution(self) -> int:
+        return net_info(self.net)[0]
+
+    def sample(self, rng: SeedGenerators, labels: torch.Tensor | None, inputs: torch.Tensor | None,
+               net_batch: int = DEFAULT_NET_BATCH, callback: Callback = None) -> torch.Tensor:
+        _, channels, _ = net_info(self.net)
+        if inputs is not None:
+            raise ValueError("a stage-1 (EDM) stage takes no input images")
+        latents = rng.randn([channels, self.resolution, self.resolution])  # float32, like the reference
+        return edm_sampler(FixedBatchDenoiser(self.net, net_batch), latents, rng, labels,
+                           callback=callback, **self.config.sampler_kwargs())
+
+
+@dataclass
+class RelayStage:
+    """A relay stage: refines the nearest-upsampled ``[N, C, R/p, R/p]`` input into ``[N, C, R, R]``
+    (docs/math.md §6c) under the forward process ``process`` its network was trained on."""
+
+    net: Any
+    config: RelayStageConfig = field(default_factory=RelayStageConfig)
+    process: BlurProcess = field(default_factory=BlurProcess)
+    source: str | None = None
+
+    kind = "relay"
+
+    @property
+    def resolution(self) -> int:
+        return net_info(self.net)[0]
+
+    @property
+    def up_scale(self) -> int:
+        return self.process.up_scale
+
+    @property
+    def input_resolution(self) -> int:
+        return self.resolution // self.up_scale
+
+    def sample(self, rng: SeedGenerators, labels: torch.Tensor | None, inputs: torch.Tensor | None,
+               net_batch: int = DEFAULT_NET_BATCH, callback: Callback = None) -> torch.Tensor:
+        if inputs is None:
+            raise ValueError("a relay stage needs input images (a previous stage's output or --indir)")
+        latents = F.interpolate(inputs.to(torch.float64), scale_factor=self.up_scale, mode="nearest")
+        return relay_sampler(FixedBatchDenoiser(self.net, net_batch), latents, rng, labels, process=self.process,
+                             callback=callback, **self.config.sampler_kwargs())
+
+
+Stage = Union[EDMStage, RelayStage]
+
+
+def stage_name(i: int, stage: Stage) -> str:
+    res = stage.resolution
+    where = f", {stage.source}" if stage.source else ""
+    return f"stage {i + 1} ({'EDM' if stage.kind == 'edm' else 'relay'}, {res}x{res}{where})"
+
+
+def check_stages(stages: Sequence[Stage]) -> None:
+    """Raise one ``ValueError`` listing every incompatibility of a stage chain, before any sampling."""
+    problems = []
+    if not stages:
+        problems.append("no stages")
+    for i, stage in enumerate(stages):
+        res, channels, label_dim = net_info(stage.net)
+        name = stage_name(i, stage)
+        try:
+            stage.config.validate()
+            if isinstance(stage, RelayStage):
+                stage.process.validate()
+        except ValueError as exc:
+            problems.append(f"{name}: {exc}")
+        if i > 0 and not isinstance(stage, RelayStage):
+            problems.append(f"{name}: only the first stage may be an EDM stage")
+        if isinstance(stage, RelayStage):
+            p = stage.up_scale
+            if res % p:
+                problems.append(f"{name}: resolution {res} is not divisible by up_scale {p}")
+        if i == 0:
+            continue
+        prev_res, prev_channels, prev_labels = net_info(stages[i - 1].net)
+        if isinstance(stage, RelayStage) and prev_res * stage.up_scale != res:
+            problems.append(f"{name}: resolution {res} != previous stage resolution {prev_res} x up_scale "
+                            f"{stage.up_scale} = {prev_res * stage.up_scale}")
+        if channels != prev_channels:
+            problems.append(f"{name}: {channels} channels, previous stage has {prev_channels}")
+        if label_dim != prev_labels:
+            problems.append(f"{name}: label_dim {label_dim}, previous stage has {prev_labels}")
+    if problems:
+        raise ValueError("incompatible stages:\n  - " + "\n  - ".join(problems))
