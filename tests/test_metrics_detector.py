@@ -244,10 +244,19 @@ def test_detector_errors(tmp_path):
     torch.save({"layers.conv.weight": torch.zeros(32, 3, 3, 3)}, partial)
     with pytest.raises(DetectorError, match="missing layers.conv.beta"):
         load_detector(partial)
+    torch.save({"layers.conv.weight": torch.zeros(31, 3, 3, 3)}, partial)
+    with pytest.raises(DetectorError, match="size mismatch for layers.conv.weight") as err:
+        load_detector(partial)
+    assert "\n" not in str(err.value)
     junk = tmp_path / "junk.pkl"
     junk.write_bytes(b"not a pickle")
     with pytest.raises(DetectorError, match="cannot read"):
         load_detector(junk)
+    objects = tmp_path / "objects.pth"
+    torch.save({"conf": _Wrap(nn.Identity())}, objects)  # torch.load(weights_only=True) refuses it
+    with pytest.raises(DetectorError, match="cannot read") as err:
+        load_detector(objects)
+    assert "_Wrap; only tensors are read" in str(err.value) and "\n" not in str(err.value)
     det = detector_module.Detector(random_inception(head=False), "no-head.pt")
     with pytest.raises(DetectorError, match="inception-2015-12-05.pkl"):
         det.logits(torch.zeros(1, 2048))

@@ -186,19 +186,30 @@ def load_detector(detector: str | os.PathLike = "auto", device: torch.device | s
     except DetectorError:
         raise
     except Exception as exc:  # unreadable or truncated files: say which file
-        raise DetectorError(f"cannot read detector weights from {path}: {exc}") from exc
+        raise DetectorError(f"cannot read detector weights from {path}: {_reason(exc)}") from exc
     state = to_inception_names(tensors, source=str(path))
     net = InceptionV3(with_head="output.weight" in state)
     try:  # extra tensors (e.g. batch-norm counters) are ignored; missing ones or other shapes are errors
         missing = net.load_state_dict(state, strict=False).missing_keys
     except RuntimeError as exc:
-        raise DetectorError(f"{path} does not hold the Inception-v3 2015-12-05 weights: {exc}") from exc
+        details = "; ".join(line.strip() for line in str(exc).splitlines()[1:] if line.strip())  # one line
+        raise DetectorError(f"{path} does not hold the Inception-v3 2015-12-05 weights: {details}") from exc
     if missing:
         raise DetectorError(f"{path} does not hold the Inception-v3 2015-12-05 weights: missing "
                             f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
     if need_head and not net.has_head:
         raise DetectorError(f"the detector {path} has no classifier head (needed for IS); it comes with {HEAD_SOURCE}")
     return Detector(net, source=str(path)).to(device)
+
+
+def _reason(exc: Exception) -> str:
+    """One line for an exception: torch.load's weights-only refusal runs over several lines (and suggests
+    loading with code execution, which is not an option here)."""
+    text = str(exc).strip()
+    refused = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if refused:
+        return f"it refers to the Python object {refused.group(1)}; only tensors are read from detector files"
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
