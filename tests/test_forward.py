@@ -1,4 +1,4 @@
-"""Properties of the relay forward process (SPEC 2-4, 6c)."""
+"""Properties of the relay forward process (docs/math.md §2-4, 6c)."""
 
 from __future__ import annotations
 

@@ -94,7 +94,7 @@ def api_pipeline(nets, stages="both", **kwargs) -> RelayPipeline:
 
 
 def test_pipeline_reproduces_the_reference_chain():
-    """Stage 1 -> stage 2 with shared per-seed generators (SPEC 8) gives the fixtures' pipe_stage2."""
+    """Stage 1 -> stage 2 with shared per-seed generators (docs/math.md §8) gives the fixtures' pipe_stage2."""
     meta = json.loads((fixtures_dir() / "reference.json").read_text())["cases"]
     arrays = np.load(fixtures_dir() / "reference.npz")
     c1, c2 = meta["pipe_stage1"], meta["pipe_stage2"]
@@ -180,7 +180,7 @@ def test_first_second_both(nets, tmp_path):
     # Stage-1 files are the stage-1 part of the chain; both-stage files are the whole chain.
     assert np.array_equal(read_uint8(first, seeds, subdirs=True), api_pipeline(nets, "first")(seeds, output="uint8"))
     assert np.array_equal(read_uint8(both, seeds), api_pipeline(nets)(seeds, output="uint8"))
-    # Second-stage-only: the stage-1 PNGs (v / 127.5 - 1) with fresh generators from the seeds (SPEC 8).
+    # Second-stage-only: the stage-1 PNGs (v / 127.5 - 1) with fresh generators from the seeds (docs/math.md §8).
     inputs = load_images(first, seeds)
     assert inputs.shape == (4, 3, 8, 8) and inputs.dtype == torch.float64
     expected = api_pipeline(nets, "second")(seeds, inputs=inputs, output="uint8")

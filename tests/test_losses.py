@@ -1,4 +1,4 @@
-"""Losses (SPEC 5): randomness only from the per-sample generators, the blur loss's input and target."""
+"""Losses (docs/math.md §5): randomness only from the per-sample generators, the blur loss's input and target."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The metric formulas (SPEC 11) against closed forms, scipy and brute-force implementations."""
+"""The metric formulas (docs/math.md §11) against closed forms, scipy and brute-force implementations."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Networks and preconditioning (SPEC section 7): layouts, fixtures, round trips, precision, labels."""
+"""Networks and preconditioning (docs/math.md §7): layouts, fixtures, round trips, precision, labels."""
 
 from __future__ import annotations
 

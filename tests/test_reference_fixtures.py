@@ -1,4 +1,4 @@
-"""Every case of the reference fixture set, dispatched on its ``kind`` (SPEC 12).
+"""Every case of the reference fixture set, dispatched on its ``kind`` (docs/math.md §12).
 
 The folder comes from ``$RDM_FIXTURES`` (default: the repository's copy, ``tests/fixtures``); a missing
 folder is a failure.
@@ -109,7 +109,7 @@ def check_blur_loss(name, case):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Samplers with the exact Gaussian denoiser (SPEC 12); chained cases share generators (SPEC 8).
+# Samplers with the exact Gaussian denoiser (docs/math.md §12); chained cases share generators (docs/math.md §8).
 
 _STATE: dict[str, tuple[SeedGenerators, torch.Tensor]] = {}
 
@@ -129,7 +129,7 @@ def run_sampler_case(name: str):
         latents = rng.randn([channels, res, res])
         sde_scale = kwargs.pop("sde_scale", None)
         if case.get("variant") == "sde":
-            kwargs.pop("cfg_scale", None)  # no CFG in the SDE variant (SPEC 6b)
+            kwargs.pop("cfg_scale", None)  # no CFG in the SDE variant (docs/math.md §6b)
             out = edm_sampler(net, latents, rng, labels, sde_scale=sde_scale, **kwargs)
         else:
             out = edm_sampler(net, latents, rng, labels, **kwargs)

@@ -1,4 +1,4 @@
-"""Reference ``.pkl`` / ``.pt`` checkpoints (SPEC 10) load by name and never execute their contents.
+"""Reference ``.pkl`` / ``.pt`` checkpoints (docs/math.md §10) load by name and never execute their contents.
 
 The test writes the reference's format itself: every project module is pickled as a call of
 ``torch_utils.persistence._reconstruct_persistent_obj(meta)`` with ``meta = {type, version, module_src,

@@ -1,4 +1,4 @@
-"""Import the reference implementation's ``.pkl`` and ``.pt`` checkpoints without executing them (SPEC 10).
+"""Import the reference implementation's ``.pkl`` and ``.pt`` checkpoints without executing them (docs/math.md §10).
 
 The reference pickles every network object as a call ``torch_utils.persistence._reconstruct_persistent_obj(meta)``
 whose ``meta`` carries the class's Python source (``module_src``), the class name and the object's

@@ -1,4 +1,4 @@
-"""``rdm evaluate`` (and ``evaluate.py``): activations, metrics and reference statistics (SPEC 11).
+"""``rdm evaluate`` (and ``evaluate.py``): activations, metrics and reference statistics (docs/math.md §11).
 
     torchrun --standalone --nproc_per_node=1 evaluate.py activations --data=samples/ --dest=eval-refs/act.npz --batch=64
     python evaluate.py calc -m fid -m sfid -m is -m pr --activations_sample=a.npz --activations_ref=b.npz

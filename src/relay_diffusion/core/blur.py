@@ -1,6 +1,6 @@
 """The relay forward process: block DCT, patch-wise blur, the blur schedule and block noise.
 
-SPEC sections 2-4 and 6c. Pure functions of tensors; any relay factor ``p`` and any ``H, W`` that are
+docs/math.md §2-4 and 6c. Pure functions of tensors; any relay factor ``p`` and any ``H, W`` that are
 multiples of ``p``. Blur factors are kept in *patch layout*, shape ``[..., p, 1, p]``, which broadcasts
 against an image viewed as ``[N, C, H/p, p, W/p, p]`` (see :func:`to_patches`), so no full-size
 attenuation map is ever built.
@@ -44,7 +44,7 @@ def _check_divisible(x: torch.Tensor, p: int) -> None:
 
 
 def dct(x: torch.Tensor, p: int) -> torch.Tensor:
-    """Block DCT (SPEC 2): orthonormal 2-D DCT-II of every non-overlapping ``p x p`` patch, in place of the patch.
+    """Block DCT (docs/math.md §2): orthonormal 2-D DCT-II of every non-overlapping ``p x p`` patch, in place of the patch.
 
     ``x``: ``[..., H, W]`` with ``H, W`` multiples of ``p``. Two small matrix products, no FFT.
     """
@@ -71,7 +71,7 @@ def to_patches(x: torch.Tensor, p: int) -> torch.Tensor:
 
 
 def blur_factors(b: torch.Tensor | float, p: int, min_scale: float = MIN_SCALE) -> torch.Tensor:
-    """Per-frequency blur factors ``a(i, j; b)`` (SPEC 3) in patch layout ``[*b.shape, p, 1, p]``.
+    """Per-frequency blur factors ``a(i, j; b)`` (docs/math.md §3) in patch layout ``[*b.shape, p, 1, p]``.
 
     ``a = exp(-f2 b^2 / 2) (1 - min_scale) + min_scale`` with ``f2 = (pi i / p)^2 + (pi j / p)^2``.
     ``b`` is a scalar or a tensor (e.g. ``[N, 1, 1, 1]`` for one strength per sample).
@@ -90,7 +90,7 @@ def tile_factors(a: torch.Tensor, height: int, width: int) -> torch.Tensor:
 
 
 def blur(x: torch.Tensor, b: torch.Tensor | float, p: int, min_scale: float = MIN_SCALE) -> torch.Tensor:
-    """Blur every ``p x p`` patch towards its mean (SPEC 3): ``idct(dct(x) * a(b))``.
+    """Blur every ``p x p`` patch towards its mean (docs/math.md §3): ``idct(dct(x) * a(b))``.
 
     ``x``: ``[N, C, H, W]``; ``b``: scalar or ``[N, 1, 1, 1]``.
     """
@@ -102,7 +102,7 @@ def blur(x: torch.Tensor, b: torch.Tensor | float, p: int, min_scale: float = MI
 
 
 def blur_strength(t: torch.Tensor, blur_sigma_max: float, prob_length: float) -> torch.Tensor:
-    """Blur strength at noise level ``t`` (SPEC 6c): ``b = bsm sin(tau pi / 2)^2``,
+    """Blur strength at noise level ``t`` (docs/math.md §6c): ``b = bsm sin(tau pi / 2)^2``,
     ``tau = Phi((ln t - P_mean) / P_std) / L`` (``L = prob_length``, the reference's ``truncation_t``)."""
     t = torch.as_tensor(t, dtype=torch.float64)
     tau = _normal_cdf((torch.log(t) - P_MEAN) / P_STD) / prob_length
@@ -112,12 +112,12 @@ def blur_strength(t: torch.Tensor, blur_sigma_max: float, prob_length: float) ->
 def blur_schedule(
     t: torch.Tensor | float, p: int, blur_sigma_max: float, prob_length: float, min_scale: float = MIN_SCALE
 ) -> torch.Tensor:
-    """``A(t)``, the blur factors at noise level ``t`` (SPEC 6c), patch layout ``[*t.shape, p, 1, p]``."""
+    """``A(t)``, the blur factors at noise level ``t`` (docs/math.md §6c), patch layout ``[*t.shape, p, 1, p]``."""
     return blur_factors(blur_strength(t, blur_sigma_max, prob_length), p, min_scale)
 
 
 def block_noise(eps: torch.Tensor, p: int) -> torch.Tensor:
-    """Block noise (SPEC 4): ``(1/p) sum_{dx,dy < p} roll(eps, (dx, dy), dims=(H, W))``.
+    """Block noise (docs/math.md §4): ``(1/p) sum_{dx,dy < p} roll(eps, (dx, dy), dims=(H, W))``.
 
     The sum of rolls is a circular ``p x p`` box sum over the window ending at each pixel, computed as a
     circular pad by ``p - 1`` at the top/left and one stride-1 average pool (several times faster than

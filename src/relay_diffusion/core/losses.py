@@ -1,10 +1,10 @@
-"""Training losses (SPEC 5): EDM's VP, VE and EDM losses for stage 1, the blur loss for stage 2.
+"""Training losses (docs/math.md §5): EDM's VP, VE and EDM losses for stage 1, the blur loss for stage 2.
 
 Each loss is a small callable ``loss(net, images, rng, labels=None, augment_pipe=None) -> [N, C, H, W]``
 returning per-pixel weighted squared errors. Every random draw comes from ``rng`` (per-sample generators,
 :class:`relay_diffusion.core.rng.SeedGenerators`), in this order per sample: the noise level, the augmentation,
 the label-dropout coin, the noise ``eps``, and (blur loss with block noise) ``eps'``.
-The training loop sums the result and divides by its per-process batch (SPEC 5).
+The training loop sums the result and divides by its per-process batch (docs/math.md §5).
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ class EDMLoss:
 
 @dataclass
 class BlurLossConfig:
-    """Settings of the stage-2 blur loss (SPEC 5); defaults are the ImageNet ones."""
+    """Settings of the stage-2 blur loss (docs/math.md §5); defaults are the ImageNet ones."""
 
     process: BlurProcess = BlurProcess()  # relay factor, blur schedule and block noise
     P_mean: float = P_MEAN
@@ -113,7 +113,7 @@ class BlurLossConfig:
 
 
 def blur_loss_levels(u: torch.Tensor, cfg: BlurLossConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Noise level, blur strength and weight for uniform draws ``u`` (SPEC 5), all float64.
+    """Noise level, blur strength and weight for uniform draws ``u`` (docs/math.md §5), all float64.
 
     ``u`` is clamped below at ``Phi((ln truncate_sigma - P_mean) / P_std) * L``; the reference multiplies by
     ``L`` there *and* again in ``sigma``, so the smallest level is slightly below ``truncate_sigma``. Kept.
@@ -144,7 +144,7 @@ def blur_loss_input(
 
 @dataclass
 class BlurLoss:
-    """Stage-2 loss (SPEC 5): denoise a blurred, noisy image back to the sharp one."""
+    """Stage-2 loss (docs/math.md §5): denoise a blurred, noisy image back to the sharp one."""
 
     config: BlurLossConfig
     label_dropout: float = 0.0

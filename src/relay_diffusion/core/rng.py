@@ -1,4 +1,4 @@
-"""Per-sample random number generation (SPEC section 8).
+"""Per-sample random number generation (docs/math.md §8).
 
 Every sample owns a ``torch.Generator`` seeded with ``seed % 2**32``. Drawing a ``[N, ...]`` tensor
 stacks one draw of the per-sample shape from each generator, so a sample depends on its seed only,

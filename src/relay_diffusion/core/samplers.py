@@ -1,8 +1,8 @@
-"""Samplers (SPEC 6): EDM's Heun sampler, its SDE-step variant, and the relay blur sampler.
+"""Samplers (docs/math.md §6): EDM's Heun sampler, its SDE-step variant, and the relay blur sampler.
 
 All are pure functions with one signature shape: ``(net, latents, rng, class_labels, *, settings, callback)``.
 ``net(x, sigma, class_labels)`` is a denoiser (a preconditioned network or the toy); ``rng`` supplies every
-random draw (:class:`relay_diffusion.core.rng.SeedGenerators`, one generator per sample) in the order of SPEC 8.
+random draw (:class:`relay_diffusion.core.rng.SeedGenerators`, one generator per sample) in the order of docs/math.md §8.
 Sampler state is float64; the network sees float32 and its output is cast back to float64.
 """
 
@@ -24,7 +24,7 @@ F64 = torch.float64
 def time_steps(
     num_steps: int, sigma_min: float, sigma_max: float, rho: float, net: Any = None, device: torch.device | str = "cpu"
 ) -> torch.Tensor:
-    """EDM's noise levels ``t_0 > ... > t_{N-1}`` followed by ``t_N = 0`` (SPEC 6), float64, ``[N + 1]``.
+    """EDM's noise levels ``t_0 > ... > t_{N-1}`` followed by ``t_N = 0`` (docs/math.md §6), float64, ``[N + 1]``.
 
     ``sigma_min``/``sigma_max`` are clipped to the network's supported range; levels are rounded by
     ``net.round_sigma`` where the network has one (iDDPM's discrete grid).
@@ -49,7 +49,7 @@ def denoise(
     net: Callable, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None, cfg_scale: float = 1.0
 ) -> torch.Tensor:
     """``D(x, t)`` in float64 from a float32 network call; classifier-free guidance when ``cfg_scale > 1``:
-    ``c D(x, t, label) - (c - 1) D(x, t, no label)`` (SPEC 6)."""
+    ``c D(x, t, label) - (c - 1) D(x, t, no label)`` (docs/math.md §6)."""
     sigma = t.to(torch.float32).reshape(-1).expand(x.shape[0])
     x32 = x.to(torch.float32)
     out = net(x32, sigma, class_labels).to(F64)
@@ -63,7 +63,7 @@ def _churn(
     net: Any, x_cur: torch.Tensor, t_cur: torch.Tensor, rng: SeedGenerators, num_steps: int, S_churn: float,
     S_min: float, S_max: float, S_noise: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """EDM's churn (SPEC 6a): raise the noise level to ``t_hat = t (1 + gamma)`` with fresh noise; the noise is
+    """EDM's churn (docs/math.md §6a): raise the noise level to ``t_hat = t (1 + gamma)`` with fresh noise; the noise is
     drawn at every step, also when ``gamma = 0``. Returns ``(t_hat, x_hat)``."""
     gamma = min(S_churn / num_steps, math.sqrt(2) - 1) if S_min <= float(t_cur) <= S_max else 0.0
     t_hat = _round_sigma(net, t_cur + gamma * t_cur)
@@ -89,7 +89,7 @@ def edm_sampler(
     sde_scale: float | None = None,
     callback: Callback = None,
 ) -> torch.Tensor:
-    """Stage-1 sampler: EDM's Heun steps with churn (SPEC 6a), or SDE steps when ``sde_scale`` is given (6b).
+    """Stage-1 sampler: EDM's Heun steps with churn (docs/math.md §6a), or SDE steps when ``sde_scale`` is given (6b).
 
     ``latents``: ``[N, C, H, W]`` standard normal. Per step it draws the churn noise (always, also when
     ``gamma = 0``) and, for SDE steps, one fresh noise per network evaluation. Returns float64 images.
@@ -107,7 +107,7 @@ def edm_sampler(
                 d_prime = (x_next - denoise(net, x_next, t_next, class_labels, cfg_scale)) / t_next
                 x_next = x_hat + (t_next - t_hat) * (d_cur + d_prime) / 2
         else:
-            # Euler-Maruyama-style step that re-injects g = sde_scale * t_next of fresh noise (SPEC 6b).
+            # Euler-Maruyama-style step that re-injects g = sde_scale * t_next of fresh noise (docs/math.md §6b).
             g = sde_scale * t_next
             a = ((t_next.square() - g.square()) / t_hat.square()).sqrt()
             x_next = x_hat + (a - 1) * t_hat * d_cur + g * rng.randn_like(x_cur)
@@ -123,7 +123,7 @@ def relay_time_steps(
     num_steps: int, sigma_min: float, sigma_max: float, rho: float, truncation_sigma: float, net: Any = None,
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:
-    """The stage-2 grid (SPEC 6c): EDM's grid without its leading levels ``>= truncation_sigma``, then 0."""
+    """The stage-2 grid (docs/math.md §6c): EDM's grid without its leading levels ``>= truncation_sigma``, then 0."""
     t = time_steps(num_steps, sigma_min, sigma_max, rho, net, device)[:-1]
     t = t[t < truncation_sigma]
     if len(t) == 0:
@@ -154,7 +154,7 @@ def relay_sampler(
     churn: bool = False,
     callback: Callback = None,
 ) -> torch.Tensor:
-    """Stage-2 relay sampler (SPEC 6c): second-order blur-diffusion steps in the block-DCT domain.
+    """Stage-2 relay sampler (docs/math.md §6c): second-order blur-diffusion steps in the block-DCT domain.
 
     ``process`` is the forward process the network was trained on (relay factor p, blur schedule, block
     noise). ``latents``: ``[N, C, H, W]``, the stage-1 image upsampled by nearest neighbour (``H, W`` multiples
@@ -169,7 +169,7 @@ def relay_sampler(
     x = latents.to(F64)
     shape = x.shape
 
-    def noise() -> torch.Tensor:  # eps (+ block_scale * block_noise(eps')), drawn in SPEC 8 order
+    def noise() -> torch.Tensor:  # eps (+ block_scale * block_noise(eps')), drawn in docs/math.md §8 order
         eps = rng.randn_like(x)
         if s_block > 0:
             eps = eps + s_block * block_noise(rng.randn_like(x), p)

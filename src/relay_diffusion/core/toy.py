@@ -1,4 +1,4 @@
-"""The exact denoiser of Gaussian data (SPEC 12): a network stand-in with a known answer.
+"""The exact denoiser of Gaussian data (docs/math.md §12): a network stand-in with a known answer.
 
 Data ``N(m, 0.25 I)`` has the optimal denoiser ``D(x, sigma) = a x + (1 - a) m`` with
 ``a = 0.25 / (sigma^2 + 0.25)``. Used by the reference fixtures, the statistical tests and the smoke run.

@@ -90,7 +90,7 @@ def to_array(img: PIL.Image.Image, background: Sequence[int] = WHITE) -> np.ndar
 def block_mean(x: np.ndarray, fy: int, fx: int) -> np.ndarray:
     """Mean of every ``fy x fx`` block, rounded half up: ``[H, W, C]`` -> ``[H/fy, W/fx, C]``.
 
-    With ``fy = fx = p`` this is the low-resolution image the RDM blur process ends at (SPEC section 1). PIL's
+    With ``fy = fx = p`` this is the low-resolution image the RDM blur process ends at (docs/math.md §1). PIL's
     BOX filter computes the same mean but rounds twice (rows, then columns), so it can be off by one.
     """
     h, w, c = x.shape

@@ -36,7 +36,7 @@ def check_images(indir: str | os.PathLike, seeds: Sequence[int]) -> None:
 
 
 def load_images(indir: str | os.PathLike, seeds: Sequence[int]) -> torch.Tensor:
-    """Read the PNGs of ``seeds`` from ``indir`` as float64 ``[N, C, H, W]``: ``v / 127.5 - 1`` (SPEC 8).
+    """Read the PNGs of ``seeds`` from ``indir`` as float64 ``[N, C, H, W]``: ``v / 127.5 - 1`` (docs/math.md §8).
     Every missing file is listed in one ``FileNotFoundError``."""
     from PIL import Image
 

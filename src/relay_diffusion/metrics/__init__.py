@@ -1,4 +1,4 @@
-"""Evaluation metrics as the reference reports them (SPEC section 11): Inception-v3 (2015-12-05
+"""Evaluation metrics as the reference reports them (docs/math.md §11): Inception-v3 (2015-12-05
 graph) activations, FID, sFID, Inception Score, precision/recall and KID.
 
 ``inception``    the network, in the TF graph's layer names

@@ -1,4 +1,4 @@
-"""Detector activations of an image set, and the ``.npz`` files that hold them (SPEC section 11).
+"""Detector activations of an image set, and the ``.npz`` files that hold them (docs/math.md §11).
 
 An activations file holds ``feat`` [N, 2048] and ``s_feat`` [N, 2023] (the reference's keys),
 ``logits`` [N, 1008] when the detector has its classifier head, and ``detector`` (a fingerprint of

@@ -70,7 +70,7 @@ def resize_like_reference(x: torch.Tensor, size: int = INPUT_SIZE) -> torch.Tens
 
 class Detector(nn.Module):
     """Images in [0, 255] -> ``feat`` [N, 2048], ``s_feat`` [N, 2023] and, with a classifier head,
-    ``logits`` [N, 1008] (SPEC section 11).
+    ``logits`` [N, 1008] (docs/math.md §11).
 
     Preprocessing as the reference: grayscale repeated to 3 channels, float32, bilinear resize to
     299 (:func:`resize_like_reference`), then (x - 128) / 128.
@@ -249,7 +249,7 @@ def _flatten(obj: Any, prefix: str = "") -> dict[str, torch.Tensor]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Restricted unpickling of the StyleGAN3 / EDM pickle (SPEC section 10 describes the persistence
+# Restricted unpickling of the StyleGAN3 / EDM pickle (docs/math.md §10 describes the persistence
 # format: an object is `_reconstruct_persistent_obj(meta)`, meta['state'] its __dict__).
 
 class _Stub:

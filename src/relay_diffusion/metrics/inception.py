@@ -1,4 +1,4 @@
-"""Inception-v3 of the TensorFlow graph ``inception-2015-12-05`` (SPEC section 11).
+"""Inception-v3 of the TensorFlow graph ``inception-2015-12-05`` (docs/math.md §11).
 
 Our own module definition, so that every weight format (TorchScript, the StyleGAN3/EDM pickle,
 torch-fidelity / pytorch-fid ``.pth``) loads into one network that we can read intermediate layers

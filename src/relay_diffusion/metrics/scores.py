@@ -1,4 +1,4 @@
-"""The metrics themselves, as pure functions of feature arrays (SPEC section 11).
+"""The metrics themselves, as pure functions of feature arrays (docs/math.md §11).
 
 Inputs are numpy arrays or tensors of shape [N, D] (any float dtype); work happens in float64 on
 ``device`` in blocks of rows, so that 50k x 50k precision/recall stays within a few GB. Randomness

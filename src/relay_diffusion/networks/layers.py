@@ -1,4 +1,4 @@
-"""Building blocks of the U-Nets (SPEC section 7).
+"""Building blocks of the U-Nets (docs/math.md §7).
 
 Parameter and buffer names follow the reference layouts (``fixtures/reference.json`` -> ``layouts``),
 so reference checkpoints load by name. Weights are kept in float32; every layer casts them to the

@@ -1,4 +1,4 @@
-"""Preconditioning D(x, sigma) = c_skip x + c_out F(c_in x, c_noise) (SPEC section 7; EDM Table 1).
+"""Preconditioning D(x, sigma) = c_skip x + c_out F(c_in x, c_noise) (docs/math.md §7; EDM Table 1).
 
 ``EDMPrecond``, ``VPPrecond``, ``VEPrecond`` and ``iDDPMPrecond`` wrap a backbone of ``networks``
 as the submodule ``model`` (parameter names start with ``model.``, as in reference checkpoints).

@@ -1,4 +1,4 @@
-"""The U-Net backbones of EDM (SPEC section 7): DDPM++ / NCSN++ (``SongUNet``) and ADM (``DhariwalUNet``).
+"""The U-Net backbones of EDM (docs/math.md §7): DDPM++ / NCSN++ (``SongUNet``) and ADM (``DhariwalUNet``).
 
 Constructor arguments keep the reference names and defaults, because reference checkpoints are
 rebuilt from their recorded init kwargs. Module names (``enc.16x16_block0`` ...) follow the reference

@@ -1,4 +1,4 @@
-"""Training of both relay stages (SPEC 5): stage 1 with EDM's losses, stage 2 with the blur loss.
+"""Training of both relay stages (docs/math.md §5): stage 1 with EDM's losses, stage 2 with the blur loss.
 
 ``train(config)`` is the library entry point; ``rdm train`` / ``train.py`` parse the reference options into a
 :class:`TrainingConfig` and call it.

@@ -2,7 +2,7 @@
 
 Per step, every process computes ``loss_scaling * sum(weighted squared errors) / per_process_batch`` over
 its accumulation rounds and the gradients are averaged over processes, so the update equals the one a single
-process would make on the whole global batch (SPEC 5). All randomness is a function of the seed, the step
+process would make on the whole global batch (docs/math.md §5). All randomness is a function of the seed, the step
 and the sample's global position (:mod:`relay_diffusion.training.order`): the run is reproducible, the same
 with one or several processes (up to float rounding; dropout masks excepted), and bit-identical across a
 kill and resume on the CPU.

@@ -1,4 +1,4 @@
-"""Converting images between the model's float range and files (SPEC 8), and image grids."""
+"""Converting images between the model's float range and files (docs/math.md §8), and image grids."""
 
 from __future__ import annotations
 
