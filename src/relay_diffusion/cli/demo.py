@@ -46,17 +46,12 @@ def demo(outdir: str, seeds: str, trajectory_seed: int | None, network_first: st
     import torch.nn.functional as F
 
     from relay_diffusion.cli.generate import build, network_paths
-    from relay_diffusion.core.rng import parse_int_list
+    from relay_diffusion.cli.options import parse_seeds
     from relay_diffusion.generation.configs import PRESETS, EDMStageConfig, RelayStageConfig
     from relay_diffusion.utils import distributed
     from relay_diffusion.utils.images import save_grid, to_uint8
 
-    try:
-        seed_list = parse_int_list(seeds, max_count=4096)
-    except ValueError as exc:
-        raise click.BadParameter(f"{seeds!r} is not a list of seeds like 0-63 ({exc})", param_hint="--seeds")
-    if not seed_list or min(seed_list) < 0:
-        raise click.BadParameter("give at least one non-negative seed", param_hint="--seeds")
+    seed_list = parse_seeds(seeds, max_count=4096)
     if trajectory_seed is None:
         trajectory_seed = seed_list[0]
     if trajectory_seed not in seed_list:

@@ -46,20 +46,11 @@ def default_network_paths() -> dict[str, str] | None:
 
 class _SeedList(click.ParamType):
     name = "LIST"
-    MAX = 10_000_000
 
     def convert(self, value: Any, param: Any, ctx: Any) -> list[int]:
-        from relay_diffusion.core.rng import parse_int_list
+        from relay_diffusion.cli.options import parse_seeds
 
-        if isinstance(value, list):
-            return value
-        try:
-            seeds = parse_int_list(value, max_count=self.MAX)
-        except ValueError as exc:
-            self.fail(f"{value!r} is not a list of seeds like 0-63,100 ({exc})", param, ctx)
-        if not seeds or min(seeds) < 0:
-            self.fail(f"{value!r}: seeds must be non-negative and at least one", param, ctx)
-        return seeds
+        return value if isinstance(value, list) else parse_seeds(value)
 
 
 def _options(command: Any) -> Any:

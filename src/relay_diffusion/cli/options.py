@@ -93,3 +93,16 @@ class FieldOptions:
     def names(self) -> dict[str, str]:
         """``{field: canonical flag}``, for error messages."""
         return {k: v[0] for k, v in self.flags.items()}
+
+
+def parse_seeds(text: str, option: str = "--seeds", max_count: int = 10_000_000) -> list[int]:
+    """``'0-63,100'`` -> seeds, at least one, all non-negative; else a ``click.BadParameter`` naming ``option``."""
+    from relay_diffusion.core.rng import parse_int_list
+
+    try:
+        seeds = parse_int_list(text, max_count=max_count)
+    except ValueError as exc:
+        raise click.BadParameter(f"{text!r} is not a list of seeds like 0-63,100 ({exc})", param_hint=option)
+    if not seeds or min(seeds) < 0:
+        raise click.BadParameter(f"{text!r}: seeds must be non-negative and at least one", param_hint=option)
+    return seeds

@@ -21,17 +21,12 @@ import torch.nn.functional as F
 def smoke(outdir: str, seeds: str, resolution: int, up_scale: int) -> None:
     """Run the core relay sampler on a toy denoiser and write an image."""
     from relay_diffusion.core.process import BlurProcess
-    from relay_diffusion.core.rng import parse_int_list
+    from relay_diffusion.cli.options import parse_seeds
     from relay_diffusion.core.toy import GaussianToyDenoiser
     from relay_diffusion.generation import EDMStage, RelayPipeline, RelayStage
     from relay_diffusion.utils.images import save_grid, to_uint8
 
-    try:
-        seed_list = parse_int_list(seeds, max_count=1024)
-    except ValueError as exc:
-        raise click.BadParameter(f"{seeds!r} is not a list of seeds like 0-15 ({exc})", param_hint="--seeds")
-    if not seed_list or min(seed_list) < 0:
-        raise click.BadParameter("give at least one non-negative seed", param_hint="--seeds")
+    seed_list = parse_seeds(seeds, max_count=1024)
     pipeline = RelayPipeline([EDMStage(GaussianToyDenoiser(3, resolution)),
                               RelayStage(GaussianToyDenoiser(3, resolution * up_scale),
                                          process=BlurProcess(up_scale=up_scale))])
