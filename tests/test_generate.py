@@ -104,7 +104,7 @@ def test_pipeline_reproduces_the_reference_chain():
     toy2 = GaussianToyDenoiser(channels, c2["res"], c2["label_dim"])
     pipeline = RelayPipeline([EDMStage(toy1, EDMStageConfig(**c1["kwargs"])),
                               RelayStage(toy2, *from_reference_kwargs(c2["kwargs"], up_scale=c2["up_scale"]))])
-    out = pipeline(c1["seeds"]).numpy()
+    out = pipeline(c1["seeds"]).samples.numpy()
     expected = arrays["pipe_stage2/out"]
     assert np.abs(out - expected).max() / max(1.0, np.abs(expected).max()) < 1e-6
 
@@ -112,12 +112,12 @@ def test_pipeline_reproduces_the_reference_chain():
 def test_images_depend_on_their_seed_only(nets):
     pipeline = api_pipeline(nets)
     seeds = list(range(7))
-    whole = pipeline(seeds)
+    whole = pipeline(seeds).samples
     assert whole.dtype == torch.float64 and whole.shape == (7, 3, 16, 16)
     for size in (1, 3):
-        parts = torch.cat([pipeline(seeds[i : i + size]) for i in range(0, len(seeds), size)])
+        parts = torch.cat([pipeline(seeds[i : i + size]).samples for i in range(0, len(seeds), size)])
         assert torch.equal(parts, whole)
-    assert torch.equal(pipeline(seeds[::-1]), whole.flip(0))
+    assert torch.equal(pipeline(seeds[::-1]).samples, whole.flip(0))
 
 
 def test_three_stage_chain(nets):
@@ -125,9 +125,9 @@ def test_three_stage_chain(nets):
     chain = RelayPipeline([EDMStage(nets["first"], EDMStageConfig(num_steps=4)),
                            RelayStage(nets["second"], RelayStageConfig(num_steps=10), BlurProcess(up_scale=2)),
                            RelayStage(third, RelayStageConfig(num_steps=10), BlurProcess(up_scale=2))])
-    images = chain([0, 1, 2], output="uint8")
+    images = chain([0, 1, 2]).array
     assert images.shape == (3, 32, 32, 3) and images.dtype == np.uint8
-    assert np.array_equal(chain([1], output="uint8")[0], images[1])
+    assert np.array_equal(chain([1]).array[0], images[1])
 
 
 def test_stage_compatibility_is_checked_in_one_error(nets):
@@ -178,12 +178,12 @@ def test_first_second_both(nets, tmp_path):
                                         "001000/001003.png"]
     assert (both / "grid.png").is_file() and len(read_pngs(both)) == 4
     # Stage-1 files are the stage-1 part of the chain; both-stage files are the whole chain.
-    assert np.array_equal(read_uint8(first, seeds, subdirs=True), api_pipeline(nets, "first")(seeds, output="uint8"))
-    assert np.array_equal(read_uint8(both, seeds), api_pipeline(nets)(seeds, output="uint8"))
+    assert np.array_equal(read_uint8(first, seeds, subdirs=True), api_pipeline(nets, "first")(seeds).array)
+    assert np.array_equal(read_uint8(both, seeds), api_pipeline(nets)(seeds).array)
     # Second-stage-only: the stage-1 PNGs (v / 127.5 - 1) with fresh generators from the seeds (docs/math.md §8).
     inputs = load_images(first, seeds)
     assert inputs.shape == (4, 3, 8, 8) and inputs.dtype == torch.float64
-    expected = api_pipeline(nets, "second")(seeds, inputs=inputs, output="uint8")
+    expected = api_pipeline(nets, "second")(seeds, inputs=inputs).array
     assert np.array_equal(read_uint8(second, seeds), expected)
     # The flat layout indir/{seed:06d}.png is read too.
     flat = tmp_path / "flat"
@@ -226,7 +226,7 @@ def test_presets_through_the_cli(nets, tmp_path, preset):
     process = dataclasses.replace(PRESETS[preset].process, up_scale=2)
     pipeline = RelayPipeline([EDMStage(nets["first"], first), RelayStage(nets["second"], second, process)])
     plain = read_uint8(tmp_path / "plain", [0, 1, 2])
-    assert np.array_equal(plain, pipeline([0, 1, 2], output="uint8"))
+    assert np.array_equal(plain, pipeline([0, 1, 2]).array)
     assert np.array_equal(read_uint8(tmp_path / "enhanced", [0, 1, 2]), enhancement.apply(plain))
     assert not np.array_equal(plain, enhancement.apply(plain))
 

@@ -138,7 +138,7 @@ def test_three_stage_chain_from_the_cli(tmp_path):
                            RelayStage(tiny(8, seed=2), RelayStageConfig(num_steps=10), BlurProcess(up_scale=2)),
                            RelayStage(tiny(16, seed=3), RelayStageConfig(num_steps=10),
                                       BlurProcess(up_scale=2, block_scale=0.0))])
-    np.testing.assert_array_equal(np.stack(images), chain(range(4), output="uint8"))
+    np.testing.assert_array_equal(np.stack(images), chain(range(4)).array)
     # an incompatible third stage is named in one error
     wrong = snapshot(tmp_path / "w.safetensors", 24, "relay", process=BlurProcess(up_scale=2))
     result = generate(tmp_path / "bad", f"--network_first={first}", f"--network_second={second}",

@@ -17,6 +17,7 @@ _COMMANDS: dict[str, tuple[str, str, str]] = {
     "convert": ("relay_diffusion.cli.convert", "convert", "Convert a reference .pkl/.pt checkpoint to safetensors + JSON."),
     "evaluate": ("relay_diffusion.cli.evaluate", "evaluate", "Compute activations and FID, sFID, IS, precision/recall, KID."),
     "demo": ("relay_diffusion.cli.demo", "demo", "Write a grid of relayed samples from the bundled tiny models."),
+    "export": ("relay_diffusion.cli.export", "export", "Write a pipeline folder that RelayPipeline.from_pretrained loads."),
 }
 
 

@@ -10,6 +10,9 @@ through :meth:`RelayPipeline.run`.
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
@@ -28,9 +31,10 @@ StageCallback = Optional[Callable[[dict[str, Any]], None]]
 
 
 class RelayPipeline:
-    """Stages run in order with one generator per seed. ``pipeline(seeds)`` -> images.
+    """Stages run in order with one generator per seed. ``pipeline(seeds)`` -> :class:`RelayOutput`.
 
-    ``enhancement`` applies to ``output='uint8'`` only. ``net_batch``: see :class:`FixedBatchDenoiser`.
+    ``enhancement`` (post-processing) applies to the uint8 images only. ``net_batch``: see
+    :class:`FixedBatchDenoiser`.
     """
 
     def __init__(self, stages: Sequence[Stage], enhancement: Enhancement | None = None,
@@ -122,12 +126,50 @@ class RelayPipeline:
         return outputs
 
     def __call__(self, seeds: Sequence[int], class_labels: ClassLabels = None, inputs: torch.Tensor | None = None,
-                 output: str = "float", callback: StageCallback = None) -> torch.Tensor | np.ndarray:
-        """Final images for ``seeds``: ``output='float'`` -> float64 ``[N, C, H, W]`` in about [-1, 1];
-        ``'uint8'`` -> ``[N, H, W, C]`` uint8 after the enhancement. See :meth:`run`."""
-        if output not in ("float", "uint8"):
-            raise ValueError(f"output must be 'float' or 'uint8', got {output!r}")
-        x = self.run(seeds, class_labels, inputs, callback)[-1]
-        if output == "float":
-            return x
-        return self.enhancement.apply(to_uint8(x))
+                 callback: StageCallback = None) -> "RelayOutput":
+        """Images for ``seeds`` (one per seed, each depending on its seed only) as a :class:`RelayOutput`:
+        ``.images`` (PIL), ``.array`` (uint8 after the post-processing), ``.samples`` (float64). See :meth:`run`."""
+        seeds = [int(s) for s in seeds]
+        stages = self.run(seeds, class_labels, inputs, callback)
+        return RelayOutput(seeds, stages[-1], stages, self.enhancement.apply(to_uint8(stages[-1])))
+
+    # --- files ---------------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike, device: torch.device | str = "cpu") -> "RelayPipeline":
+        """A pipeline saved by :meth:`save_pretrained` or ``rdm export`` (``folder/pipeline.json`` + networks)."""
+        from relay_diffusion.generation.pretrained import load_pretrained
+
+        return load_pretrained(folder, device)
+
+    @classmethod
+    def from_bundled(cls, device: torch.device | str = "cpu") -> "RelayPipeline":
+        """The bundled tiny emoji models (16x16 -> 64x64) with their sampler defaults."""
+        from relay_diffusion.checkpoints.bundled import ASSETS
+
+        return cls.from_pretrained(ASSETS, device)
+
+    def save_pretrained(self, folder: str | os.PathLike) -> Path:
+        """Write ``folder/pipeline.json`` and each stage's network (safetensors + JSON); returns the JSON path."""
+        from relay_diffusion.generation.pretrained import save_pretrained
+
+        return save_pretrained(self, folder)
+
+
+@dataclass
+class RelayOutput:
+    """What a :class:`RelayPipeline` call returns."""
+
+    seeds: list[int]
+    samples: torch.Tensor                       # float64 [N, C, H, W], about [-1, 1], the last stage's output
+    stages: list[torch.Tensor]                  # every stage's float64 output, in stage order
+    array: np.ndarray                           # uint8 [N, H, W, C] (docs/math.md §8), after the post-processing
+
+    @property
+    def images(self) -> list[Any]:
+        """The images as ``PIL.Image`` objects (RGB, or L for one channel)."""
+        from PIL import Image
+
+        return [Image.fromarray(a[:, :, 0] if a.shape[2] == 1 else a) for a in self.array]
+
+    def __len__(self) -> int:
+        return len(self.seeds)

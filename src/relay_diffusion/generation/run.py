@@ -53,7 +53,7 @@ def generate_images(
         for start in range(0, len(todo), max_batch_size):
             batch = todo[start : start + max_batch_size]
             inputs = load_images(indir, batch) if pipeline.input_shape is not None else None
-            images = pipeline(batch, class_labels=class_labels, inputs=inputs, output="uint8")
+            images = pipeline(batch, class_labels=class_labels, inputs=inputs).array
             written += save_images(images, batch, outdir, subdirs)
             bar.update(len(batch))
     return written

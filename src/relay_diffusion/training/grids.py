@@ -47,7 +47,7 @@ def _batches(num: int, batch: int):
 def stage1_samples(net, num: int, batch: int) -> torch.Tensor:
     """Stage-1 images of seeds ``0..num-1``, ``[num, C, H, W]`` float32 in about [-1, 1]."""
     pipeline = RelayPipeline([EDMStage(net)])
-    return torch.cat([pipeline(seeds).float() for seeds in _batches(num, batch)])
+    return torch.cat([pipeline(seeds).samples.float() for seeds in _batches(num, batch)])
 
 
 @torch.no_grad()
@@ -58,5 +58,5 @@ def stage2_samples(net, inputs: torch.Tensor, labels: Optional[torch.Tensor], pr
     out = []
     for seeds in _batches(len(inputs), batch):
         lab = labels[seeds[0]:seeds[-1] + 1] if labels is not None else None
-        out.append(pipeline(seeds, class_labels=lab, inputs=inputs[seeds[0]:seeds[-1] + 1]).float())
+        out.append(pipeline(seeds, class_labels=lab, inputs=inputs[seeds[0]:seeds[-1] + 1]).samples.float())
     return torch.cat(out)
