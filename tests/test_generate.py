@@ -205,10 +205,14 @@ def test_resume_skips_existing_files(nets, tmp_path):
     run(relay_args(nets, out, "--seeds=0-3"))
     original = read_pngs(out)
     (out / "000001.png").unlink()
-    (out / "000002.png").write_bytes(b"kept")
+    (out / "000002.png").write_bytes(original["000003.png"])  # a complete PNG of the right size: kept
+    (out / "000000.png").write_bytes(original["000000.png"][:100])  # truncated: rendered again
+    (out / "000003.png").write_bytes(b"")  # zero bytes: rendered again
     run(relay_args(nets, out, "--seeds=0-3"))
     assert (out / "000001.png").read_bytes() == original["000001.png"]
-    assert (out / "000002.png").read_bytes() == b"kept"
+    assert (out / "000002.png").read_bytes() == original["000003.png"]
+    assert (out / "000000.png").read_bytes() == original["000000.png"]
+    assert (out / "000003.png").read_bytes() == original["000003.png"]
     run(relay_args(nets, out, "--seeds=0-3", "--overwrite"))
     assert read_pngs(out) == original
 

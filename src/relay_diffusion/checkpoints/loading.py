@@ -41,14 +41,40 @@ def _check_path(path: str | os.PathLike) -> Path:
     return path
 
 
+def _unreadable(path: Path, exc: BaseException) -> ValueError:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return ValueError(f"{path}: cannot load this network file ({text})")
+
+
+#: What a damaged or foreign file raises inside the loaders (safetensors, json, the network constructors).
+_LOAD_ERRORS = (ValueError, KeyError, TypeError, RuntimeError, EOFError, UnicodeDecodeError, AttributeError)
+
+
 def load_network_file(path: str | os.PathLike, device: torch.device | str = "cpu") -> NetworkFile:
-    """:func:`load_network` plus the stage kind and forward process recorded in the file."""
+    """:func:`load_network` plus the stage kind and forward process recorded in the file. A damaged or
+    foreign file raises one ``ValueError`` naming it (truncated, zero-byte or random bytes, a config that
+    is not an object or lacks ``init_kwargs``, weights whose shapes do not match)."""
     path = _check_path(path)
+    try:
+        return _load_network_file(path, device)
+    except OSError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own SafetensorError (not exported)
+        if isinstance(exc, _LOAD_ERRORS) or type(exc).__name__ == "SafetensorError":
+            if str(exc).startswith(str(path)):
+                raise ValueError(str(exc)) from exc
+            raise _unreadable(path, exc) from exc
+        raise
+
+
+def _load_network_file(path: Path, device: torch.device | str) -> NetworkFile:
     if path.suffix != ".safetensors":
         return NetworkFile(load_network(path, device), str(path))
     from relay_diffusion.checkpoints.snapshot import load_safetensors_network, read_config, stage_kind, stage_process
 
     config = read_config(path)
+    if not isinstance(config, dict) or not isinstance(config.get("init_kwargs"), dict) or "precond" not in config:
+        raise ValueError(f"{path}: its config is not an object with 'precond' and 'init_kwargs'")
     try:
         kind, process = stage_kind(config), stage_process(config)
     except ValueError as exc:

@@ -18,6 +18,19 @@ def image_path(outdir: str | os.PathLike, seed: int, subdirs: bool = False) -> P
     return (outdir / f"{seed - seed % 1000:06d}" if subdirs else outdir) / f"{seed:06d}.png"
 
 
+def is_valid_image(path: Path, shape: tuple[int, int, int]) -> bool:
+    """True when ``path`` is a complete PNG of ``(H, W, C)`` (a zero-byte or truncated file is not)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+            channels = {"L": 1, "RGB": 3}.get(img.mode)
+            return img.format == "PNG" and (img.height, img.width, channels) == shape
+    except (OSError, ValueError, SyntaxError):
+        return False
+
+
 def find_image(indir: str | os.PathLike, seed: int) -> Path | None:
     """The stage input for ``seed`` in the reference's layout (thousands sub-folders) or flat, else None."""
     for subdirs in (True, False):

@@ -98,7 +98,7 @@ class RelayPipeline:
             bad = [c for c in index if not 0 <= c < label_dim]
             if bad:
                 raise ValueError(f"class {bad[0]} is out of range: the network has {label_dim} classes")
-        return torch.eye(label_dim, device=self.device)[torch.tensor(index, device=self.device)]
+        return torch.eye(label_dim, device=self.device)[torch.tensor(index, dtype=torch.long, device=self.device)]
 
     @torch.no_grad()
     def run(self, seeds: Sequence[int], class_labels: ClassLabels = None, inputs: torch.Tensor | None = None,

@@ -46,8 +46,15 @@ def pick_device(requested: str | None, local_rank: int) -> torch.device:
         device = torch.device(requested)
     except RuntimeError as exc:
         raise ValueError(f"unknown device {requested!r}: {exc}") from exc
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", local_rank)
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {requested!r} is not supported (use cpu, cuda or cuda:N)")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {requested!r}: CUDA is not available on this machine (use --device cpu)")
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+        if device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 
