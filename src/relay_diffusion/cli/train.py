@@ -108,7 +108,12 @@ def train(fp16: bool, precision: str | None, eff_attn: bool, dry_run: bool, **op
     if dry_run:
         click.echo(plan.to_json(preview_run_dir(plan)))
         return
+    from relay_diffusion.training.rundir import RunFolderBusy
+
     try:
         run_training(plan)
-    except NonFiniteLossError as exc:
+    except (NonFiniteLossError, RunFolderBusy) as exc:
         raise click.ClickException(str(exc)) from None
+    except (ValueError, OSError) as exc:  # e.g. a damaged dataset image found while training
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise click.ClickException(first) from None

@@ -29,6 +29,7 @@ from relay_diffusion.training import grids
 from relay_diffusion.training.augment import AugmentPipe
 from relay_diffusion.training.order import DataOrder, StepLayout, dropout_seed, make_loader, sample_seeds
 from relay_diffusion.training.plan import TrainingPlan, build_loss, create_run_dir, open_dataset
+from relay_diffusion.training.rundir import RunFolderLock, clean_stale_temps, remove_failed_run
 from relay_diffusion.training.state import latest_state, load_state, save_state, state_name
 from relay_diffusion.training.stats import RunLog, StatsLog, memory_gb, progress_line
 
@@ -106,15 +107,21 @@ class Trainer:
         self.seed = int(distributed.broadcast_object(seed))
         run_dir = create_run_dir(plan) if ctx.is_main else None
         self.run_dir = Path(distributed.broadcast_object(str(run_dir) if run_dir else None))
+        if ctx.is_main:
+            self.fresh = not plan.resume_in_place and not cfg.nosubdir  # a folder this run created
+            self.lock = RunFolderLock(self.run_dir).__enter__()
+            stale = clean_stale_temps(self.run_dir)
         self.log = RunLog(self.run_dir if ctx.is_main else None, enabled=ctx.is_main)
+        if ctx.is_main and stale:
+            self.log(f"Removed {len(stale)} temporary file(s) of an interrupted write: {', '.join(stale[:5])}")
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = cfg.bench
         self._setup_model(state)
         self._setup_data()
         self.stats = (StatsLog(self.run_dir, resume_step=self.step if plan.resume_in_place else None)
                       if ctx.is_main else None)
-        if ctx.is_main:
-            options = plan.options(str(self.run_dir))
+        if ctx.is_main and (self.nimg < cfg.total_images or not (self.run_dir / OPTIONS_FILE).exists()):
+            options = plan.options(str(self.run_dir))  # not rewritten when there is nothing to do
             options["seed"] = self.seed
             atomic_write_text(self.run_dir / OPTIONS_FILE, json.dumps(options, indent=2) + "\n")
             self._log_setup(state is not None)
@@ -167,6 +174,8 @@ class Trainer:
         self.log(f"Duration:      {cfg.duration} Mimg ({self._total_steps()} steps); seed {self.seed}")
         if resumed:
             self.log(f"Resumed from:  {plan.resume_state} (step {self.step}, kimg {self.nimg / 1000:.3f})")
+        for note in plan.notes:
+            self.log(f"Note:          {note}")
 
     def _total_steps(self) -> int:
         remaining = max(0, self.cfg.total_images - self.nimg)
@@ -271,6 +280,22 @@ class Trainer:
 
     # --- main loop ---------------------------------------------------------------------------------
     def run(self) -> Path:
+        """Train; a fresh run folder that fails before its first state or snapshot is removed again."""
+        self.fresh, self.lock, self.run_dir = False, None, None
+        try:
+            return self._run()
+        except BaseException:
+            if self.ctx.is_main and self.fresh:
+                if self.lock is not None:
+                    self.lock.__exit__()
+                    self.lock = None
+                remove_failed_run(self.run_dir)
+            raise
+        finally:
+            if self.lock is not None:
+                self.lock.__exit__()
+
+    def _run(self) -> Path:
         self._setup()
         cfg, total = self.cfg, self.cfg.total_images
         if self.nimg >= total:

@@ -16,7 +16,8 @@ import torch
 
 from relay_diffusion.training.config import AUGMENT_DIM, PRECOND_NETWORKS, ConfigError, TrainingConfig
 from relay_diffusion.utils.distributed import env_world_size
-from relay_diffusion.training.state import latest_state
+from relay_diffusion.training.rundir import run_files
+from relay_diffusion.training.state import check_state, latest_intact_state
 
 
 @dataclass
@@ -129,15 +130,24 @@ def plan_training(cfg: TrainingConfig, world_size: Optional[int] = None) -> Trai
     resume_state, in_place = None, False
     if cfg.resume is not None:
         if os.path.isdir(cfg.resume):
-            found = latest_state(cfg.resume)
+            found, skipped = latest_intact_state(cfg.resume)
+            notes += skipped
             if found is None:
-                raise ConfigError("--resume", f"no training-state-*.pt in the run folder {cfg.resume}")
+                why = f" ({'; '.join(skipped)})" if skipped else ""
+                raise ConfigError("--resume", f"no intact training-state-*.pt in the run folder {cfg.resume}{why}")
             resume_state, in_place = str(found), True
-            notes.append(f"resuming in place in {cfg.resume}")
+            notes.append(f"resuming in place in {cfg.resume} from {found.name}")
         elif os.path.isfile(cfg.resume):
+            try:
+                check_state(cfg.resume)
+            except ValueError as exc:
+                raise ConfigError("--resume", str(exc)) from exc
             resume_state = cfg.resume
         else:
             raise ConfigError("--resume", f"no such run folder or state file: {cfg.resume}")
+    if cfg.resume is None and cfg.nosubdir and run_files(Path(cfg.outdir)):
+        raise ConfigError("--nosubdir", f"{cfg.outdir} already holds a training run ({', '.join(run_files(Path(cfg.outdir))[:3])}"
+                                        "); continue it with --resume, or choose another --outdir")
     if cfg.transfer is not None:
         if not os.path.isfile(cfg.transfer):
             raise ConfigError("--transfer", f"no such file: {cfg.transfer}")

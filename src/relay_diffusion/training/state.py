@@ -44,20 +44,54 @@ def save_state(path: Path, net: torch.nn.Module, ema: torch.nn.Module, optimizer
 
 def load_state(path: str | os.PathLike) -> dict[str, Any]:
     """Read a state written by :func:`save_state` (tensors on CPU), never executing code."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - see check_state
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ValueError(f"{path} is not a readable training state ({first})") from exc
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"{path} is not a relay-diffusion training state")
     return state
 
 
-def latest_state(run_dir: str | os.PathLike) -> Optional[Path]:
-    """The newest ``training-state-*.pt`` of a run folder (by the kimg in its name), or None."""
+def states(run_dir: str | os.PathLike) -> list[Path]:
+    """The ``training-state-*.pt`` files of a run folder, newest (highest kimg) first."""
     found = []
     for entry in Path(run_dir).iterdir():
         m = STATE_PATTERN.match(entry.name)
         if m and entry.is_file():
             found.append((int(m.group(1)), entry))
-    return max(found)[1] if found else None
+    return [path for _, path in sorted(found, reverse=True)]
+
+
+def latest_state(run_dir: str | os.PathLike) -> Optional[Path]:
+    """The newest ``training-state-*.pt`` of a run folder (by the kimg in its name), or None."""
+    found = states(run_dir)
+    return found[0] if found else None
+
+
+def check_state(path: str | os.PathLike) -> None:
+    """Raise ``ValueError`` when ``path`` is not a readable training state (zero-byte, truncated, foreign).
+    Memory-maps the file, so the check reads its index, not its tensors."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError, EOFError, UnpicklingError, ...
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ValueError(f"{path} is not a readable training state ({first})") from exc
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a relay-diffusion training state")
+
+
+def latest_intact_state(run_dir: str | os.PathLike) -> tuple[Optional[Path], list[str]]:
+    """The newest readable state of a run folder and a note for each newer one that is damaged."""
+    skipped = []
+    for path in states(run_dir):
+        try:
+            check_state(path)
+            return path, skipped
+        except ValueError as exc:
+            skipped.append(f"skipped {exc}")
+    return None, skipped
 
 
 def _cpu(obj: Any) -> Any:

@@ -1,0 +1,131 @@
+"""Training on bad input and faults: run folders are never reused by accident, damaged states are skipped,
+stale temporary files are removed, a failed fresh run leaves no stub folder."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from relay_diffusion.cli.train import train as train_cli
+from test_training import TINY_ARGS, write_dataset
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return write_dataset(tmp_path_factory.mktemp("data") / "plain-8x8.zip", 16, 8)
+
+
+def train(outdir, data, *extra):
+    args = ["--outdir", str(outdir), "--data", str(data), "--batch=8", "--lr=2e-3", "--seed=1", "--tick=0.008",
+            "--snap=1000", "--dump=1", "--grid=0", "--workers=0", "--duration=0.000024", *TINY_ARGS, *extra]
+    return CliRunner().invoke(train_cli, args)
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def clean_error(result, *needles):
+    assert result.exit_code != 0 and isinstance(result.exception, SystemExit), result.output + repr(result.exception)
+    for needle in needles:
+        assert needle in result.output, result.output
+
+
+def test_nosubdir_never_reuses_a_run_folder(tmp_path, data):
+    out = tmp_path / "run"
+    assert train(out, data, "--nosubdir").exit_code == 0
+    before = files(out)
+    clean_error(train(out, data, "--nosubdir"), "--nosubdir", "already holds a training run", "--resume")
+    assert files(out) == before
+
+
+def test_resume_skips_a_damaged_latest_state_and_cleans_temporaries(tmp_path, data):
+    out = tmp_path / "run"
+    assert train(out, data, "--nosubdir").exit_code == 0
+    intact = sorted(out.glob("training-state-*.pt"))[-1]
+    latest = out / "training-state-000001.pt"  # a newer state, truncated as a full disk might leave it
+    latest.write_bytes(intact.read_bytes()[:1000])
+    stale = out / ".training-state-000099.pt.abc123.tmp"
+    stale.write_bytes(b"x" * 100)
+    result = train(out, data, "--nosubdir", "--resume", str(out), "--duration=0.000032")
+    assert result.exit_code == 0, result.output
+    log = (out / "log.txt").read_text()
+    assert f"skipped {latest}" in result.output or f"skipped {latest}" in log
+    assert "Removed 1 temporary file" in log and not stale.exists()
+    assert f"from {intact.name}" in log or f"from {intact.name}" in result.output
+
+
+def test_resume_with_only_damaged_states_is_one_error(tmp_path, data):
+    out = tmp_path / "run"
+    assert train(out, data, "--nosubdir").exit_code == 0
+    for p in out.glob("training-state-*.pt"):
+        p.write_bytes(b"")
+    before = files(out)
+    clean_error(train(out, data, "--nosubdir", "--resume", str(out)), "--resume", "no intact training-state")
+    assert files(out) == before
+    clean_error(train(out, data, "--resume", str(sorted(out.glob("training-state-*.pt"))[0])), "--resume",
+                "not a readable training state")
+
+
+def test_nothing_to_do_leaves_the_options_file_alone(tmp_path, data):
+    out = tmp_path / "run"
+    assert train(out, data, "--nosubdir").exit_code == 0
+    before = (out / "training_options.json").read_bytes()
+    result = train(out, data, "--nosubdir", "--resume", str(out))
+    assert result.exit_code == 0 and "Nothing to do" in (out / "log.txt").read_text()
+    assert (out / "training_options.json").read_bytes() == before
+
+
+def test_a_run_folder_in_use_is_refused(tmp_path, data):
+    out = tmp_path / "run"
+    assert train(out, data, "--nosubdir").exit_code == 0
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")})
+    try:
+        line = holder.stdout.readline().strip()
+        if line != "locked":
+            holder.wait(timeout=60)
+        assert line == "locked", holder.stderr.read()
+        clean_error(train(out, data, "--nosubdir", "--resume", str(out), "--duration=0.000032"), "in use")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert train(out, data, "--nosubdir", "--resume", str(out), "--duration=0.000032").exit_code == 0
+
+
+HOLD_LOCK = """
+import sys, time
+from pathlib import Path
+from relay_diffusion.training.rundir import RunFolderLock
+with RunFolderLock(Path(sys.argv[1])):
+    print("locked", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_damaged_dataset_leaves_no_stub_run_folder(tmp_path, data):
+    broken = tmp_path / "broken.zip"
+    raw = bytearray(data.read_bytes())
+    with zipfile.ZipFile(data) as z:
+        info = z.infolist()[3]
+    start = info.header_offset + 30 + len(info.filename) + len(info.extra)
+    raw[start + 40:start + 60] = b"\x00" * 20  # damage one image's compressed bytes (bad CRC)
+    broken.write_bytes(bytes(raw))
+    result = train(tmp_path / "runs", broken)
+    clean_error(result, "broken.zip")
+    assert not (tmp_path / "runs").exists() or not any(p.is_dir() for p in (tmp_path / "runs").iterdir())
