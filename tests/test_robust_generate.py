@@ -133,3 +133,55 @@ def test_demo_errors(nets, tmp_path):
         res = CliRunner().invoke(rdm, ["demo", f"--outdir={tmp_path / 'd'}", *(args if "network" in args[0] else
                                                                              [*nets, *args])])
         assert_clean_error(res, needle)
+
+
+def _plain_safetensors(path: Path, net) -> Path:
+    """Weights without the config in their metadata, so the sidecar JSON is what describes them."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
+    return path
+
+
+@pytest.mark.parametrize("sidecar, needle", [
+    ("[1, 2, 3]", "init_kwargs"),
+    ('{"format": "relay-diffusion/network-1", "precond": "EDMPrecond"}', "init_kwargs"),
+    ("{not json", "cannot load"),
+])
+def test_bad_sidecar_json(nets, tmp_path, sidecar, needle):
+    path = _plain_safetensors(tmp_path / "net.safetensors", tiny(8))
+    path.with_suffix(".json").write_text(sidecar)
+    result = gen(tmp_path / "o", nets[0], f"--network_second={path}")
+    assert_clean_error(result, "--network_second", "net.safetensors", needle)
+
+
+def test_sidecar_with_unknown_kwarg_or_other_shapes(nets, tmp_path):
+    from relay_diffusion.checkpoints.snapshot import network_config
+
+    config = network_config(tiny(8))
+    path = _plain_safetensors(tmp_path / "net.safetensors", tiny(8))
+    path.with_suffix(".json").write_text(json.dumps({**config, "init_kwargs": {**config["init_kwargs"], "banana": 1}}))
+    assert_clean_error(gen(tmp_path / "o", nets[0], f"--network_second={path}"), "net.safetensors", "banana")
+    bigger = dict(config["init_kwargs"], model_channels=32)
+    path.with_suffix(".json").write_text(json.dumps({**config, "init_kwargs": bigger}))
+    assert_clean_error(gen(tmp_path / "o", nets[0], f"--network_second={path}"), "net.safetensors")
+
+
+@pytest.mark.parametrize("name, content", [("ref.pkl", b""), ("ref.pt", b"\x80\x04garbage"), ("ref.pkl", b"PK\x03\x04")])
+def test_broken_reference_checkpoints(nets, tmp_path, name, content):
+    path = tmp_path / name
+    path.write_bytes(content)
+    assert_clean_error(gen(tmp_path / "o", nets[0], f"--network_second={path}"), "--network_second", name)
+    assert "Aborted" not in gen(tmp_path / "o", nets[0], f"--network_second={path}").output
+
+
+def test_disk_full_is_one_line(nets, tmp_path, monkeypatch):
+    import errno
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("relay_diffusion.generation.files.save_png", full)
+    result = gen(tmp_path / "o", *nets)
+    assert_clean_error(result, "No space left on device")
+    assert not list((tmp_path / "o").glob("*.png")) if (tmp_path / "o").exists() else True

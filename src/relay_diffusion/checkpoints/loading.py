@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import pickle
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -47,7 +49,8 @@ def _unreadable(path: Path, exc: BaseException) -> ValueError:
 
 
 #: What a damaged or foreign file raises inside the loaders (safetensors, json, the network constructors).
-_LOAD_ERRORS = (ValueError, KeyError, TypeError, RuntimeError, EOFError, UnicodeDecodeError, AttributeError)
+_LOAD_ERRORS = (ValueError, KeyError, TypeError, RuntimeError, EOFError, UnicodeDecodeError, AttributeError,
+                pickle.UnpicklingError, zipfile.BadZipFile)
 
 
 def load_network_file(path: str | os.PathLike, device: torch.device | str = "cpu") -> NetworkFile:

@@ -132,6 +132,9 @@ def generate(**opts: Any) -> None:
             )
         except (ValueError, FileNotFoundError) as exc:
             raise click.ClickException(str(exc)) from exc
+        except OSError as exc:  # e.g. no space left on device, a read-only --outdir
+            where = f" {exc.filename}" if exc.filename else f" into {opts['outdir']}"
+            raise click.ClickException(f"cannot write{where}: {exc.strerror or exc}") from exc
         distributed.barrier()
         if rank == 0:
             if opts["grid"]:
