@@ -24,6 +24,16 @@ def _int_list(ctx: click.Context, param: click.Parameter, value: str | None) -> 
         raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
 
 
+def _float_list(ctx: click.Context, param: click.Parameter, value: str | None) -> list[float] | None:
+    """``'0.05,0.1'`` -> ``[0.05, 0.1]``; ``''`` or ``'none'`` -> None (off)."""
+    if value is None or value.strip().lower() in ("", "none"):
+        return None
+    try:
+        return [float(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers, got {value!r}") from None
+
+
 def _bad(exc: ConfigError) -> click.BadParameter:
     return click.BadParameter(exc.message, param_hint=f"'{exc.option}'")
 
@@ -48,6 +58,9 @@ def _bad(exc: ConfigError) -> click.BadParameter:
 @click.option("--lr", metavar="FLOAT", type=float, default=1e-4, show_default=True, help="Learning rate")
 @click.option("--lr-rampup", metavar="MIMG", type=float, default=10, show_default=True, help="Learning rate warm-up")
 @click.option("--ema", metavar="MIMG", type=float, default=0.5, show_default=True, help="EMA half-life")
+@click.option("--ema-profiles", metavar="LIST", type=str, callback=_float_list,
+              help="Post-hoc EMA: also track power-function EMAs of these lengths (sigma_rel, e.g. 0.05,0.10) "
+                   "and save them at every --snap for `rdm ema`  [default: off]")
 @click.option("--dropout", metavar="FLOAT", type=float, default=0.13, show_default=True, help="Dropout probability")
 @click.option("--label-dropout", metavar="FLOAT", type=float, default=0.0, show_default=True,
               help="Probability of dropping the class label (classifier-free guidance)")
@@ -110,5 +123,7 @@ def train(fp16: bool, precision: str | None, eff_attn: bool, dry_run: bool, **op
         return
     try:
         run_training(plan)
+    except ConfigError as exc:  # found only once the training state is read (e.g. --ema-profiles on resume)
+        raise _bad(exc) from None
     except NonFiniteLossError as exc:
         raise click.ClickException(str(exc)) from None

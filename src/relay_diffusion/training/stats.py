@@ -139,8 +139,11 @@ def progress_line(rec: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
-def plot_loss(points: list[tuple[float, float]], path: Path, size: tuple[int, int] = (720, 420)) -> None:
-    """Loss against kimg as a PNG, drawn with Pillow (no plotting dependency): raw values and a running mean."""
+def plot_loss(points: list[tuple[float, float]], path: Path, size: tuple[int, int] = (720, 420),
+              xlabel: str = "kimg", title: str = "training loss", smooth: bool = True,
+              markers: Optional[list[tuple[float, float]]] = None) -> None:
+    """Loss against kimg as a PNG, drawn with Pillow (no plotting dependency): raw values and a running mean
+    (``smooth``), or one line through ``points``; ``markers`` are drawn as dots."""
     from PIL import Image, ImageDraw, ImageFont
 
     width, height = size
@@ -150,8 +153,9 @@ def plot_loss(points: list[tuple[float, float]], path: Path, size: tuple[int, in
     font = ImageFont.load_default()
     xs = [p[0] for p in points]
     ys = [p[1] for p in points]
-    x0, x1 = min(xs), max(xs)
-    y0, y1 = min(ys), max(ys)
+    every = points + list(markers or [])
+    x0, x1 = min(p[0] for p in every), max(p[0] for p in every)
+    y0, y1 = min(p[1] for p in every), max(p[1] for p in every)
     if x1 == x0:
         x1 = x0 + 1
     if y1 == y0:
@@ -173,11 +177,15 @@ def plot_loss(points: list[tuple[float, float]], path: Path, size: tuple[int, in
         xx, _ = px(fx, y0)
         draw.line([xx, height - bottom, xx, height - bottom + 4], fill="black")
         draw.text((xx - 15, height - bottom + 8), f"{fx:.4g}", fill="black", font=font)
-    draw.text((width // 2 - 15, height - 18), "kimg", fill="black", font=font)
-    draw.text((left, 8), "training loss", fill="black", font=font)
-    draw.line([px(x, y) for x, y in points], fill=(170, 170, 220), width=1)
-    k = max(1, len(points) // 20)
-    smooth = [sum(ys[max(0, i - k + 1): i + 1]) / len(ys[max(0, i - k + 1): i + 1]) for i in range(len(ys))]
-    draw.line([px(x, y) for x, y in zip(xs, smooth)], fill=(20, 60, 200), width=2)
+    draw.text((width // 2 - 3 * len(xlabel), height - 18), xlabel, fill="black", font=font)
+    draw.text((left, 8), title, fill="black", font=font)
+    if smooth:
+        draw.line([px(x, y) for x, y in points], fill=(170, 170, 220), width=1)
+        k = max(1, len(points) // 20)
+        ys = [sum(ys[max(0, i - k + 1): i + 1]) / len(ys[max(0, i - k + 1): i + 1]) for i in range(len(ys))]
+    draw.line([px(x, y) for x, y in zip(xs, ys)], fill=(20, 60, 200), width=2)
+    for x, y in markers or []:
+        cx, cy = px(x, y)
+        draw.ellipse([cx - 4, cy - 4, cx + 4, cy + 4], fill=(200, 40, 40))
     with atomic_path(path) as tmp:
         img.save(tmp, format="PNG")
