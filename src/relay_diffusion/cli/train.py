@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import click
 
-from relay_diffusion.training.config import ARCHS, PRECISIONS, PRECONDS, ConfigError, TrainingConfig
+from relay_diffusion.training.config import ARCHS, PRECISIONS, PRECONDS, ConfigError, TrainingConfig, saved_config
 
 
 def _int_list(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int] | None:
@@ -40,8 +40,11 @@ def _bad(exc: ConfigError) -> click.BadParameter:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 # Main options.
-@click.option("--outdir", metavar="DIR", type=str, required=True, help="Where to save the results")
-@click.option("--data", metavar="ZIP|DIR", type=str, required=True, help="Path to the dataset")
+@click.option("--outdir", metavar="DIR", type=str, help="Where to save the results  [required]")
+@click.option("--data", metavar="ZIP|DIR", type=str, help="Path to the dataset  [required]")
+@click.option("--config", "config_file", metavar="JSON", type=str,
+              help="Take every option not given here from a run's training_options.json (rerun, or resume "
+                   "with --resume); its recorded seed is reused")
 @click.option("--cond", type=bool, default=False, show_default=True, help="Train class-conditional model")
 @click.option("--arch", type=click.Choice(ARCHS), default="adm", show_default=True, help="Network architecture")
 @click.option("--precond", type=click.Choice(PRECONDS), default="edm", show_default=True,
@@ -97,7 +100,9 @@ def _bad(exc: ConfigError) -> click.BadParameter:
               help="Part of the noise distribution covered by stage 2")
 @click.option("--blur-sigma-max", metavar="FLOAT", type=float, default=3.0, show_default=True,
               help="Maximum blur strength")
-def train(fp16: bool, precision: str | None, eff_attn: bool, dry_run: bool, **opts) -> None:
+@click.pass_context
+def train(ctx: click.Context, config_file: str | None, fp16: bool, precision: str | None, eff_attn: bool,
+          dry_run: bool, **opts) -> None:
     """Train a stage-1 (EDM) or stage-2 (blur) relay diffusion model.
 
     \b
@@ -115,6 +120,14 @@ def train(fp16: bool, precision: str | None, eff_attn: bool, dry_run: bool, **op
         raise click.BadParameter(f"{precision} contradicts --fp16=1", param_hint="'--precision'")
     opts["precision"] = precision or ("fp16" if fp16 else "fp32")
     try:
+        if config_file is not None:
+            given = {name for name in (*opts, "fp16") if _given(ctx, name)}
+            if "fp16" in given:
+                given.add("precision")
+            opts = merge_options(saved_config(config_file), opts, given)
+        for name in ("outdir", "data"):
+            if opts[name] is None:
+                raise ConfigError(f"--{name}", "missing (give it, or --config with a run's training_options.json)")
         plan = plan_training(TrainingConfig(**opts))
     except ConfigError as exc:
         raise _bad(exc) from None
@@ -127,3 +140,16 @@ def train(fp16: bool, precision: str | None, eff_attn: bool, dry_run: bool, **op
         raise _bad(exc) from None
     except NonFiniteLossError as exc:
         raise click.ClickException(str(exc)) from None
+
+
+def _given(ctx: click.Context, name: str) -> bool:
+    """Whether option ``name`` was set on the command line (or the environment), not left at its default."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source not in (click.core.ParameterSource.DEFAULT,
+                                                 click.core.ParameterSource.DEFAULT_MAP)
+
+
+def merge_options(saved: dict, cli: dict, given: set[str]) -> dict:
+    """``saved`` options overridden by the command-line options in ``given``; options the file lacks keep
+    their command-line value."""
+    return {**saved, **{k: v for k, v in cli.items() if k in given or k not in saved}}

@@ -171,6 +171,32 @@ class TrainingConfig:
         return cls(**d)
 
 
+def saved_config(path: str) -> dict[str, Any]:
+    """The options of a run, from its ``training_options.json``, as :class:`TrainingConfig` fields.
+
+    The recorded seed replaces a random one (``seed: null``), so the rerun draws the same numbers;
+    ``resume`` is not taken over (resuming is asked for with ``--resume``). Raises :class:`ConfigError`
+    (``--config``) for a missing or malformed file.
+    """
+    try:
+        with open(path) as f:
+            options = json.load(f)
+    except OSError as exc:
+        raise ConfigError("--config", f"cannot read {path}: {exc.strerror or exc}") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError("--config", f"{path} is not JSON: {exc}") from None
+    if not isinstance(options, dict) or not isinstance(options.get("config"), dict):
+        raise ConfigError("--config", f"{path} has no \"config\" section (expected a training_options.json)")
+    values = dict(options["config"])
+    if values.get("seed") is None and isinstance(options.get("seed"), int):
+        values["seed"] = options["seed"]
+    values["resume"] = None
+    try:
+        return TrainingConfig.from_dict(values).to_dict()
+    except (TypeError, ValueError) as exc:
+        raise ConfigError("--config", f"{path}: {exc}") from None
+
+
 def _ema_profiles(values: list[float]) -> None:
     """Post-hoc EMA lengths: distinct, each in (0, sqrt(1/12)) (EDM2 tracks 0.05 and 0.10)."""
     limit = math.sqrt(1 / 12)
