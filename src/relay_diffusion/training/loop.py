@@ -330,11 +330,11 @@ class Trainer:
                     }
                     self.log(progress_line(record))
                     self.stats.append(record)
+                    self.stats.flush()  # before the state: a state never has fewer records than its step
                     if cfg.snap is not None and (done or tick % cfg.snap == 0):
                         self._snapshot()
                     if done or (cfg.dump is not None and tick % cfg.dump == 0 and tick != 0):
                         self._save_state()
-                    self.stats.flush()
                     self.log.flush()
                 distributed.barrier()
                 if done:

@@ -2,7 +2,8 @@
 
 Files are rewritten whole through a temporary name and a rename at every tick (they are small: one line per
 tick), so a killed run never leaves a torn file behind. TensorBoard scalars are written only when the
-``tensorboard`` package is installed.
+``tensorboard`` package is installed; on a resume in place they are rewritten from the kept records (see
+:func:`open_tensorboard`), so every curve has each step once.
 """
 
 from __future__ import annotations
@@ -64,14 +65,12 @@ class StatsLog:
                     continue
                 if rec.get("step", math.inf) <= resume_step:
                     self.records.append(rec)
-        self._tb = _tensorboard_writer(run_dir)
+        self._tb = open_tensorboard(run_dir, self.records if resume_step is not None else None)
 
     def append(self, record: dict[str, Any]) -> None:
         self.records.append(record)
         if self._tb is not None:
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key not in ("tick", "step", "kimg", "timestamp"):
-                    self._tb.add_scalar(key, value, global_step=int(round(record["kimg"] * 1000)))
+            write_scalars(self._tb, record)
             self._tb.flush()
 
     def flush(self) -> None:
@@ -86,12 +85,44 @@ class StatsLog:
             self._tb.close()
 
 
-def _tensorboard_writer(run_dir: Path):
+TB_PATTERN = "events.out.tfevents.*"
+
+
+def tb_step(record: dict[str, Any]) -> int:
+    """TensorBoard's global step of a record: the images seen."""
+    return int(round(record["kimg"] * 1000))
+
+
+def write_scalars(writer, record: dict[str, Any]) -> None:
+    for key, value in record.items():
+        if isinstance(value, (int, float)) and key not in ("tick", "step", "kimg", "timestamp"):
+            writer.add_scalar(key, value, global_step=tb_step(record), walltime=record.get("timestamp"))
+
+
+def open_tensorboard(run_dir: Path, kept: Optional[list[dict[str, Any]]] = None):
+    """A ``SummaryWriter`` on ``run_dir``, or None without the ``tensorboard`` package.
+
+    ``kept`` (a resume in place): the records up to the resumed state. A killed run's event files also hold
+    the points written after that state, which the resumed run writes again; so the kept records are
+    written into a fresh event file and the old files are removed afterwards (a kill in between leaves
+    duplicates that the next resume removes). ``purge_step`` tells a TensorBoard that already read the old
+    files to drop its points from the first step after the state on.
+    """
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # tensorboard is optional
         return None
-    return SummaryWriter(str(run_dir))
+    if kept is None:
+        return SummaryWriter(str(run_dir))
+    old = sorted(run_dir.glob(TB_PATTERN))
+    purge_step = max((tb_step(r) for r in kept), default=-1) + 1
+    writer = SummaryWriter(str(run_dir), purge_step=purge_step)
+    for record in kept:
+        write_scalars(writer, record)
+    writer.flush()
+    for path in old:
+        path.unlink(missing_ok=True)
+    return writer
 
 
 def memory_gb(device: torch.device) -> dict[str, float]:
