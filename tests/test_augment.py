@@ -15,7 +15,7 @@ import torch
 from scipy import ndimage
 
 from relay_diffusion.rng import SeedGenerators
-from relay_diffusion.training.augment import SYM6, AugmentParams, AugmentPipe, resample
+from relay_diffusion.training.augment import SYM6, AugmentParams, AugmentPipe, resample, resample_batch
 
 H = W = 20
 
@@ -119,12 +119,15 @@ def test_geometric_transform_matches_an_independent_computation(case):
     g_inv = pipe.inverse_matrix(p, H, W)
     rng = np.random.default_rng(0)
     images = rng.normal(size=(len(g_inv), 3, H, W))
+    # Each sample with its own margin (resample), and all with the batch's largest (EDM's resample_batch).
+    own = np.stack([reference_resample(img, g.numpy(), reference_margins(g[None].numpy(), H, W))
+                    for img, g in zip(images, g_inv)])
     margins = reference_margins(g_inv.numpy(), H, W)
-    expected = np.stack([reference_resample(img, g.numpy(), margins) for img, g in zip(images, g_inv)])
-    got64 = resample(torch.from_numpy(images), g_inv).numpy()
-    np.testing.assert_allclose(got64, expected, rtol=0, atol=1e-10)
+    shared = np.stack([reference_resample(img, g.numpy(), margins) for img, g in zip(images, g_inv)])
+    np.testing.assert_allclose(resample(torch.from_numpy(images), g_inv).numpy(), own, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(resample_batch(torch.from_numpy(images), g_inv).numpy(), shared, rtol=0, atol=1e-10)
     got32 = resample(torch.from_numpy(images).float(), g_inv.float()).numpy()
-    np.testing.assert_allclose(got32, expected, rtol=0, atol=2e-5)
+    np.testing.assert_allclose(got32, own, rtol=0, atol=2e-5)
 
 
 def test_inverse_matrix_is_edm_composition():
@@ -197,3 +200,12 @@ def test_pipe_runs_the_geometric_step_for_the_whole_batch_like_edm():
     torch.testing.assert_close(out, resample(flipped, pipe.inverse_matrix(p, H, W)), rtol=0, atol=0)
     assert torch.equal(labels, p.labels())
     assert AugmentPipe.edm_preset(0.0)(x, rng)[0] is x or torch.equal(AugmentPipe.edm_preset(0.0)(x, rng)[0], x)
+
+
+def test_a_sample_does_not_depend_on_its_batch():
+    x = torch.from_numpy(smooth_image()[0]).float()[None].repeat(6, 1, 1, 1) * torch.linspace(0.5, 1, 6).view(-1, 1, 1, 1)
+    pipe = AugmentPipe.edm_preset(1.0)
+    out, labels = pipe(x, SeedGenerators(range(6)))
+    for i in range(6):
+        alone, lab = pipe(x[i:i + 1], SeedGenerators([i]))
+        assert torch.equal(alone, out[i:i + 1]) and torch.equal(lab, labels[i:i + 1])

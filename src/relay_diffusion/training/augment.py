@@ -16,8 +16,10 @@ Where this still differs from the reference:
 - The random draws. Here every sample draws a fixed-size block (11 uniforms, 4 normals) from its own
   generator, so a sample's augmentation depends on its seed only; EDM draws each parameter for the whole
   batch from the global generator. The distribution of parameters is the same, the numbers are not.
-- The padding margin is the largest one the batch needs, as in EDM; it only changes the few outermost
-  filter taps near reflected borders, so a sample alone and in a batch agree to ~1e-6, not bit for bit.
+- The padding margin is each sample's own; EDM pads the whole batch by the largest margin any sample needs.
+  The margin only moves where the zero border of the intermediate canvas lies, which reaches the outermost
+  filter taps near revealed borders (differences ~1e-6); per sample, an image's augmentation does not
+  depend on the batch it is in, so one process and several give the same batches.
 Kept from the reference on purpose: sym6 is not linear-phase, so a rotation moves the content by up to
 ~0.1 pixel (0.095 px per axis for a half turn); and the aniso labels ``(w cos r, w sin r)`` do not tell
 ``(w, r)`` from ``(-w, r + pi)``, which stretch along perpendicular axes. Changing either would change what
@@ -240,9 +242,16 @@ def sampling_grid(g_inv: torch.Tensor, offset: tuple[float, float], out_hw: tupl
 def resample(images: torch.Tensor, g_inv: torch.Tensor) -> torch.Tensor:
     """Apply an affine map per sample: ``out(x) = images(G^-1 x)``, ``x`` in pixel units about the centre.
 
-    ``images``: ``[N, C, H, W]``; ``g_inv``: ``[N, 3, 3]``. Reflect-pad (:func:`pad_margins`), upsample 2x
-    with SYM6, sample bilinearly (zeros outside), SYM6 low-pass and decimate, crop back to ``H x W``.
+    ``images``: ``[N, C, H, W]``; ``g_inv``: ``[N, 3, 3]``. Each sample on its own (its own margin, module
+    docstring): see :func:`resample_batch`.
     """
+    g_inv = g_inv.to(images.dtype)
+    return torch.cat([resample_batch(images[i:i + 1], g_inv[i:i + 1]) for i in range(images.shape[0])])
+
+
+def resample_batch(images: torch.Tensor, g_inv: torch.Tensor) -> torch.Tensor:
+    """:func:`resample` with one margin for the batch (EDM's way): reflect-pad (:func:`pad_margins`), upsample
+    2x with SYM6, sample bilinearly (zeros outside), SYM6 low-pass and decimate, crop back to ``H x W``."""
     n, c, h, w = images.shape
     g_inv = g_inv.to(images.dtype)
     left, right, top, bottom = pad_margins(g_inv, h, w)
