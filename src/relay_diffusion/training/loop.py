@@ -187,6 +187,9 @@ class Trainer:
         self.log(f"Batch:         {cfg.batch} = {plan.batch_gpu} x {self.ctx.world_size} processes x "
                  f"{plan.rounds} rounds; device {self.device}")
         self.log(f"Duration:      {cfg.duration} Mimg ({self._total_steps()} steps); seed {self.seed}")
+        if self.phema is not None:
+            self.log(f"Post-hoc EMA:  profiles sigma_rel {self.phema.sigma_rels} (gamma "
+                     f"{', '.join(f'{g:.2f}' for g in self.phema.gammas)}), saved at every --snap under phema/")
         if resumed:
             self.log(f"Resumed from:  {plan.resume_state} (step {self.step}, kimg {self.nimg / 1000:.3f})")
 
