@@ -217,11 +217,15 @@ def test_rdm_ema_sweep_writes_a_plot(toy_run, tmp_path):
     (["--run", "{run}", "--length=0.1", "--out=x.pt"], "--out: expected a .safetensors"),
     (["--run", "{run}", "--sweep=0.1,0.3"], "--sweep: EMA length sigma_rel must be in"),
     (["--run", "{plain}", "--length=0.1"], "holds no post-hoc EMA snapshots"),
+    (["--run", "{damaged}", "--length=0.1"], "is not a readable post-hoc EMA snapshot"),
 ])
 def test_rdm_ema_bad_input_is_one_line(toy_run, tmp_path, args, message):
     plain = tmp_path / "plain-run"
     plain.mkdir()
-    args = [a.format(run=toy_run, plain=plain) for a in args]
+    damaged = tmp_path / "damaged-run"
+    (damaged / "phema").mkdir(parents=True)
+    (damaged / "phema" / "phema-000000000008-0.0500.safetensors").write_bytes(b"\x10\x00not a safetensors file")
+    args = [a.format(run=toy_run, plain=plain, damaged=damaged) for a in args]
     result = invoke("ema", *args)
     assert result.exit_code == 1, result.output
     lines = result.output.strip().splitlines()

@@ -65,7 +65,7 @@ def list_profile_snapshots(run_dir: str | os.PathLike) -> list[ProfileSnapshot]:
             config = read_config(path)
             info = config["phema"]
             found.append(ProfileSnapshot(path, int(info["nimg"]), float(info["sigma_rel"]), config))
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type for damaged files
             raise ConfigError("--run", f"{path} is not a readable post-hoc EMA snapshot: {exc}") from None
     if not found:
         raise ConfigError("--run", f"{run_dir} holds no post-hoc EMA snapshots ({PROFILE_DIR}/phema-*.safetensors); "
@@ -107,7 +107,11 @@ def reconstruct_state(inputs: Sequence[ProfileSnapshot], nimg: int, sigma_rel: f
     coefs = posthoc_coefficients([s.nimg for s in inputs], [s.sigma_rel for s in inputs], nimg, sigma_rel)
     total: dict[str, torch.Tensor] = {}
     for snapshot, x in zip(inputs, coefs):
-        for name, tensor in load_file(str(snapshot.path)).items():
+        try:
+            tensors = load_file(str(snapshot.path))
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type for damaged files
+            raise ConfigError("--run", f"cannot read {snapshot.path}: {exc}") from None
+        for name, tensor in tensors.items():
             if not tensor.is_floating_point():
                 total[name] = tensor
             elif name in total:
