@@ -111,7 +111,7 @@ def profile_fit_error(in_nimg: Sequence[float], in_sigma_rel: Sequence[float], o
 
 
 class PowerEMATracker:
-    """Power-function EMAs of ``net``'s parameters for several lengths, updated after every optimizer step.
+    """Power-function EMAs of ``net``'s parameters for several lengths (sorted), updated after every step.
 
     ``emas[i]`` is a copy of the network whose parameters average the trajectory with the profile of
     ``sigma_rels[i]``; buffers are not averaged (they are the network's own constants).
@@ -120,7 +120,7 @@ class PowerEMATracker:
     def __init__(self, net: torch.nn.Module, sigma_rels: Sequence[float]) -> None:
         import copy
 
-        self.sigma_rels = [float(s) for s in sigma_rels]
+        self.sigma_rels = sorted(float(s) for s in sigma_rels)
         self.gammas = [gamma_of_sigma_rel(s) for s in self.sigma_rels]
         self.emas = [copy.deepcopy(net).eval().requires_grad_(False) for _ in self.sigma_rels]
 
