@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import click
 
-from relay_diffusion.training.config import ARCHS, PRECISIONS, PRECONDS, ConfigError, TrainingConfig, saved_config
+from relay_diffusion.training.config import (
+    ARCHS, PRECISIONS, PRECONDS, ConfigError, TrainingConfig, merge_options, saved_config,
+)
 
 
 def _int_list(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int] | None:
@@ -147,9 +149,3 @@ def _given(ctx: click.Context, name: str) -> bool:
     source = ctx.get_parameter_source(name)
     return source is not None and source not in (click.core.ParameterSource.DEFAULT,
                                                  click.core.ParameterSource.DEFAULT_MAP)
-
-
-def merge_options(saved: dict, cli: dict, given: set[str]) -> dict:
-    """``saved`` options overridden by the command-line options in ``given``; options the file lacks keep
-    their command-line value."""
-    return {**saved, **{k: v for k, v in cli.items() if k in given or k not in saved}}

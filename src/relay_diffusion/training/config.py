@@ -197,6 +197,12 @@ def saved_config(path: str) -> dict[str, Any]:
         raise ConfigError("--config", f"{path}: {exc}") from None
 
 
+def merge_options(saved: dict[str, Any], given_values: dict[str, Any], given: set[str]) -> dict[str, Any]:
+    """``saved`` options (:func:`saved_config`) overridden by the options named in ``given`` (those set on the
+    command line); options the file lacks keep their value from ``given_values``."""
+    return {**saved, **{k: v for k, v in given_values.items() if k in given or k not in saved}}
+
+
 def _ema_profiles(values: list[float]) -> None:
     """Post-hoc EMA lengths: distinct, each in (0, sqrt(1/12)) (EDM2 tracks 0.05 and 0.10)."""
     limit = math.sqrt(1 / 12)
