@@ -13,6 +13,7 @@ _COMMANDS: dict[str, tuple[str, str, str]] = {
     "smoke": ("relay_diffusion.cli.smoke", "smoke", "Run the core relay sampler on a toy denoiser and write an image."),
     "dataset": ("relay_diffusion.cli.dataset", "dataset", "Build EDM-format datasets (one per resolution)."),
     "train": ("relay_diffusion.cli.train", "train", "Train a stage-1 (EDM) or stage-2 (blur) model."),
+    "ema": ("relay_diffusion.cli.ema", "ema", "Post-hoc EMA: rebuild any EMA length from a run's profile snapshots."),
     "generate": ("relay_diffusion.cli.generate", "generate", "Generate images by relaying stage 1 into stage 2."),
     "convert": ("relay_diffusion.cli.convert", "convert", "Convert a reference .pkl/.pt checkpoint to safetensors + JSON."),
     "evaluate": ("relay_diffusion.cli.evaluate", "evaluate", "Compute activations and FID, sFID, IS, precision/recall, KID."),

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import click
 
-from relay_diffusion.training.config import ARCHS, PRECISIONS, PRECOND_CHOICES, ConfigError, TrainingConfig
+from relay_diffusion.training.config import (
+    ARCHS, PRECISIONS, PRECOND_CHOICES, ConfigError, TrainingConfig, merge_options, saved_config,
+)
 
 
 def _int_list(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int] | None:
@@ -24,14 +26,27 @@ def _int_list(ctx: click.Context, param: click.Parameter, value: str | None) -> 
         raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
 
 
+def _float_list(ctx: click.Context, param: click.Parameter, value: str | None) -> list[float] | None:
+    """``'0.05,0.1'`` -> ``[0.05, 0.1]``; ``''`` or ``'none'`` -> None (off)."""
+    if value is None or value.strip().lower() in ("", "none"):
+        return None
+    try:
+        return [float(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers, got {value!r}") from None
+
+
 def _bad(exc: ConfigError) -> click.BadParameter:
     return click.BadParameter(exc.message, param_hint=f"'{exc.option}'")
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 # Main options.
-@click.option("--outdir", metavar="DIR", type=str, required=True, help="Where to save the results")
-@click.option("--data", metavar="ZIP|DIR", type=str, required=True, help="Path to the dataset")
+@click.option("--outdir", metavar="DIR", type=str, help="Where to save the results  [required]")
+@click.option("--data", metavar="ZIP|DIR", type=str, help="Path to the dataset  [required]")
+@click.option("--config", "config_file", metavar="JSON", type=str,
+              help="Take every option not given here from a run's training_options.json (rerun, or resume "
+                   "with --resume); its recorded seed is reused")
 @click.option("--cond", type=bool, default=False, show_default=True, help="Train class-conditional model")
 @click.option("--arch", type=click.Choice(ARCHS), default="adm", show_default=True, help="Network architecture")
 @click.option("--precond", type=click.Choice(PRECOND_CHOICES), default="edm", show_default=True,
@@ -48,6 +63,9 @@ def _bad(exc: ConfigError) -> click.BadParameter:
 @click.option("--lr", metavar="FLOAT", type=float, default=1e-4, show_default=True, help="Learning rate")
 @click.option("--lr-rampup", metavar="MIMG", type=float, default=10, show_default=True, help="Learning rate warm-up")
 @click.option("--ema", metavar="MIMG", type=float, default=0.5, show_default=True, help="EMA half-life")
+@click.option("--ema-profiles", metavar="LIST", type=str, callback=_float_list,
+              help="Post-hoc EMA: also track power-function EMAs of these lengths (sigma_rel, e.g. 0.05,0.10) "
+                   "and save them at every --snap for `rdm ema`  [default: off]")
 @click.option("--dropout", metavar="FLOAT", type=float, default=0.13, show_default=True, help="Dropout probability")
 @click.option("--label-dropout", metavar="FLOAT", type=float, default=0.0, show_default=True,
               help="Probability of dropping the class label (classifier-free guidance)")
@@ -84,7 +102,9 @@ def _bad(exc: ConfigError) -> click.BadParameter:
               help="Part of the noise distribution covered by stage 2")
 @click.option("--blur-sigma-max", metavar="FLOAT", type=float, default=3.0, show_default=True,
               help="Maximum blur strength")
-def train(fp16: bool, precision: str | None, eff_attn: bool, dry_run: bool, **opts) -> None:
+@click.pass_context
+def train(ctx: click.Context, config_file: str | None, fp16: bool, precision: str | None, eff_attn: bool,
+          dry_run: bool, **opts) -> None:
     """Train a stage-1 (EDM) or stage-2 (blur) relay diffusion model.
 
     \b
@@ -102,6 +122,14 @@ def train(fp16: bool, precision: str | None, eff_attn: bool, dry_run: bool, **op
         raise click.BadParameter(f"{precision} contradicts --fp16=1", param_hint="'--precision'")
     opts["precision"] = precision or ("fp16" if fp16 else "fp32")
     try:
+        if config_file is not None:
+            given = {name for name in (*opts, "fp16") if _given(ctx, name)}
+            if "fp16" in given:
+                given.add("precision")
+            opts = merge_options(saved_config(config_file), opts, given)
+        for name in ("outdir", "data"):
+            if opts[name] is None:
+                raise ConfigError(f"--{name}", "missing (give it, or --config with a run's training_options.json)")
         plan = plan_training(TrainingConfig(**opts))
     except ConfigError as exc:
         raise _bad(exc) from None
@@ -112,8 +140,17 @@ def train(fp16: bool, precision: str | None, eff_attn: bool, dry_run: bool, **op
 
     try:
         run_training(plan)
+    except ConfigError as exc:  # found only once the training state is read (e.g. --ema-profiles on resume)
+        raise _bad(exc) from None
     except (NonFiniteLossError, RunFolderBusy) as exc:
         raise click.ClickException(str(exc)) from None
     except (ValueError, OSError) as exc:  # e.g. a damaged dataset image found while training
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise click.ClickException(first) from None
+
+
+def _given(ctx: click.Context, name: str) -> bool:
+    """Whether option ``name`` was set on the command line (or the environment), not left at its default."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source not in (click.core.ParameterSource.DEFAULT,
+                                                 click.core.ParameterSource.DEFAULT_MAP)

@@ -2,11 +2,28 @@
 
 Each transformation is applied to a sample with probability ``p x strength``; the network is told what was
 done through 9 *augmentation labels* per sample, so it learns the clean distribution at labels = 0 and the
-augmentations never leak into generated images. Labels, in order:
-``[xflip, yflip, scale, cos(rotation) - 1, sin(rotation), aniso cos(r), aniso sin(r), translate_x, translate_y]``.
+augmentations never leak into generated images. Labels, in order (EDM's ``AugmentPipe`` layout):
+``[xflip, yflip, scale, cos(rotation) - 1, sin(rotation), aniso w cos(r), aniso w sin(r), translate_x,
+translate_y]``.
 
-Every random draw comes from the caller's per-sample generators (one fixed-size draw of uniforms and one of
-normals per sample), so a sample's augmentation depends on its generator only, not on the batch.
+The geometric part resamples as EDM's pipeline does (the construction of Karras et al. 2020, "Training
+generative adversarial networks with limited data", appendix B.2): reflect-pad by what the transform
+reveals, upsample 2x with the Symlet-6 wavelet low-pass filter, sample bilinearly, low-pass with the same
+filter and decimate. For the same parameters the images match that pipeline (to float32 rounding; checked
+against an independent float64 computation in ``tests/test_augment.py``).
+
+Where this still differs from the reference:
+- The random draws. Here every sample draws a fixed-size block (11 uniforms, 4 normals) from its own
+  generator, so a sample's augmentation depends on its seed only; EDM draws each parameter for the whole
+  batch from the global generator. The distribution of parameters is the same, the numbers are not.
+- The padding margin is each sample's own; EDM pads the whole batch by the largest margin any sample needs.
+  The margin only moves where the zero border of the intermediate canvas lies, which reaches the outermost
+  filter taps near revealed borders (differences ~1e-6); per sample, an image's augmentation does not
+  depend on the batch it is in, so one process and several give the same batches.
+Kept from the reference on purpose: sym6 is not linear-phase, so a rotation moves the content by up to
+~0.1 pixel (0.095 px per axis for a half turn); and the aniso labels ``(w cos r, w sin r)`` do not tell
+``(w, r)`` from ``(-w, r + pi)``, which stretch along perpendicular axes. Changing either would change what
+the reference's networks were trained on.
 Written here rather than taken from a library because the draws must come from those generators and the
 labels must match the networks' ``augment_dim = 9`` layout.
 """
@@ -15,7 +32,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -26,8 +42,34 @@ from relay_diffusion.core.rng import SeedGenerators
 NUM_UNIFORMS = 11
 NUM_NORMALS = 4
 NUM_LABELS = 9
-#: Lanczos-4 resampling kernel radius on the 2x grid (taps at odd offsets 1, 3, 5, 7).
-_KERNEL_RADIUS = 7
+#: Decomposition low-pass filter of the Symlet-6 wavelet (PyWavelets' ``pywt.Wavelet('sym6').dec_lo``): the
+#: resampling filter of EDM's AugmentPipe. Orthonormal: sum h = sqrt(2), sum h[k] h[k + 2m] = [m == 0].
+SYM6 = (
+    0.015404109327027373, 0.0034907120842174702, -0.11799011114819057, -0.048311742585633,
+    0.4910559419267466, 0.787641141030194, 0.3379294217276218, -0.07263752278646252,
+    -0.021060292512300564, 0.04472490177066578, 0.0017677118642428036, -0.007800708325034148,
+)
+#: Extra border, in pixels, of the intermediate canvas on each side (a quarter of the filter length).
+FILTER_PAD = len(SYM6) // 4
+
+
+@dataclass
+class AugmentParams:
+    """The drawn parameters of a batch, one entry per sample (0 = not applied)."""
+
+    xflip: torch.Tensor         # [N] 1 = mirror left-right
+    yflip: torch.Tensor         # [N] 1 = mirror top-bottom
+    scale: torch.Tensor         # [N] isotropic scale exponent w: scale by 2^(w scale_std)
+    rotate: torch.Tensor        # [N] rotation angle (radians)
+    aniso: torch.Tensor         # [N] anisotropic scale exponent w: 2^(w aniso_std) along the direction r
+    aniso_angle: torch.Tensor   # [N] r
+    translate: torch.Tensor     # [N, 2] translation in units of translate_frac_std x (width, height)
+
+    def labels(self) -> torch.Tensor:
+        """The 9 augmentation labels ``[N, 9]`` in EDM's order (module docstring)."""
+        w, r = self.aniso, self.aniso_angle
+        return torch.stack([self.xflip, self.yflip, self.scale, self.rotate.cos() - 1, self.rotate.sin(),
+                            w * r.cos(), w * r.sin(), self.translate[:, 0], self.translate[:, 1]], dim=1)
 
 
 @dataclass
@@ -57,46 +99,53 @@ class AugmentPipe:
         translate_frac 1."""
         return cls(p=p, xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1)
 
-    def __call__(self, images: torch.Tensor, rng: SeedGenerators) -> tuple[torch.Tensor, torch.Tensor]:
-        n, _, h, w = images.shape
-        dev = images.device
-        u = rng.rand([NUM_UNIFORMS], dtype=torch.float32).to(dev)  # [N, 11]
-        z = rng.randn([NUM_NORMALS], dtype=torch.float32).to(dev)  # [N, 4]
+    @property
+    def geometric(self) -> bool:
+        """Whether the resampling runs at all (EDM runs it for the whole batch as soon as one is enabled)."""
+        return self.p > 0 and any(v > 0 for v in (self.scale, self.rotate_frac, self.aniso, self.translate_frac))
+
+    def draw(self, rng: SeedGenerators, device: torch.device) -> AugmentParams:
+        """One fixed-size draw per sample from its generator, mapped to the parameters."""
+        u = rng.rand([NUM_UNIFORMS], dtype=torch.float32).to(device)  # [N, 11]
+        z = rng.randn([NUM_NORMALS], dtype=torch.float32).to(device)  # [N, 4]
         zero = torch.zeros_like(u[:, 0])
 
         def applies(i: int, strength: float) -> torch.Tensor:
             return u[:, i] < strength * self.p
 
-        # Pixel blitting: flips are exact.
-        fx = torch.where(applies(1, self.xflip) & (u[:, 0] < 0.5), 1.0, zero)
-        fy = torch.where(applies(3, self.yflip) & (u[:, 2] < 0.5), 1.0, zero)
-        images = torch.where(fx.view(-1, 1, 1, 1) > 0, images.flip(3), images)
-        images = torch.where(fy.view(-1, 1, 1, 1) > 0, images.flip(2), images)
-
-        # General geometric transformations, as one matrix mapping output to input coordinates.
-        g = torch.eye(3, device=dev).expand(n, 3, 3)
-        s_w = torch.where(applies(4, self.scale), z[:, 0], zero)
-        s = torch.exp2(s_w * self.scale_std)
-        g = g @ _scale(1 / s, 1 / s)
-        theta = torch.where(applies(6, self.rotate_frac), (u[:, 5] * 2 - 1) * math.pi * self.rotate_frac_max, zero)
-        g = g @ _rotate(theta)
-        a_w = torch.where(applies(8, self.aniso), z[:, 1], zero)
-        a_r = torch.where(u[:, 9] < self.aniso_rotate_prob, (u[:, 7] * 2 - 1) * math.pi, zero)
-        a_s = torch.exp2(a_w * self.aniso_std)
-        g = g @ _rotate(-a_r) @ _scale(1 / a_s, a_s) @ _rotate(a_r)
-        t = torch.where(applies(10, self.translate_frac)[:, None], z[:, 2:4], torch.zeros_like(z[:, 2:4]))
-        g = g @ _translate(-t[:, 0] * w * self.translate_frac_std, -t[:, 1] * h * self.translate_frac_std)
-
-        moved = (s_w != 0) | (theta != 0) | (a_w != 0) | (t != 0).any(dim=1)
-        if bool(moved.any()):
-            idx = moved.nonzero().squeeze(1)
-            images = images.clone()
-            images[idx] = resample(images[idx], g[idx])
-
-        labels = torch.stack(
-            [fx, fy, s_w, theta.cos() - 1, theta.sin(), a_w * a_r.cos(), a_w * a_r.sin(), t[:, 0], t[:, 1]], dim=1
+        return AugmentParams(
+            xflip=torch.where(applies(1, self.xflip) & (u[:, 0] < 0.5), 1.0, zero),
+            yflip=torch.where(applies(3, self.yflip) & (u[:, 2] < 0.5), 1.0, zero),
+            scale=torch.where(applies(4, self.scale), z[:, 0], zero),
+            rotate=torch.where(applies(6, self.rotate_frac), (u[:, 5] * 2 - 1) * math.pi * self.rotate_frac_max, zero),
+            aniso=torch.where(applies(8, self.aniso), z[:, 1], zero),
+            aniso_angle=torch.where(u[:, 9] < self.aniso_rotate_prob, (u[:, 7] * 2 - 1) * math.pi, zero),
+            translate=torch.where(applies(10, self.translate_frac)[:, None], z[:, 2:4], torch.zeros_like(z[:, 2:4])),
         )
-        return images, labels
+
+    def inverse_matrix(self, params: AugmentParams, height: int, width: int) -> torch.Tensor:
+        """``G^-1 [N, 3, 3]`` mapping output to input pixel coordinates about the image centre (x right, y
+        down): ``S(1/s) R(theta) R(-r) S(1/a, a) R(r) T(-t)``, EDM's order of the transformations."""
+        n = params.scale.shape[0]
+        s = torch.exp2(params.scale * self.scale_std)
+        a = torch.exp2(params.aniso * self.aniso_std)
+        r = params.aniso_angle
+        tx = params.translate[:, 0] * width * self.translate_frac_std
+        ty = params.translate[:, 1] * height * self.translate_frac_std
+        g = torch.eye(3, device=s.device, dtype=s.dtype).expand(n, 3, 3)
+        g = g @ _scale(1 / s, 1 / s) @ _rotate(params.rotate)
+        g = g @ _rotate(-r) @ _scale(1 / a, a) @ _rotate(r)
+        return g @ _translate(-tx, -ty)
+
+    def __call__(self, images: torch.Tensor, rng: SeedGenerators) -> tuple[torch.Tensor, torch.Tensor]:
+        _, _, h, w = images.shape
+        params = self.draw(rng, images.device)
+        # Pixel blitting: flips are exact.
+        images = torch.where(params.xflip.view(-1, 1, 1, 1) > 0, images.flip(3), images)
+        images = torch.where(params.yflip.view(-1, 1, 1, 1) > 0, images.flip(2), images)
+        if self.geometric:
+            images = resample(images, self.inverse_matrix(params, h, w))
+        return images, params.labels()
 
 
 def _matrix(rows: list[list[torch.Tensor | float]], like: torch.Tensor) -> torch.Tensor:
@@ -120,77 +169,96 @@ def _translate(tx: torch.Tensor, ty: torch.Tensor) -> torch.Tensor:
     return _matrix([[1.0, 0.0, tx], [0.0, 1.0, ty], [0.0, 0.0, 1.0]], tx)
 
 
-@lru_cache(maxsize=None)
-def _lanczos_taps() -> tuple[float, ...]:
-    """Interpolation kernel on the 2x grid: 1 at offset 0, Lanczos-4 weights at odd offsets, 0 elsewhere."""
-    radius, a = _KERNEL_RADIUS, 4
-    taps = []
-    for k in range(-radius, radius + 1):
-        if k == 0:
-            taps.append(1.0)
-        elif k % 2 == 0:
-            taps.append(0.0)
-        else:
-            x = k / 2
-            taps.append(math.sin(math.pi * x) / (math.pi * x) * math.sin(math.pi * x / a) / (math.pi * x / a))
-    odd = sum(taps) - 1.0
-    return tuple(t if i == radius else t / odd for i, t in enumerate(taps))
+# --- resampling ---------------------------------------------------------------------------------------------
+def pad_margins(g_inv: torch.Tensor, height: int, width: int) -> tuple[int, int, int, int]:
+    """Reflection padding ``(left, right, top, bottom)`` that covers where the output corners come from, plus
+    ``2 FILTER_PAD`` pixels for the filters; at most one image size less one (what reflection allows)."""
+    cx, cy = (width - 1) / 2, (height - 1) / 2
+    corners = torch.tensor([[-cx, -cy, 1.0], [cx, -cy, 1.0], [cx, cy, 1.0], [-cx, cy, 1.0]],
+                           dtype=g_inv.dtype, device=g_inv.device)
+    src = torch.einsum("nij,kj->nki", g_inv, corners)[..., :2].reshape(-1, 2)  # [N * 4, xy]
+    need = torch.cat([-src, src], dim=1).max(dim=0).values  # [left, top, right, bottom] extents
+    need = need + torch.tensor([2 * FILTER_PAD - cx, 2 * FILTER_PAD - cy] * 2, dtype=need.dtype, device=need.device)
+    limit = torch.tensor([width - 1, height - 1] * 2, dtype=need.dtype, device=need.device)
+    left, top, right, bottom = (int(v) for v in torch.minimum(need.clamp(min=0), limit).ceil().tolist())
+    return left, right, top, bottom
 
 
-def _filter_axis(x: torch.Tensor, taps: torch.Tensor, dim: int) -> torch.Tensor:
-    """Depthwise 'valid' correlation of ``x [N, C, H, W]`` with ``taps`` along ``dim`` (2 or 3)."""
+def _depthwise(x: torch.Tensor, taps: torch.Tensor, dim: int, stride: int, padding: int) -> torch.Tensor:
+    """Depthwise correlation of ``x [N, C, H, W]`` with the 1-D ``taps`` along ``dim`` (2 or 3), zero-padded."""
     c = x.shape[1]
-    k = taps.to(x.dtype).flip(0)
-    weight = k.view(1, 1, -1, 1) if dim == 2 else k.view(1, 1, 1, -1)
-    return F.conv2d(x, weight.expand(c, 1, *weight.shape[2:]), groups=c)
+    weight = taps.view(1, 1, -1, 1) if dim == 2 else taps.view(1, 1, 1, -1)
+    strides = (stride, 1) if dim == 2 else (1, stride)
+    pads = (padding, 0) if dim == 2 else (0, padding)
+    return F.conv2d(x, weight.expand(c, 1, *weight.shape[2:]), stride=strides, padding=pads, groups=c)
 
 
-def _pad_axis(x: torch.Tensor, amount: int, dim: int) -> torch.Tensor:
-    mode = "reflect" if x.shape[dim] > amount else "replicate"
-    pad = [0, 0, amount, amount] if dim == 2 else [amount, amount, 0, 0]
-    return F.pad(x, pad, mode=mode)
+def _sym6(like: torch.Tensor) -> torch.Tensor:
+    """SYM6 in ``like``'s dtype and device (rounded from float64, not through float32)."""
+    return torch.tensor(SYM6, dtype=torch.float64).to(like.dtype).to(like.device)
 
 
-def _upsample2x(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """Band-limited 2x upsampling along ``dim`` (``n -> 2n - 1`` samples): sample ``2k`` is the input's ``k``,
-    ``2k + 1`` lies halfway, so both ends are pixel centres and reflections stay consistent."""
-    m = _KERNEL_RADIUS
-    pad = (m + 1) // 2
-    taps = torch.tensor(_lanczos_taps(), device=x.device)
-    xp = _pad_axis(x, pad, dim)
-    shape = list(xp.shape)
-    shape[dim] *= 2
-    z = xp.new_zeros(shape)
-    (z[:, :, ::2] if dim == 2 else z[:, :, :, ::2]).copy_(xp)
-    y = _filter_axis(z, taps, dim)  # output o is centred on z[o + m], i.e. on 2x position o + m - 2 pad
-    start = 2 * pad - m
-    return y.narrow(dim, start, x.shape[dim] * 2 - 1)
+def upsample2x(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """``n -> 2n`` samples along ``dim``: insert a zero after every sample but the last, then convolve with
+    SYM6 so that ``out[i] = sum_k h[k] z[i + 5 - k]`` (``z`` the zero-stuffed signal)."""
+    n = x.shape[dim]
+    shape = list(x.shape)
+    shape[dim] = 2 * n - 1
+    z = x.new_zeros(shape)
+    if dim == 2:
+        z[:, :, ::2] = x
+    else:
+        z[:, :, :, ::2] = x
+    taps = _sym6(x).flip(0)  # correlation with the reversed filter = convolution
+    return _depthwise(z, taps, dim, stride=1, padding=len(SYM6) // 2)
 
 
-def _downsample2x(y: torch.Tensor, dim: int) -> torch.Tensor:
-    """Low-pass (the same kernel, halved) and keep the even samples along ``dim``."""
-    m = _KERNEL_RADIUS
-    taps = torch.tensor(_lanczos_taps(), device=y.device) / 2
-    out = _filter_axis(_pad_axis(y, m, dim), taps, dim)
-    return out[:, :, ::2] if dim == 2 else out[:, :, :, ::2]
+def downsample2x(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """``2m -> m`` samples along ``dim``: ``out[k] = sum_j h[j] x[2k + j - 5]`` (SYM6 low-pass, decimation)."""
+    return _depthwise(x, _sym6(x), dim, stride=2, padding=(len(SYM6) - 1) // 2)
+
+
+def sampling_grid(g_inv: torch.Tensor, offset: tuple[float, float], out_hw: tuple[int, int],
+                  up_hw: tuple[int, int]) -> torch.Tensor:
+    """``grid_sample`` coordinates ``[N, Ho, Wo, 2]`` (``align_corners=False``) of the 2x output canvas.
+
+    An output pixel ``o`` of the canvas sits at ``x2 = o - (Wo - 1)/2`` (2x pixels about its centre), i.e. at
+    ``x1 = (x2 + 1/2) / 2`` in input pixels; it reads the padded input at ``G^-1 x1 + offset`` (offset: the
+    padding's shift of the centre), which lies at ``u = 2 (G^-1 x1 + offset) - 1/2`` on the upsampled image,
+    normalised as ``2 u / W_up``. The half pixels follow the wavelet filters' alignment (EDM's pipeline).
+    """
+    (ho, wo), (hu, wu) = out_hw, up_hw
+    dev, dt = g_inv.device, g_inv.dtype
+    xs = (torch.arange(wo, device=dev, dtype=dt) - (wo - 1) / 2 + 0.5) / 2
+    ys = (torch.arange(ho, device=dev, dtype=dt) - (ho - 1) / 2 + 0.5) / 2
+    gy, gx = torch.meshgrid(ys, xs, indexing="ij")
+    pts = torch.stack([gx, gy, torch.ones_like(gx)], dim=-1)  # [Ho, Wo, 3]
+    src = torch.einsum("nij,hwj->nhwi", g_inv, pts)[..., :2]
+    src = src + torch.tensor(offset, device=dev, dtype=dt)
+    u = 2 * src - 0.5
+    return u / torch.tensor([wu / 2, hu / 2], device=dev, dtype=dt)
 
 
 def resample(images: torch.Tensor, g_inv: torch.Tensor) -> torch.Tensor:
-    """Apply an affine map per sample: ``out(x) = images(g_inv x)``, ``x`` in pixel units about the centre.
+    """Apply an affine map per sample: ``out(x) = images(G^-1 x)``, ``x`` in pixel units about the centre.
 
-    ``images``: ``[N, C, H, W]``; ``g_inv``: ``[N, 3, 3]``. Upsample 2x (Lanczos), sample bilinearly with
-    reflection at the borders, low-pass and decimate back, which keeps aliasing low.
+    ``images``: ``[N, C, H, W]``; ``g_inv``: ``[N, 3, 3]``. Each sample on its own (its own margin, module
+    docstring): see :func:`resample_batch`.
     """
-    n, _, h, w = images.shape
-    up = _upsample2x(_upsample2x(images, 2), 3)  # [N, C, 2H-1, 2W-1]; sample i sits at input coordinate i / 2
-    cy, cx = (h - 1) / 2, (w - 1) / 2
-    ys = torch.arange(2 * h - 1, device=images.device, dtype=images.dtype) / 2 - cy
-    xs = torch.arange(2 * w - 1, device=images.device, dtype=images.dtype) / 2 - cx
-    gy, gx = torch.meshgrid(ys, xs, indexing="ij")
-    pts = torch.stack([gx, gy, torch.ones_like(gx)], dim=-1)  # [2H, 2W, 3]
-    src = torch.einsum("nij,hwj->nhwi", g_inv.to(images.dtype), pts)
-    nx = (src[..., 0] + cx) / max(w - 1, 1) * 2 - 1  # align_corners=True: -1 and 1 are the outer pixel centres
-    ny = (src[..., 1] + cy) / max(h - 1, 1) * 2 - 1
-    out = F.grid_sample(up, torch.stack([nx, ny], dim=-1), mode="bilinear", padding_mode="reflection",
-                        align_corners=True)
-    return _downsample2x(_downsample2x(out, 2), 3)
+    g_inv = g_inv.to(images.dtype)
+    return torch.cat([resample_batch(images[i:i + 1], g_inv[i:i + 1]) for i in range(images.shape[0])])
+
+
+def resample_batch(images: torch.Tensor, g_inv: torch.Tensor) -> torch.Tensor:
+    """:func:`resample` with one margin for the batch (EDM's way): reflect-pad (:func:`pad_margins`), upsample
+    2x with SYM6, sample bilinearly (zeros outside), SYM6 low-pass and decimate, crop back to ``H x W``."""
+    n, c, h, w = images.shape
+    g_inv = g_inv.to(images.dtype)
+    left, right, top, bottom = pad_margins(g_inv, h, w)
+    x = F.pad(images, [left, right, top, bottom], mode="reflect")
+    x = upsample2x(upsample2x(x, 3), 2)  # [N, C, 2 (H + top + bottom), 2 (W + left + right)]
+    out_hw = (2 * (h + 2 * FILTER_PAD), 2 * (w + 2 * FILTER_PAD))
+    grid = sampling_grid(g_inv, ((left - right) / 2, (top - bottom) / 2), out_hw, x.shape[2:])
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    x = downsample2x(x, 3)[:, :, :, FILTER_PAD:-FILTER_PAD]
+    return downsample2x(x, 2)[:, :, FILTER_PAD:-FILTER_PAD, :]

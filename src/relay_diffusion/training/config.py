@@ -50,6 +50,7 @@ class TrainingConfig:
     lr_rampup: float = 10.0                     # linear learning-rate warm-up, Mimg (0 = none)
     ema: float = 0.5                            # EMA half-life, Mimg
     ema_rampup: float = 0.05                    # EMA half-life is at most this fraction of the images seen
+    ema_profiles: Optional[list[float]] = None  # post-hoc EMA: power-function EMA lengths (sigma_rel) to track
     dropout: float = 0.13                       # dropout probability of the residual blocks
     label_dropout: float = 0.0                  # probability of dropping the class label (classifier-free guidance)
     augment: float = 0.0                        # probability of each non-leaking augmentation (0 = off)
@@ -95,6 +96,8 @@ class TrainingConfig:
         _positive("--lr", self.lr)
         _non_negative("--lr-rampup", self.lr_rampup)
         _non_negative("--ema", self.ema)
+        if self.ema_profiles is not None:
+            _ema_profiles(self.ema_profiles)
         _probability("--dropout", self.dropout)
         _probability("--label-dropout", self.label_dropout)
         _probability("--augment", self.augment)
@@ -173,6 +176,48 @@ class TrainingConfig:
         if unknown:
             raise ValueError(f"unknown training options {unknown}")
         return cls(**d)
+
+
+def saved_config(path: str) -> dict[str, Any]:
+    """The options of a run, from its ``training_options.json``, as :class:`TrainingConfig` fields.
+
+    The recorded seed replaces a random one (``seed: null``), so the rerun draws the same numbers;
+    ``resume`` is not taken over (resuming is asked for with ``--resume``). Raises :class:`ConfigError`
+    (``--config``) for a missing or malformed file.
+    """
+    try:
+        with open(path) as f:
+            options = json.load(f)
+    except OSError as exc:
+        raise ConfigError("--config", f"cannot read {path}: {exc.strerror or exc}") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError("--config", f"{path} is not JSON: {exc}") from None
+    if not isinstance(options, dict) or not isinstance(options.get("config"), dict):
+        raise ConfigError("--config", f"{path} has no \"config\" section (expected a training_options.json)")
+    values = dict(options["config"])
+    if values.get("seed") is None and isinstance(options.get("seed"), int):
+        values["seed"] = options["seed"]
+    values["resume"] = None
+    try:
+        return TrainingConfig.from_dict(values).to_dict()
+    except (TypeError, ValueError) as exc:
+        raise ConfigError("--config", f"{path}: {exc}") from None
+
+
+def merge_options(saved: dict[str, Any], given_values: dict[str, Any], given: set[str]) -> dict[str, Any]:
+    """``saved`` options (:func:`saved_config`) overridden by the options named in ``given`` (those set on the
+    command line); options the file lacks keep their value from ``given_values``."""
+    return {**saved, **{k: v for k, v in given_values.items() if k in given or k not in saved}}
+
+
+def _ema_profiles(values: list[float]) -> None:
+    """Post-hoc EMA lengths: distinct, each in (0, sqrt(1/12)) (EDM2 tracks 0.05 and 0.10)."""
+    limit = math.sqrt(1 / 12)
+    for v in values:
+        if not (isinstance(v, (int, float)) and 0 < v < limit):
+            raise ConfigError("--ema-profiles", f"each EMA length (sigma_rel) must be in (0, {limit:.4f}), got {v}")
+    if len(set(values)) != len(values):
+        raise ConfigError("--ema-profiles", f"the EMA lengths must be distinct, got {values}")
 
 
 def _choice(opt: str, value: str, allowed: tuple[str, ...]) -> None:

@@ -27,7 +27,10 @@ from relay_diffusion.core.rng import SeedGenerators
 from relay_diffusion.utils import distributed
 from relay_diffusion.training import grids
 from relay_diffusion.training.augment import AugmentPipe
+from relay_diffusion.training.phema import PowerEMATracker
+from relay_diffusion.training.posthoc import save_profile_snapshots
 from relay_diffusion.training.order import DataOrder, StepLayout, dropout_seed, make_loader, sample_seeds
+from relay_diffusion.training.config import ConfigError
 from relay_diffusion.training.plan import TrainingPlan, build_loss, create_run_dir, open_dataset
 from relay_diffusion.training.rundir import RunFolderLock, clean_stale_temps, remove_failed_run
 from relay_diffusion.training.state import latest_state, load_state, save_state, state_name
@@ -135,12 +138,14 @@ class Trainer:
         self.net = build_training_network(self.plan, self.seed).train().requires_grad_(True).to(self.device)
         self.ema = copy.deepcopy(self.net).eval().requires_grad_(False)
         self.optimizer = torch.optim.Adam(self.net.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
+        self.phema = PowerEMATracker(self.net, cfg.ema_profiles) if cfg.ema_profiles else None
         self.step, self.nimg = 0, 0
         if state is not None:
             self.net.load_state_dict(state["net"])
             self.ema.load_state_dict(state["ema"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.step, self.nimg = int(state["step"]), int(state["nimg"])
+            self._load_phema(state)
         elif cfg.transfer is not None:
             transfer_weights(self.net, cfg.transfer, self.log)
             self.ema.load_state_dict(self.net.state_dict())
@@ -151,6 +156,23 @@ class Trainer:
             )
         self.loss_fn = build_loss(self.plan.loss)
         self.augment = AugmentPipe.edm_preset(cfg.augment) if cfg.augment > 0 else None
+
+    def _load_phema(self, state: dict[str, Any]) -> None:
+        """The tracked power-function EMAs of a resumed state; they cannot start in the middle of a run."""
+        stored = state.get("phema")
+        if self.phema is None:
+            if stored is not None:
+                self.log(f"Note: the state tracks EMA profiles {stored['sigma_rels']}; this run does not "
+                         f"(pass --ema-profiles to keep them)")
+            return
+        if stored is None and self.step > 0:
+            raise ConfigError("--ema-profiles", f"the training state {self.plan.resume_state} tracks no post-hoc "
+                                                f"EMA profiles; they must be tracked from the start of a run")
+        if stored is not None:
+            try:
+                self.phema.load_state_dict(stored)
+            except ValueError as exc:
+                raise ConfigError("--ema-profiles", f"{exc} (resume with the same --ema-profiles)") from None
 
     def _setup_data(self) -> None:
         """The dataset and this process's loader, positioned at the images seen so far."""
@@ -172,6 +194,9 @@ class Trainer:
         self.log(f"Batch:         {cfg.batch} = {plan.batch_gpu} x {self.ctx.world_size} processes x "
                  f"{plan.rounds} rounds; device {self.device}")
         self.log(f"Duration:      {cfg.duration} Mimg ({self._total_steps()} steps); seed {self.seed}")
+        if self.phema is not None:
+            self.log(f"Post-hoc EMA:  profiles sigma_rel {self.phema.sigma_rels} (gamma "
+                     f"{', '.join(f'{g:.2f}' for g in self.phema.gammas)}), saved at every --snap under phema/")
         if resumed:
             self.log(f"Resumed from:  {plan.resume_state} (step {self.step}, kimg {self.nimg / 1000:.3f})")
         for note in plan.notes:
@@ -233,6 +258,8 @@ class Trainer:
         with torch.no_grad():
             for p_ema, p_net in zip(self.ema.parameters(), self.net.parameters()):
                 p_ema.copy_(p_net.detach().lerp(p_ema, beta))
+        if self.phema is not None:
+            self.phema.update(self.net, self.nimg + cfg.batch, cfg.batch)
         self.nimg += cfg.batch
         self.step += 1
         return mean_loss
@@ -248,6 +275,8 @@ class Trainer:
         kimg = self.nimg // 1000
         extra = self._snapshot_extra()
         save_network(self.ema, self.run_dir / f"network-snapshot-{kimg:06d}.safetensors", extra=extra)
+        if self.phema is not None:
+            save_profile_snapshots(self.phema, self.run_dir, self.nimg, self.step, self.cfg.batch, extra)
         if self.cfg.grid > 0:
             images = self._grid_images()
             if images is not None:
@@ -276,7 +305,8 @@ class Trainer:
     def _save_state(self) -> None:
         options = self.plan.options(str(self.run_dir))
         save_state(self.run_dir / state_name(self.nimg // 1000), self.net, self.ema, self.optimizer,
-                   self.step, self.nimg, self.seed, options)
+                   self.step, self.nimg, self.seed, options,
+                   phema=self.phema.state_dict() if self.phema is not None else None)
 
     # --- main loop ---------------------------------------------------------------------------------
     def run(self) -> Path:
@@ -323,11 +353,11 @@ class Trainer:
                     }
                     self.log(progress_line(record))
                     self.stats.append(record)
+                    self.stats.flush()  # before the state: a state never has fewer records than its step
                     if cfg.snap is not None and (done or tick % cfg.snap == 0):
                         self._snapshot()
                     if done or (cfg.dump is not None and tick % cfg.dump == 0 and tick != 0):
                         self._save_state()
-                    self.stats.flush()
                     self.log.flush()
                 distributed.barrier()
                 if done:

@@ -1,6 +1,6 @@
 """Training state for resuming: state_dicts only, saved with ``torch.save`` and read with ``weights_only=True``.
 
-A state holds the network, its EMA, the optimizer, the step and images seen (which is also the position in
+A state holds the network, its EMA, the post-hoc EMA profiles when tracked (``phema``), the optimizer, the step and images seen (which is also the position in
 the data order and the random streams, see :mod:`relay_diffusion.training.order`), the seed and the
 resolved options. No code and no pickled objects: loading cannot execute anything.
 """
@@ -26,7 +26,8 @@ def state_name(kimg: int) -> str:
 
 
 def save_state(path: Path, net: torch.nn.Module, ema: torch.nn.Module, optimizer: torch.optim.Optimizer,
-               step: int, nimg: int, seed: int, options: dict[str, Any]) -> None:
+               step: int, nimg: int, seed: int, options: dict[str, Any],
+               phema: Optional[dict[str, Any]] = None) -> None:
     """Write a resumable state atomically (a kill during the write leaves the previous file intact)."""
     state = {
         "format": FORMAT,
@@ -38,6 +39,8 @@ def save_state(path: Path, net: torch.nn.Module, ema: torch.nn.Module, optimizer
         "seed": int(seed),
         "options": json.dumps(options),
     }
+    if phema is not None:  # PowerEMATracker.state_dict(): {"sigma_rels": [...], "emas": [state_dict, ...]}
+        state["phema"] = _cpu(phema)
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 

@@ -2,7 +2,8 @@
 
 Files are rewritten whole through a temporary name and a rename at every tick (they are small: one line per
 tick), so a killed run never leaves a torn file behind. TensorBoard scalars are written only when the
-``tensorboard`` package is installed.
+``tensorboard`` package is installed; on a resume in place they are rewritten from the kept records (see
+:func:`open_tensorboard`), so every curve has each step once.
 """
 
 from __future__ import annotations
@@ -64,14 +65,12 @@ class StatsLog:
                     continue
                 if rec.get("step", math.inf) <= resume_step:
                     self.records.append(rec)
-        self._tb = _tensorboard_writer(run_dir)
+        self._tb = open_tensorboard(run_dir, self.records if resume_step is not None else None)
 
     def append(self, record: dict[str, Any]) -> None:
         self.records.append(record)
         if self._tb is not None:
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key not in ("tick", "step", "kimg", "timestamp"):
-                    self._tb.add_scalar(key, value, global_step=int(round(record["kimg"] * 1000)))
+            write_scalars(self._tb, record)
             self._tb.flush()
 
     def flush(self) -> None:
@@ -86,12 +85,44 @@ class StatsLog:
             self._tb.close()
 
 
-def _tensorboard_writer(run_dir: Path):
+TB_PATTERN = "events.out.tfevents.*"
+
+
+def tb_step(record: dict[str, Any]) -> int:
+    """TensorBoard's global step of a record: the images seen."""
+    return int(round(record["kimg"] * 1000))
+
+
+def write_scalars(writer, record: dict[str, Any]) -> None:
+    for key, value in record.items():
+        if isinstance(value, (int, float)) and key not in ("tick", "step", "kimg", "timestamp"):
+            writer.add_scalar(key, value, global_step=tb_step(record), walltime=record.get("timestamp"))
+
+
+def open_tensorboard(run_dir: Path, kept: Optional[list[dict[str, Any]]] = None):
+    """A ``SummaryWriter`` on ``run_dir``, or None without the ``tensorboard`` package.
+
+    ``kept`` (a resume in place): the records up to the resumed state. A killed run's event files also hold
+    the points written after that state, which the resumed run writes again; so the kept records are
+    written into a fresh event file and the old files are removed afterwards (a kill in between leaves
+    duplicates that the next resume removes). ``purge_step`` tells a TensorBoard that already read the old
+    files to drop its points from the first step after the state on.
+    """
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # tensorboard is optional
         return None
-    return SummaryWriter(str(run_dir))
+    if kept is None:
+        return SummaryWriter(str(run_dir))
+    old = sorted(run_dir.glob(TB_PATTERN))
+    purge_step = max((tb_step(r) for r in kept), default=-1) + 1
+    writer = SummaryWriter(str(run_dir), purge_step=purge_step)
+    for record in kept:
+        write_scalars(writer, record)
+    writer.flush()
+    for path in old:
+        path.unlink(missing_ok=True)
+    return writer
 
 
 def memory_gb(device: torch.device) -> dict[str, float]:
@@ -139,8 +170,11 @@ def progress_line(rec: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
-def plot_loss(points: list[tuple[float, float]], path: Path, size: tuple[int, int] = (720, 420)) -> None:
-    """Loss against kimg as a PNG, drawn with Pillow (no plotting dependency): raw values and a running mean."""
+def plot_loss(points: list[tuple[float, float]], path: Path, size: tuple[int, int] = (720, 420),
+              xlabel: str = "kimg", title: str = "training loss", smooth: bool = True,
+              markers: Optional[list[tuple[float, float]]] = None) -> None:
+    """Loss against kimg as a PNG, drawn with Pillow (no plotting dependency): raw values and a running mean
+    (``smooth``), or one line through ``points``; ``markers`` are drawn as dots."""
     from PIL import Image, ImageDraw, ImageFont
 
     width, height = size
@@ -150,8 +184,9 @@ def plot_loss(points: list[tuple[float, float]], path: Path, size: tuple[int, in
     font = ImageFont.load_default()
     xs = [p[0] for p in points]
     ys = [p[1] for p in points]
-    x0, x1 = min(xs), max(xs)
-    y0, y1 = min(ys), max(ys)
+    every = points + list(markers or [])
+    x0, x1 = min(p[0] for p in every), max(p[0] for p in every)
+    y0, y1 = min(p[1] for p in every), max(p[1] for p in every)
     if x1 == x0:
         x1 = x0 + 1
     if y1 == y0:
@@ -173,11 +208,15 @@ def plot_loss(points: list[tuple[float, float]], path: Path, size: tuple[int, in
         xx, _ = px(fx, y0)
         draw.line([xx, height - bottom, xx, height - bottom + 4], fill="black")
         draw.text((xx - 15, height - bottom + 8), f"{fx:.4g}", fill="black", font=font)
-    draw.text((width // 2 - 15, height - 18), "kimg", fill="black", font=font)
-    draw.text((left, 8), "training loss", fill="black", font=font)
-    draw.line([px(x, y) for x, y in points], fill=(170, 170, 220), width=1)
-    k = max(1, len(points) // 20)
-    smooth = [sum(ys[max(0, i - k + 1): i + 1]) / len(ys[max(0, i - k + 1): i + 1]) for i in range(len(ys))]
-    draw.line([px(x, y) for x, y in zip(xs, smooth)], fill=(20, 60, 200), width=2)
+    draw.text((width // 2 - 3 * len(xlabel), height - 18), xlabel, fill="black", font=font)
+    draw.text((left, 8), title, fill="black", font=font)
+    if smooth:
+        draw.line([px(x, y) for x, y in points], fill=(170, 170, 220), width=1)
+        k = max(1, len(points) // 20)
+        ys = [sum(ys[max(0, i - k + 1): i + 1]) / len(ys[max(0, i - k + 1): i + 1]) for i in range(len(ys))]
+    draw.line([px(x, y) for x, y in zip(xs, ys)], fill=(20, 60, 200), width=2)
+    for x, y in markers or []:
+        cx, cy = px(x, y)
+        draw.ellipse([cx - 4, cy - 4, cx + 4, cy + 4], fill=(200, 40, 40))
     with atomic_path(path) as tmp:
         img.save(tmp, format="PNG")
