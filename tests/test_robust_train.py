@@ -129,3 +129,21 @@ def test_a_damaged_dataset_leaves_no_stub_run_folder(tmp_path, data):
     result = train(tmp_path / "runs", broken)
     clean_error(result, "broken.zip")
     assert not (tmp_path / "runs").exists() or not any(p.is_dir() for p in (tmp_path / "runs").iterdir())
+
+
+def test_resume_refuses_contradicting_options_and_continues_with_the_saved_ones(tmp_path, data):
+    out = tmp_path / "run"
+    assert train(out, data, "--nosubdir", "--precond=blur", "--up-scale=2").exit_code == 0
+    before = files(out)
+    for args, needle in ((["--batch=16"], "--batch: 16 given, the run has 8"),
+                         (["--precond=edm"], "--precond: \"edm\" given, the run has \"blur\""),
+                         (["--lr=1e-4"], "--lr"), (["--seed=2"], "--seed"), (["--cbase=32"], "--cbase"),
+                         (["--blur-sigma-max=2"], "--blur-sigma-max")):
+        result = train(out, data, "--nosubdir", "--resume", str(out), "--precond=blur", "--up-scale=2", *args)
+        clean_error(result, "--resume", "contradict", needle)
+        assert files(out) == before
+    # nothing but --resume (and where to write): the run's own options, stage 2 included
+    result = CliRunner().invoke(train_cli, ["--outdir", str(out), "--resume", str(out), "--duration=0.000032"])
+    assert result.exit_code == 0, result.output
+    log = (out / "log.txt").read_text()
+    assert "BlurLoss" in log and "Resumed from" in log

@@ -122,11 +122,15 @@ def train(ctx: click.Context, config_file: str | None, fp16: bool, precision: st
         raise click.BadParameter(f"{precision} contradicts --fp16=1", param_hint="'--precision'")
     opts["precision"] = precision or ("fp16" if fp16 else "fp32")
     try:
+        given = {name for name in (*opts, "fp16") if _given(ctx, name)}
+        if "fp16" in given:
+            given.add("precision")
         if config_file is not None:
-            given = {name for name in (*opts, "fp16") if _given(ctx, name)}
-            if "fp16" in given:
-                given.add("precision")
             opts = merge_options(saved_config(config_file), opts, given)
+        if opts.get("resume"):  # options left out continue with the resumed run's own
+            saved = _resumed_options(opts["resume"])
+            if saved is not None:
+                opts = merge_options(saved, opts, given | {"resume"})
         for name in ("outdir", "data"):
             if opts[name] is None:
                 raise ConfigError(f"--{name}", "missing (give it, or --config with a run's training_options.json)")
@@ -147,6 +151,19 @@ def train(ctx: click.Context, config_file: str | None, fp16: bool, precision: st
     except (ValueError, OSError) as exc:  # e.g. a damaged dataset image found while training
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise click.ClickException(first) from None
+
+
+def _resumed_options(resume: str) -> dict | None:
+    """The config of the run that ``--resume`` names (a run folder or a state file), or None."""
+    import os
+
+    from relay_diffusion.training.plan import saved_run_config
+    from relay_diffusion.training.state import latest_intact_state
+
+    if os.path.isdir(resume):
+        state, _ = latest_intact_state(resume)
+        return saved_run_config(str(state), True) if state is not None else None
+    return saved_run_config(resume, False) if os.path.isfile(resume) else None
 
 
 def _given(ctx: click.Context, name: str) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -202,6 +203,26 @@ def saved_config(path: str) -> dict[str, Any]:
         return TrainingConfig.from_dict(values).to_dict()
     except (TypeError, ValueError) as exc:
         raise ConfigError("--config", f"{path}: {exc}") from None
+
+
+#: Options a resumed run may change: they decide how long, where and how fast it runs, not what it computes.
+RESUME_MUTABLE = frozenset({
+    "outdir", "duration", "tick", "snap", "dump", "workers", "device", "bench", "cache", "batch_gpu", "resume",
+    "desc", "nosubdir", "grid", "transfer",
+})
+
+
+def resume_conflicts(saved: dict[str, Any], config: "TrainingConfig") -> list[str]:
+    """The options of ``config`` that contradict the saved run's (``saved``: its config section), one line each."""
+    now = config.to_dict()
+    out = []
+    for key in sorted(set(saved) & set(now)):
+        if key in RESUME_MUTABLE or saved[key] == now[key]:
+            continue
+        if key == "data" and os.path.abspath(str(saved[key])) == os.path.abspath(str(now[key])):
+            continue
+        out.append(f"--{key.replace('_', '-')}: {json.dumps(now[key])} given, the run has {json.dumps(saved[key])}")
+    return out
 
 
 def merge_options(saved: dict[str, Any], given_values: dict[str, Any], given: set[str]) -> dict[str, Any]:

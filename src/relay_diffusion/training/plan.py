@@ -5,6 +5,7 @@ any process group, network or file exists.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -14,7 +15,7 @@ from typing import Any, Optional
 
 import torch
 
-from relay_diffusion.training.config import AUGMENT_DIM, PRECOND_NETWORKS, ConfigError, TrainingConfig
+from relay_diffusion.training.config import AUGMENT_DIM, PRECOND_NETWORKS, ConfigError, TrainingConfig, resume_conflicts
 from relay_diffusion.utils.distributed import env_world_size
 from relay_diffusion.training.rundir import run_files
 from relay_diffusion.training.state import check_state, latest_intact_state
@@ -145,6 +146,12 @@ def plan_training(cfg: TrainingConfig, world_size: Optional[int] = None) -> Trai
             resume_state = cfg.resume
         else:
             raise ConfigError("--resume", f"no such run folder or state file: {cfg.resume}")
+    if resume_state is not None:
+        saved = saved_run_config(resume_state, in_place)
+        conflicts = resume_conflicts(saved, cfg) if saved is not None else []
+        if conflicts:
+            raise ConfigError("--resume", "these options contradict the run being resumed (leave them out to "
+                                          "continue with the run's own):\n  " + "\n  ".join(conflicts))
     if cfg.resume is None and cfg.nosubdir and run_files(Path(cfg.outdir)):
         raise ConfigError("--nosubdir", f"{cfg.outdir} already holds a training run ({', '.join(run_files(Path(cfg.outdir))[:3])}"
                                         "); continue it with --resume, or choose another --outdir")
@@ -157,6 +164,31 @@ def plan_training(cfg: TrainingConfig, world_size: Optional[int] = None) -> Trai
     return TrainingPlan(config=cfg, world_size=world_size, batch_gpu=batch_gpu, rounds=rounds, dataset=info,
                         network=network, loss=loss_spec(cfg), resume_state=resume_state,
                         resume_in_place=in_place, notes=notes)
+
+
+def saved_run_config(resume_state: str, in_place: bool) -> Optional[dict[str, Any]]:
+    """The config section a resumed run was started with (its ``training_options.json``, else the state's own
+    copy), with the seed it drew; None when neither says."""
+    from relay_diffusion.training.config import saved_config
+
+    options_file = Path(resume_state).parent / "training_options.json"
+    if in_place and options_file.is_file():
+        try:
+            return saved_config(str(options_file))
+        except ConfigError:
+            pass
+    try:
+        state = torch.load(resume_state, map_location="cpu", weights_only=True, mmap=True)
+        options = json.loads(state.get("options") or "{}")
+    except (ValueError, RuntimeError, OSError):
+        return None
+    config = options.get("config") if isinstance(options, dict) else None
+    if not isinstance(config, dict):
+        return None
+    if config.get("seed") is None and isinstance(state.get("seed"), int):
+        config = {**config, "seed": state["seed"]}
+    known = {f.name for f in dataclasses.fields(TrainingConfig)}
+    return {k: v for k, v in config.items() if k in known and k != "resume"}
 
 
 def _check_network_builds(network: dict[str, Any]) -> None:
