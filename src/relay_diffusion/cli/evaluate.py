@@ -17,19 +17,40 @@ import torch
 
 from relay_diffusion.utils import distributed
 from relay_diffusion.data.dataset import ImageFolderDataset
-from relay_diffusion.utils.fileio import atomic_write_text
+from relay_diffusion.utils.fileio import atomic_write_text, write_error_message
 from relay_diffusion.metrics import (
     METRICS,
     ActivationFile,
     CalcOptions,
     DetectorError,
     calc_metrics,
+    check_finite,
     compute_activations,
     load_detector,
     save_activations,
     save_npz,
     statistics_arrays,
 )
+
+
+def _one_line(exc: BaseException) -> str:
+    """The message of ``exc`` without the worker traceback torch's DataLoader puts into errors it re-raises
+    (``Caught ValueError in DataLoader worker process 0. Original Traceback ...``): its last line."""
+    message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+    if "Original Traceback" in message:
+        last = message.strip().splitlines()[-1]
+        message = last.split(": ", 1)[1] if ": " in last else last
+    return message
+
+
+def _write(path: str, write) -> None:
+    """``write()`` (which writes ``path``), a failure as one error line naming the file."""
+    try:
+        write()
+    except ValueError as exc:  # non-finite arrays, refused before anything is written
+        raise click.ClickException(str(exc)) from None
+    except OSError as exc:
+        raise click.ClickException(write_error_message(exc, path)) from None
 
 
 def _device(requested: str) -> torch.device:
@@ -49,15 +70,16 @@ def _activations_of(data: str, batch: int, detector: str, max_images: int | None
     try:
         det = load_detector(detector, device)
         dataset = ImageFolderDataset(data, max_size=max_images)
-    except (DetectorError, ValueError) as exc:
-        raise click.ClickException(str(exc)) from exc
+    except (DetectorError, ValueError, OSError) as exc:
+        raise click.ClickException(_one_line(exc)) from None
     if rank == 0:
         click.echo(f"{len(dataset)} images from {data}; detector {det.source} on {device}"
                    + (f", {world} processes" if world > 1 else ""), err=True)
     try:
         acts = compute_activations(dataset, det, batch, device=device, num_workers=workers, rank=rank, world_size=world)
-    except ValueError as exc:
-        raise click.ClickException(str(exc)) from exc
+        check_finite(acts, f"activations of {data} by {det.source}")
+    except (ValueError, OSError) as exc:
+        raise click.ClickException(_one_line(exc)) from None
     return acts, det, rank
 
 
@@ -110,7 +132,7 @@ def activations(data: str, dest: str, batch: int, detector: str, max_images: int
     detector has its classifier head)."""
     acts, det, rank = _activations_of(data, batch, detector, max_images, workers, device)
     if rank == 0:
-        save_activations(dest, acts, det, np.float64 if float64 else np.float32)
+        _write(dest, lambda: save_activations(dest, acts, det, np.float64 if float64 else np.float32))
         click.echo(f"wrote {dest}: " + ", ".join(f"{k} {list(v.shape)}" for k, v in acts.items()))
     _finish()
 
@@ -124,13 +146,16 @@ def ref(data: str, dest: str, batch: int, detector: str, max_images: int | None,
         try:
             stats = statistics_arrays(ActivationFile(data))
         except (OSError, KeyError, ValueError) as exc:
-            raise click.ClickException(str(exc)) from exc
+            raise click.ClickException(_one_line(exc)) from None
         rank = 0
     else:
         acts, _, rank = _activations_of(data, batch, detector, max_images, workers, device)
-        stats = statistics_arrays(acts) if rank == 0 else {}
+        try:
+            stats = statistics_arrays(acts) if rank == 0 else {}
+        except ValueError as exc:
+            raise click.ClickException(f"{data}: {exc}") from None
     if rank == 0:
-        save_npz(dest, stats)
+        _write(dest, lambda: save_npz(dest, stats))
         click.echo(f"wrote {dest}: " + ", ".join(f"{k} {list(v.shape)}" for k, v in stats.items()))
     _finish()
 
@@ -172,11 +197,11 @@ def calc(metrics: tuple[str, ...], sample: str, reference: str, batch: int, bloc
                           kid_subset_size=kid_subset_size, kid_seed=kid_seed, block=block, device=str(dev))
     try:
         figures = calc_metrics(sample, reference, metrics, options, detector, log=click.echo)
-    except (DetectorError, FileNotFoundError, KeyError, ValueError) as exc:
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-        raise click.ClickException(message) from exc
+    except (DetectorError, OSError, KeyError, ValueError) as exc:
+        raise click.ClickException(_one_line(exc)) from None
     if json_path is not None:
         record = {"metrics": figures, "activations_sample": sample, "activations_ref": reference,
                   "options": asdict(options)}
-        atomic_write_text(json_path, json.dumps(record, indent=2) + "\n")
+        text = json.dumps(record, indent=2, allow_nan=False) + "\n"  # strict JSON (calc_metrics: all finite)
+        _write(json_path, lambda: atomic_write_text(json_path, text))
         click.echo(f"wrote {json_path}")

@@ -8,7 +8,14 @@ graph) activations, FID, sFID, Inception Score, precision/recall and KID.
 ``calc``         metrics of a sample file against a reference file
 """
 
-from .activations import ActivationFile, compute_activations, save_activations, save_npz, statistics_arrays
+from .activations import (
+    ActivationFile,
+    check_finite,
+    compute_activations,
+    save_activations,
+    save_npz,
+    statistics_arrays,
+)
 from .calc import METRICS, CalcOptions, calc_metrics
 from .detector import (
     Detector,
@@ -39,6 +46,7 @@ __all__ = [
     "DetectorError",
     "InceptionV3",
     "calc_metrics",
+    "check_finite",
     "compute_activations",
     "default_detector_path",
     "feature_statistics",
