@@ -111,10 +111,6 @@ def _read_labels_bytes(path: str) -> bytes | None:
         raise ValueError(f"cannot read {LABELS_FILE} in {path!r}: {exc}") from None
 
 
-def _reject_constant(name: str) -> None:
-    raise ValueError(f"{name} is not a number JSON allows")
-
-
 def check_label(label: Any) -> str | None:
     """Why ``label`` is not a valid dataset label, or None when it is one: an integer class index in
     [0, MAX_CLASSES), or a non-empty list of at most MAX_LABEL_DIM finite numbers."""
@@ -146,7 +142,7 @@ def read_labels_file(path: str | os.PathLike) -> dict[str, Any] | None:
         return None
     where = f"{LABELS_FILE} in {path!r}"
     try:
-        labels = json.loads(raw, parse_constant=_reject_constant).get("labels")
+        labels = json.loads(raw).get("labels")  # NaN and Infinity parse, to be refused by check_label
     except (ValueError, AttributeError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         raise ValueError(f"{where} is not a JSON object with a 'labels' list: {exc}") from None
     if labels is None:
