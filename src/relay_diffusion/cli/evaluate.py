@@ -202,6 +202,9 @@ def calc(metrics: tuple[str, ...], sample: str, reference: str, batch: int, bloc
     if json_path is not None:
         record = {"metrics": figures, "activations_sample": sample, "activations_ref": reference,
                   "options": asdict(options)}
-        text = json.dumps(record, indent=2, allow_nan=False) + "\n"  # strict JSON (calc_metrics: all finite)
+        try:
+            text = json.dumps(record, indent=2, allow_nan=False) + "\n"  # strict JSON: NaN is not JSON
+        except ValueError:  # calc_metrics returns finite figures only; this guards the file, never reached
+            raise click.ClickException(f"not writing {json_path}: a figure is not finite ({figures})") from None
         _write(json_path, lambda: atomic_write_text(json_path, text))
         click.echo(f"wrote {json_path}")

@@ -49,6 +49,17 @@ def _check_finite(out: dict[str, float], sample: ActivationFile, ref: Activation
                          f"({', '.join(f'{k} = {out[k]}' for k in bad)})")
 
 
+def _check_inputs(sample: ActivationFile, ref: ActivationFile, metrics: Sequence[str]) -> None:
+    """Read every input the metrics need and check it (numbers, shapes, finite, the same feature dimensions in
+    both files) before the first figure is computed or printed."""
+    for metric, key, label in (("fid", "feat", "FID"), ("sfid", "s_feat", "sFID"), ("pr", "feat", "feat"),
+                               ("kid", "feat", "feat")):
+        if metric in metrics:
+            dims = [(f.features(key) if metric in ("pr", "kid") or key in f else f.statistics(key)[1]).shape[1]
+                    for f in (sample, ref)]
+            _check_dims(*dims, label, sample, ref)
+
+
 def _sample_logits(sample: ActivationFile, detector: Detector | str | os.PathLike | None, device: torch.device,
                    log: Callable[[str], None]) -> np.ndarray:
     """The sample's stored logits, else its ``feat`` through a classifier head (loaded only then)."""
@@ -79,6 +90,7 @@ def calc_metrics(sample_path: str, ref_path: str, metrics: Sequence[str], option
     check_same_detector([sample, ref])
     dev = torch.device(options.device)
     logits = _sample_logits(sample, detector, dev, log) if "is" in metrics else None  # fail before long computations
+    _check_inputs(sample, ref, metrics)
     out: dict[str, float] = {}
     for metric, key, label in (("fid", "feat", "FID"), ("sfid", "s_feat", "sFID")):
         if metric in metrics:
