@@ -239,6 +239,18 @@ def test_reference_from_another_detector(tmp_path):
     assert result.exit_code == 0 and "Traceback" not in result.output, result.output
 
 
+def test_an_output_that_is_an_input_is_refused(tmp_path):
+    sample, ref = write_npz(tmp_path / "s.npz", acts(0)), write_npz(tmp_path / "r.npz", acts(1))
+    with zipfile.ZipFile(tmp_path / "d.zip", "w") as zf:
+        zf.writestr("a.png", b"")
+    before = snapshot(tmp_path)
+    refused(evaluate("ref", f"--data={sample}", f"--dest={sample}"), "--dest", "s.npz")
+    refused(evaluate("activations", f"--data={tmp_path / 'd.zip'}", f"--dest={tmp_path / 'd.zip'}"), "--dest", "d.zip")
+    for target in (sample, ref):
+        refused(calc(sample, ref, f"--json={target}"), "--json", target.name)
+    assert snapshot(tmp_path) == before
+
+
 # --- full disks -------------------------------------------------------------------------------------------------
 def test_disk_full_names_the_file_and_leaves_no_temporary(tmp_path, monkeypatch):
     sample, ref = write_npz(tmp_path / "s.npz", acts(0)), write_npz(tmp_path / "r.npz", acts(1))

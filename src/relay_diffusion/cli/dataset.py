@@ -102,4 +102,6 @@ def dataset(source: str, dest: str, max_images: int | None, transform: str, reso
         click.echo(f"Wrote {report.num_images} images ({res}) to {path}")
     if report.skipped:
         first = next(iter(report.outputs))
-        click.echo(f"Skipped {len(report.skipped)} unreadable files, listed in {first}{REPORT_SUFFIX}", err=True)
+        names = ", ".join(repr(s["name"]) for s in report.skipped[:3]) + (", ..." if len(report.skipped) > 3 else "")
+        click.echo(f"Skipped {len(report.skipped)} unreadable files ({names}), listed with the reasons in "
+                   f"{first}{REPORT_SUFFIX}", err=True)

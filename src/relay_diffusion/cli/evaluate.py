@@ -53,6 +53,16 @@ def _write(path: str, write) -> None:
         raise click.ClickException(write_error_message(exc, path)) from None
 
 
+def _not_an_input(output: str, option: str, **inputs: str | None) -> None:
+    """Refuse an output path that is one of the inputs: writing it would replace the user's file."""
+    for name, path in inputs.items():
+        if path is None or (name == "detector" and path == "auto"):
+            continue
+        if os.path.realpath(output) == os.path.realpath(path):
+            raise click.BadParameter(f"{output} is also --{name.replace('_', '-')}: writing it would replace that input",
+                                     param_hint=f"'{option}'")
+
+
 def _device(requested: str) -> torch.device:
     try:
         return distributed.pick_device(requested, int(os.environ.get("LOCAL_RANK", "0")))
@@ -130,6 +140,7 @@ def activations(data: str, dest: str, batch: int, detector: str, max_images: int
                 float64: bool) -> None:
     """Activations of a folder or zip of images: feat [N, 2048], s_feat [N, 2023] (+ logits [N, 1008] when the
     detector has its classifier head)."""
+    _not_an_input(dest, "--dest", data=data, detector=detector)
     acts, det, rank = _activations_of(data, batch, detector, max_images, workers, device)
     if rank == 0:
         _write(dest, lambda: save_activations(dest, acts, det, np.float64 if float64 else np.float32))
@@ -142,6 +153,7 @@ def activations(data: str, dest: str, batch: int, detector: str, max_images: int
 def ref(data: str, dest: str, batch: int, detector: str, max_images: int | None, workers: int, device: str) -> None:
     """Reference statistics (mu, sigma, mu_s, sigma_s in float64) of a dataset, for FID and sFID. DATA may also be
     an activations .npz."""
+    _not_an_input(dest, "--dest", data=data, detector=detector)
     if data.lower().endswith(".npz"):
         try:
             stats = statistics_arrays(ActivationFile(data))
@@ -190,6 +202,8 @@ def calc(metrics: tuple[str, ...], sample: str, reference: str, batch: int, bloc
     """Metrics of sample activations against reference activations; prints the figures."""
     # one process computes; under torchrun the other ranks have nothing to do (and join no process group, so
     # a long computation cannot run into a collective's timeout)
+    if json_path is not None:
+        _not_an_input(json_path, "--json", activations_sample=sample, activations_ref=reference, detector=detector)
     if int(os.environ.get("RANK", "0")) != 0:
         return
     dev = _device(device)
