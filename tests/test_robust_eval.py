@@ -145,16 +145,21 @@ def _folder(root: Path, n: int = 4, broken: int | None = None) -> Path:
     return root
 
 
+def _stub_file(tmp_path: Path) -> str:
+    (tmp_path / "stub.pt").write_bytes(b"stands for the weights the stub detector replaces")
+    return f"--detector={tmp_path / 'stub.pt'}"
+
+
 @pytest.mark.parametrize("command", ["activations", "ref"])
 def test_non_finite_activations_of_a_detector_are_an_error_before_writing(tmp_path, monkeypatch, command):
     monkeypatch.setattr(cli_evaluate, "load_detector", lambda *a, **k: _StubDetector(float("nan")))
-    data = _folder(tmp_path / "imgs")
+    data, stub = _folder(tmp_path / "imgs"), _stub_file(tmp_path)
     before = snapshot(tmp_path)
-    refused(evaluate(command, f"--data={data}", f"--dest={tmp_path / 'out.npz'}", "--workers=0", "--device=cpu"),
-            "imgs", "non-finite")
+    args = (f"--data={data}", f"--dest={tmp_path / 'out.npz'}", "--workers=0", "--device=cpu", stub)
+    refused(evaluate(command, *args), "imgs", "non-finite")
     assert snapshot(tmp_path) == before
     monkeypatch.setattr(cli_evaluate, "load_detector", lambda *a, **k: _StubDetector(1.0))
-    result = evaluate(command, f"--data={data}", f"--dest={tmp_path / 'out.npz'}", "--workers=0", "--device=cpu")
+    result = evaluate(command, *args)
     assert result.exit_code == 0, result.output  # the same command with a working detector writes the file
 
 
@@ -162,7 +167,7 @@ def test_unreadable_image_in_a_loader_worker_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(cli_evaluate, "load_detector", lambda *a, **k: _StubDetector())
     data = _folder(tmp_path / "imgs", n=3, broken=2)
     out = refused(evaluate("activations", f"--data={data}", f"--dest={tmp_path / 'a.npz'}", "--workers=1",
-                           "--batch=1", "--device=cpu"), "2.png")
+                           "--batch=1", "--device=cpu", _stub_file(tmp_path)), "2.png")
     assert "Original Traceback" not in out and "worker" not in out
     assert not (tmp_path / "a.npz").exists()
 
@@ -218,10 +223,12 @@ def test_files_that_are_not_activations_are_one_line(tmp_path, kind):
 def test_images_argument_that_is_not_a_dataset_is_one_line(tmp_path):
     (tmp_path / "zero.zip").write_bytes(b"")
     (tmp_path / "junk.bin").write_bytes(b"\x00\x01")
+    (tmp_path / "weights.pt").write_bytes(b"not loaded: --data is checked first")
     before = snapshot(tmp_path)
     for name in ("zero.zip", "junk.bin", "missing"):
-        refused(evaluate("activations", f"--data={tmp_path / name}", f"--dest={tmp_path / 'a.npz'}",
-                         "--device=cpu", "--detector=auto"), name)
+        for command in ("activations", "ref"):
+            refused(evaluate(command, f"--data={tmp_path / name}", f"--dest={tmp_path / 'a.npz'}",
+                             "--device=cpu", f"--detector={tmp_path / 'weights.pt'}"), name)
     assert snapshot(tmp_path) == before
 
 

@@ -26,6 +26,7 @@ from relay_diffusion.metrics import (
     calc_metrics,
     check_finite,
     compute_activations,
+    detector_path,
     load_detector,
     save_activations,
     save_npz,
@@ -78,8 +79,9 @@ def _activations_of(data: str, batch: int, detector: str, max_images: int | None
         raise click.BadParameter(str(exc), param_hint="--device") from exc
     device, rank, world = ctx.device, ctx.rank, ctx.world_size
     try:
-        det = load_detector(detector, device)
+        detector_path(detector)  # the files exist (cheap) before the dataset is listed and the weights loaded
         dataset = ImageFolderDataset(data, max_size=max_images)
+        det = load_detector(detector, device)
     except (DetectorError, ValueError, OSError) as exc:
         raise click.ClickException(_one_line(exc)) from None
     if rank == 0:
