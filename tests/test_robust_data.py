@@ -102,11 +102,17 @@ def test_dest_equal_to_the_source_is_refused(tmp_path, overwrite):
         (tmp_path / "4x4.zip").unlink()
 
 
-def test_dest_inside_the_source_folder_is_refused(tmp_path):
+def test_dest_inside_the_source_folder_is_refused_where_it_would_change_the_source(tmp_path):
     src = images(tmp_path / "src")
     with unchanged(tmp_path):
-        refused(rdm("--source", str(src), "--dest", str(src / "out.zip")), "--dest", "inside the --source")
         refused(rdm("--source", str(src), "--dest", str(src / "sub" / "out")), "--dest", "inside the --source")
+    before = snapshot(src)
+    assert rdm("--source", str(src), "--dest", str(src / "out.zip")).exit_code == 0  # a new zip: no image changes
+    assert {k: v for k, v in snapshot(src).items() if not k.startswith("out.zip")} == before
+    with unchanged(tmp_path):
+        for overwrite in ([], ["--overwrite"]):
+            refused(rdm("--source", str(src), "--dest", str(src / "out.zip"), *overwrite), "--dest",
+                    "inside the --source")
 
 
 def test_overwrite_replaces_only_outputs_of_the_tool(tmp_path):

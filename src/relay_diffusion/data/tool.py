@@ -120,6 +120,8 @@ def parse_background(text: str) -> tuple[int, int, int]:
 def dest_paths(dest: str, sizes: Sequence[Size | None]) -> dict[Size | None, str]:
     """One output path per size. ``{res}`` in ``dest`` becomes ``WxH``; otherwise, with several sizes, ``-WxH`` is
     inserted before ``.zip`` (``data.zip`` -> ``data-64x64.zip``) or appended to a folder name."""
+    if not os.fspath(dest).strip():
+        raise DatasetToolError("the output path is empty", option="--dest")
     if len(set(sizes)) != len(sizes):
         raise DatasetToolError("the same resolution is given twice", option="--resolution")
     dest = dest.rstrip("/\\") or dest
@@ -274,7 +276,9 @@ def _check_dests(source: str, dests: Sequence[str], overwrite: bool) -> None:
         if _inside(src, real):
             raise DatasetToolError(f"{dest!r} contains the --source {source!r}: choose an output beside it",
                                    option="--dest")
-        if os.path.isdir(src) and _inside(real, src):
+        # A new zip inside a source folder changes none of its images; replacing a file there, or a folder of
+        # PNGs (images of the source from then on), would.
+        if os.path.isdir(src) and _inside(real, src) and (os.path.lexists(dest) or not dest.lower().endswith(".zip")):
             raise DatasetToolError(f"{dest!r} is inside the --source folder {source!r}: choose an output outside it",
                                    option="--dest")
         if os.path.lexists(dest):
