@@ -65,14 +65,17 @@ def _background(ctx: click.Context, param: click.Parameter, value: str) -> tuple
                    "source's dataset.json.")
 @click.option("--workers", type=click.IntRange(min=1), help="Decoding processes.  [default: all cores]")
 @click.option("--strict", is_flag=True, help="Fail at the first unreadable file instead of skipping it.")
-@click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace existing outputs, only if they are datasets written by rdm dataset (dataset.json and "
+                   "NNNNN/imgNNNNNNNN.png, nothing else); never the source or anything around it.")
 def dataset(source: str, dest: str, max_images: int | None, transform: str, resolutions: list[Size],
             resample: str, background: tuple[int, int, int], channels: str, labels_from_folders: bool,
             workers: int | None, strict: bool, overwrite: bool) -> None:
     """Build EDM-format datasets: a zip or folder of 00000/img00000000.png ... with labels in dataset.json.
 
     Unreadable files (truncated, corrupt, empty, not images) are skipped and listed in <output>.report.json
-    beside each output. Outputs are written under a temporary name and renamed when complete.
+    beside each output. Outputs are written under a temporary name and renamed when complete; temporary files
+    left by a killed earlier run for the same output are removed (and listed) at the start.
     """
     options = BuildOptions(
         transform=transform,
@@ -87,7 +90,7 @@ def dataset(source: str, dest: str, max_images: int | None, transform: str, reso
     )
     try:
         dests = dest_paths(dest, resolutions or [None])
-        report = build_datasets(source, dests, options)
+        report = build_datasets(source, dests, options, log=lambda line: click.echo(line, err=True))
     except DatasetToolError as exc:
         if exc.option is not None:
             raise click.BadParameter(str(exc), param_hint=f"'{exc.option}'") from None
@@ -99,4 +102,6 @@ def dataset(source: str, dest: str, max_images: int | None, transform: str, reso
         click.echo(f"Wrote {report.num_images} images ({res}) to {path}")
     if report.skipped:
         first = next(iter(report.outputs))
-        click.echo(f"Skipped {len(report.skipped)} unreadable files, listed in {first}{REPORT_SUFFIX}", err=True)
+        names = ", ".join(repr(s["name"]) for s in report.skipped[:3]) + (", ..." if len(report.skipped) > 3 else "")
+        click.echo(f"Skipped {len(report.skipped)} unreadable files ({names}), listed with the reasons in "
+                   f"{first}{REPORT_SUFFIX}", err=True)

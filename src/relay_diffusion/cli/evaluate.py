@@ -17,19 +17,51 @@ import torch
 
 from relay_diffusion.utils import distributed
 from relay_diffusion.data.dataset import ImageFolderDataset
-from relay_diffusion.utils.fileio import atomic_write_text
+from relay_diffusion.utils.fileio import atomic_write_text, write_error_message
 from relay_diffusion.metrics import (
     METRICS,
     ActivationFile,
     CalcOptions,
     DetectorError,
     calc_metrics,
+    check_finite,
     compute_activations,
+    detector_path,
     load_detector,
     save_activations,
     save_npz,
     statistics_arrays,
 )
+
+
+def _one_line(exc: BaseException) -> str:
+    """The message of ``exc`` without the worker traceback torch's DataLoader puts into errors it re-raises
+    (``Caught ValueError in DataLoader worker process 0. Original Traceback ...``): its last line."""
+    message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+    if "Original Traceback" in message:
+        last = message.strip().splitlines()[-1]
+        message = last.split(": ", 1)[1] if ": " in last else last
+    return message
+
+
+def _write(path: str, write) -> None:
+    """``write()`` (which writes ``path``), a failure as one error line naming the file."""
+    try:
+        write()
+    except ValueError as exc:  # non-finite arrays, refused before anything is written
+        raise click.ClickException(str(exc)) from None
+    except OSError as exc:
+        raise click.ClickException(write_error_message(exc, path)) from None
+
+
+def _not_an_input(output: str, option: str, **inputs: str | None) -> None:
+    """Refuse an output path that is one of the inputs: writing it would replace the user's file."""
+    for name, path in inputs.items():
+        if path is None or (name == "detector" and path == "auto"):
+            continue
+        if os.path.realpath(output) == os.path.realpath(path):
+            raise click.BadParameter(f"{output} is also --{name.replace('_', '-')}: writing it would replace that input",
+                                     param_hint=f"'{option}'")
 
 
 def _device(requested: str) -> torch.device:
@@ -47,17 +79,19 @@ def _activations_of(data: str, batch: int, detector: str, max_images: int | None
         raise click.BadParameter(str(exc), param_hint="--device") from exc
     device, rank, world = ctx.device, ctx.rank, ctx.world_size
     try:
-        det = load_detector(detector, device)
+        detector_path(detector)  # the files exist (cheap) before the dataset is listed and the weights loaded
         dataset = ImageFolderDataset(data, max_size=max_images)
-    except (DetectorError, ValueError) as exc:
-        raise click.ClickException(str(exc)) from exc
+        det = load_detector(detector, device)
+    except (DetectorError, ValueError, OSError) as exc:
+        raise click.ClickException(_one_line(exc)) from None
     if rank == 0:
         click.echo(f"{len(dataset)} images from {data}; detector {det.source} on {device}"
                    + (f", {world} processes" if world > 1 else ""), err=True)
     try:
         acts = compute_activations(dataset, det, batch, device=device, num_workers=workers, rank=rank, world_size=world)
-    except ValueError as exc:
-        raise click.ClickException(str(exc)) from exc
+        check_finite(acts, f"activations of {data} by {det.source}")
+    except (ValueError, OSError) as exc:
+        raise click.ClickException(_one_line(exc)) from None
     return acts, det, rank
 
 
@@ -108,9 +142,10 @@ def activations(data: str, dest: str, batch: int, detector: str, max_images: int
                 float64: bool) -> None:
     """Activations of a folder or zip of images: feat [N, 2048], s_feat [N, 2023] (+ logits [N, 1008] when the
     detector has its classifier head)."""
+    _not_an_input(dest, "--dest", data=data, detector=detector)
     acts, det, rank = _activations_of(data, batch, detector, max_images, workers, device)
     if rank == 0:
-        save_activations(dest, acts, det, np.float64 if float64 else np.float32)
+        _write(dest, lambda: save_activations(dest, acts, det, np.float64 if float64 else np.float32))
         click.echo(f"wrote {dest}: " + ", ".join(f"{k} {list(v.shape)}" for k, v in acts.items()))
     _finish()
 
@@ -120,17 +155,21 @@ def activations(data: str, dest: str, batch: int, detector: str, max_images: int
 def ref(data: str, dest: str, batch: int, detector: str, max_images: int | None, workers: int, device: str) -> None:
     """Reference statistics (mu, sigma, mu_s, sigma_s in float64) of a dataset, for FID and sFID. DATA may also be
     an activations .npz."""
+    _not_an_input(dest, "--dest", data=data, detector=detector)
     if data.lower().endswith(".npz"):
         try:
             stats = statistics_arrays(ActivationFile(data))
         except (OSError, KeyError, ValueError) as exc:
-            raise click.ClickException(str(exc)) from exc
+            raise click.ClickException(_one_line(exc)) from None
         rank = 0
     else:
         acts, _, rank = _activations_of(data, batch, detector, max_images, workers, device)
-        stats = statistics_arrays(acts) if rank == 0 else {}
+        try:
+            stats = statistics_arrays(acts) if rank == 0 else {}
+        except ValueError as exc:
+            raise click.ClickException(f"{data}: {exc}") from None
     if rank == 0:
-        save_npz(dest, stats)
+        _write(dest, lambda: save_npz(dest, stats))
         click.echo(f"wrote {dest}: " + ", ".join(f"{k} {list(v.shape)}" for k, v in stats.items()))
     _finish()
 
@@ -165,6 +204,8 @@ def calc(metrics: tuple[str, ...], sample: str, reference: str, batch: int, bloc
     """Metrics of sample activations against reference activations; prints the figures."""
     # one process computes; under torchrun the other ranks have nothing to do (and join no process group, so
     # a long computation cannot run into a collective's timeout)
+    if json_path is not None:
+        _not_an_input(json_path, "--json", activations_sample=sample, activations_ref=reference, detector=detector)
     if int(os.environ.get("RANK", "0")) != 0:
         return
     dev = _device(device)
@@ -172,11 +213,14 @@ def calc(metrics: tuple[str, ...], sample: str, reference: str, batch: int, bloc
                           kid_subset_size=kid_subset_size, kid_seed=kid_seed, block=block, device=str(dev))
     try:
         figures = calc_metrics(sample, reference, metrics, options, detector, log=click.echo)
-    except (DetectorError, FileNotFoundError, KeyError, ValueError) as exc:
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-        raise click.ClickException(message) from exc
+    except (DetectorError, OSError, KeyError, ValueError) as exc:
+        raise click.ClickException(_one_line(exc)) from None
     if json_path is not None:
         record = {"metrics": figures, "activations_sample": sample, "activations_ref": reference,
                   "options": asdict(options)}
-        atomic_write_text(json_path, json.dumps(record, indent=2) + "\n")
+        try:
+            text = json.dumps(record, indent=2, allow_nan=False) + "\n"  # strict JSON: NaN is not JSON
+        except ValueError:  # calc_metrics returns finite figures only; this guards the file, never reached
+            raise click.ClickException(f"not writing {json_path}: a figure is not finite ({figures})") from None
+        _write(json_path, lambda: atomic_write_text(json_path, text))
         click.echo(f"wrote {json_path}")

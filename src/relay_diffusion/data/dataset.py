@@ -14,6 +14,7 @@ import torch
 
 from relay_diffusion.data.transforms import to_array
 from relay_diffusion.data.files import (
+    ZIP_ERRORS,
     check_dataset_path,
     iter_image_files,
     list_image_files,
@@ -83,11 +84,15 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             return self._cache[raw_idx]
         fname = self._fnames[raw_idx]
         try:
-            img = PIL.Image.open(io.BytesIO(self._read_bytes(fname)))
+            data = self._read_bytes(fname)
+        except ZIP_ERRORS as exc:
+            raise ValueError(f"cannot read {fname!r} in {self._path!r}: {exc}") from None
+        try:
+            img = PIL.Image.open(io.BytesIO(data))
             img.load()
-        except (OSError, zipfile.BadZipFile) as exc:
-            raise ValueError(f"cannot read {fname!r} in {self._path!r}: {exc}") from exc
-        image = np.ascontiguousarray(to_array(img).transpose(2, 0, 1))
+            image = np.ascontiguousarray(to_array(img).transpose(2, 0, 1))
+        except Exception as exc:  # PIL raises many types on damaged files (OSError, SyntaxError, struct.error, ...)
+            raise ValueError(f"cannot decode {fname!r} in {self._path!r}: {type(exc).__name__}: {exc}") from None
         if self._cache is not None:
             self._cache[raw_idx] = image
         return image
@@ -99,15 +104,14 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         missing = [f for f in self._fnames if f not in table]
         if missing:
             raise ValueError(f"dataset.json in {self._path!r} has no label for {missing[0]!r}")
-        try:
-            labels = np.array([table[f] for f in self._fnames])
-        except ValueError:  # ragged vectors, or classes mixed with vectors
-            labels = np.array([], dtype=object)
-        if labels.ndim == 1 and np.issubdtype(labels.dtype, np.integer) and labels.min() >= 0:
+        # read_labels_file has checked every label (class index in [0, MAX_CLASSES) or finite vector, one kind)
+        labels = np.array([table[f] for f in self._fnames])
+        if labels.ndim == 1:
             return labels.astype(np.int64)
-        if labels.ndim == 2 and np.issubdtype(labels.dtype, np.number):
-            return labels.astype(np.float32)
-        raise ValueError(f"dataset.json in {self._path!r}: labels must be class indices >= 0 or vectors of numbers")
+        labels = labels.astype(np.float32)
+        if not np.isfinite(labels).all():
+            raise ValueError(f"dataset.json in {self._path!r}: label vectors overflow float32")
+        return labels
 
     def close(self) -> None:
         if self._zip is not None and self._zip_pid == os.getpid():

@@ -7,8 +7,10 @@ the zip of that folder list the same names in the same order.
 from __future__ import annotations
 
 import json
+import math
 import os
 import zipfile
+import zlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,6 +20,12 @@ IMAGE_EXTENSIONS = frozenset(
      ".pnm", ".tga"}
 )
 LABELS_FILE = "dataset.json"
+# Class labels are one-hot encoded into [MAX_CLASSES] vectors by the trainer, so they are bounded: a stray 1e9 in
+# dataset.json must be an error, not a 4 GB allocation per image.
+MAX_CLASSES = 100_000
+MAX_LABEL_DIM = 100_000  # the same bound for vector labels
+# What reading a damaged zip member can raise (bad CRC, bad deflate stream, truncated archive).
+ZIP_ERRORS = (OSError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError)
 
 
 def is_image_name(name: str) -> bool:
@@ -61,8 +69,11 @@ def list_files(path: str | os.PathLike) -> list[str]:
                 if os.path.isfile(full):
                     names.append(f if rel == "." else os.path.join(rel, f).replace(os.sep, "/"))
         return sorted(names)
-    with zipfile.ZipFile(path) as zf:
-        return sorted(info.filename for info in zf.infolist() if not info.is_dir())
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return sorted(info.filename for info in zf.infolist() if not info.is_dir())
+    except ZIP_ERRORS as exc:
+        raise ValueError(f"cannot read the zip file {path!r}: {exc}") from None
 
 
 def list_image_files(path: str | os.PathLike) -> list[str]:
@@ -84,30 +95,69 @@ def iter_image_files(path: str | os.PathLike) -> Iterator[tuple[str, bytes]]:
             yield name, zf.read(name)
 
 
-def read_labels_file(path: str | os.PathLike) -> dict[str, Any] | None:
-    """The ``labels`` of a folder's or zip's ``dataset.json`` as ``{name: label}``; None when there are none.
-
-    EDM format: ``{"labels": [["00000/img00000000.png", 6], ...]}`` or ``{"labels": null}``.
-    """
-    path = check_dataset_path(path)
+def _read_labels_bytes(path: str) -> bytes | None:
     if os.path.isdir(path):
         full = os.path.join(path, LABELS_FILE)
         if not os.path.isfile(full):
             return None
         with open(full, "rb") as f:
-            raw = f.read()
-    else:
+            return f.read()
+    try:
         with zipfile.ZipFile(path) as zf:
             if LABELS_FILE not in zf.namelist():
                 return None
-            raw = zf.read(LABELS_FILE)
+            return zf.read(LABELS_FILE)
+    except ZIP_ERRORS as exc:
+        raise ValueError(f"cannot read {LABELS_FILE} in {path!r}: {exc}") from None
+
+
+def check_label(label: Any) -> str | None:
+    """Why ``label`` is not a valid dataset label, or None when it is one: an integer class index in
+    [0, MAX_CLASSES), or a non-empty list of at most MAX_LABEL_DIM finite numbers."""
+    if isinstance(label, bool) or label is None:
+        return f"{label!r} is not a class index or a list of numbers"
+    if isinstance(label, int):
+        if not 0 <= label < MAX_CLASSES:
+            return f"class {label} is outside 0..{MAX_CLASSES - 1}"
+        return None
+    if isinstance(label, list):
+        if not label or len(label) > MAX_LABEL_DIM:
+            return f"a label vector must have 1 to {MAX_LABEL_DIM} numbers, not {len(label)}"
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in label):
+            return "a label vector must hold finite numbers only"
+        return None
+    return f"{label!r} is not a class index (an integer >= 0) or a list of numbers"
+
+
+def read_labels_file(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The ``labels`` of a folder's or zip's ``dataset.json`` as ``{name: label}``; None when there are none.
+
+    EDM format: ``{"labels": [["00000/img00000000.png", 6], ...]}`` or ``{"labels": null}``. Every label must pass
+    :func:`check_label`, and they must be all classes or all vectors of one length; a ValueError names the file and
+    the first bad entry otherwise.
+    """
+    path = check_dataset_path(path)
+    raw = _read_labels_bytes(path)
+    if raw is None:
+        return None
+    where = f"{LABELS_FILE} in {path!r}"
     try:
-        labels = json.loads(raw).get("labels")
-    except (ValueError, AttributeError) as exc:
-        raise ValueError(f"{LABELS_FILE} in {path!r} is not a JSON object with a 'labels' list: {exc}") from None
+        labels = json.loads(raw).get("labels")  # NaN and Infinity parse, to be refused by check_label
+    except (ValueError, AttributeError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise ValueError(f"{where} is not a JSON object with a 'labels' list: {exc}") from None
     if labels is None:
         return None
-    try:
-        return {str(name).replace("\\", "/"): label for name, label in labels}
-    except (TypeError, ValueError):
-        raise ValueError(f"{LABELS_FILE} in {path!r}: 'labels' must be a list of [file name, label] pairs") from None
+    if not isinstance(labels, list) or not all(
+        isinstance(e, list) and len(e) == 2 and isinstance(e[0], str) for e in labels
+    ):
+        raise ValueError(f"{where}: 'labels' must be a list of [file name, label] pairs")
+    table: dict[str, Any] = {}
+    for name, label in labels:
+        reason = check_label(label)
+        if reason is not None:
+            raise ValueError(f"{where}: bad label for {name!r}: {reason}")
+        table[name.replace("\\", "/")] = label
+    kinds = {len(v) if isinstance(v, list) else None for v in table.values()}
+    if len(kinds) > 1:
+        raise ValueError(f"{where}: labels mix class indices and vectors, or vectors of different lengths")
+    return table

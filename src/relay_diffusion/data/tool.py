@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import PIL
@@ -35,12 +35,19 @@ from relay_diffusion.data.transforms import (
     to_array,
 )
 from relay_diffusion.data.sources import Source, SourceItem, open_source
-from relay_diffusion.data.writer import DatasetWriter, image_name
-from relay_diffusion.utils.fileio import atomic_write_text
+from relay_diffusion.data.writer import (
+    DatasetWriter,
+    WriteError,
+    image_name,
+    is_dataset_output,
+    remove_stale_temporaries,
+)
+from relay_diffusion.utils.fileio import atomic_write_text, write_error_message
 
 RES_PLACEHOLDER = "{res}"
 REPORT_SUFFIX = ".report.json"
 _BATCH = 32  # images per task sent to a worker process (at most)
+MAX_SIDE = 16384  # largest output width or height: one such RGB image is 768 MB before resampling
 
 
 class DatasetToolError(ValueError):
@@ -97,6 +104,8 @@ def parse_resolution(text: str) -> Size:
         size = None
     if size is None or min(size) < 1:
         raise ValueError(f"{text!r} is not WIDTHxHEIGHT, e.g. 64x64")
+    if max(size) > MAX_SIDE:
+        raise ValueError(f"{text!r} is larger than the largest supported size {MAX_SIDE}x{MAX_SIDE}")
     return size
 
 
@@ -111,6 +120,8 @@ def parse_background(text: str) -> tuple[int, int, int]:
 def dest_paths(dest: str, sizes: Sequence[Size | None]) -> dict[Size | None, str]:
     """One output path per size. ``{res}`` in ``dest`` becomes ``WxH``; otherwise, with several sizes, ``-WxH`` is
     inserted before ``.zip`` (``data.zip`` -> ``data-64x64.zip``) or appended to a folder name."""
+    if not os.fspath(dest).strip():
+        raise DatasetToolError("the output path is empty", option="--dest")
     if len(set(sizes)) != len(sizes):
         raise DatasetToolError("the same resolution is given twice", option="--resolution")
     dest = dest.rstrip("/\\") or dest
@@ -236,6 +247,56 @@ def _check_options(sizes: Sequence[Size | None], options: BuildOptions) -> None:
                 )
 
 
+def _inside(path: str, folder: str) -> bool:
+    """Whether real path ``path`` is ``folder`` or lies under it."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _report_path(dest: str) -> str:
+    return dest.rstrip("/\\") + REPORT_SUFFIX
+
+
+def _is_report(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            data = json.loads(f.read(1 << 20))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and "source_kind" in data and "outputs" in data
+
+
+def _check_dests(source: str, dests: Sequence[str], overwrite: bool) -> None:
+    """Refuse any output that would write over, into or around the source, or replace something the tool did
+    not write (``--overwrite`` replaces only earlier outputs: ``writer.is_dataset_output``)."""
+    src = os.path.realpath(source)
+    for dest in dests:
+        real = os.path.realpath(dest)
+        if real == src:
+            raise DatasetToolError(f"{dest!r} is the --source: the output must not replace its input", option="--dest")
+        if _inside(src, real):
+            raise DatasetToolError(f"{dest!r} contains the --source {source!r}: choose an output beside it",
+                                   option="--dest")
+        # A new zip inside a source folder changes none of its images; replacing a file there, or a folder of
+        # PNGs (images of the source from then on), would.
+        if os.path.isdir(src) and _inside(real, src) and (os.path.lexists(dest) or not dest.lower().endswith(".zip")):
+            raise DatasetToolError(f"{dest!r} is inside the --source folder {source!r}: choose an output outside it",
+                                   option="--dest")
+        if os.path.lexists(dest):
+            if not overwrite:
+                raise DatasetToolError(f"{dest!r} already exists (pass --overwrite to replace it)", option="--dest")
+            if not is_dataset_output(dest):
+                kind = "zip" if dest.lower().endswith(".zip") else "folder"
+                raise DatasetToolError(
+                    f"{dest!r} is not a dataset {kind} written by rdm dataset (only dataset.json and "
+                    "NNNNN/imgNNNNNNNN.png), so --overwrite does not replace it: move it away or choose another --dest",
+                    option="--dest",
+                )
+        report = _report_path(dest)
+        if os.path.lexists(report) and not (os.path.isfile(report) and _is_report(report)):
+            raise DatasetToolError(f"{report!r} exists and is not a report of rdm dataset: move it away",
+                                   option="--dest")
+
+
 def _size_mismatch(first: tuple[str, Size], name: str, size: Size) -> DatasetToolError:
     return DatasetToolError(
         f"images have different sizes: {first[0]!r} is {first[1][0]}x{first[1][1]} but {name!r} is "
@@ -289,26 +350,41 @@ def _write_images(
 
 
 def build_datasets(
-    source: str, dests: Mapping[Size | None, str], options: BuildOptions = BuildOptions()
+    source: str, dests: Mapping[Size | None, str], options: BuildOptions = BuildOptions(),
+    log: Callable[[str], None] = lambda line: None,
 ) -> BuildReport:
     """Write one EDM-format dataset per entry of ``dests`` (``{(width, height) or None: path}``; None keeps the
     images' own size, which must then be the same for all) from the images of ``source``, with the same images
     in the same order and the same labels in every output. Returns the report (also written beside each output).
 
-    Raises ``DatasetToolError`` for bad input; nothing is left at the destinations then.
+    Raises ``DatasetToolError`` for bad input and for failed writes (the message names the file: "no space left on
+    device" when the disk is full); nothing is left at the destinations then, and nothing the tool did not write
+    is ever removed (``_check_dests``). Temporary files of earlier killed runs for the same destinations are
+    removed first, one ``log`` line each.
     """
-    start = time.perf_counter()
+    start, started = time.perf_counter(), time.time()
     sizes = list(dests)
     _check_options(sizes, options)
-    if len(set(dests.values())) != len(dests):
+    if len({os.path.realpath(p) for p in dests.values()}) != len(dests):
         raise DatasetToolError("two outputs have the same path", option="--dest")
+    if not os.path.exists(source):
+        raise DatasetToolError(f"{os.fspath(source)!r} does not exist", option="--source")
+    _check_dests(os.fspath(source), list(dests.values()), options.overwrite)
     for path in dests.values():
-        if os.path.lexists(path) and not options.overwrite:
-            raise DatasetToolError(f"{path!r} already exists (pass --overwrite to replace it)", option="--dest")
+        for stale in remove_stale_temporaries(path, before=started):
+            log(f"removed {stale!r}, a temporary file left by an interrupted earlier run")
     try:
         src = open_source(source, options.labels_from_folders)
     except ValueError as exc:
         raise DatasetToolError(str(exc), option="--source") from None
+    try:
+        return _build(src, dests, options, start)
+    except WriteError as exc:
+        raise DatasetToolError(str(exc)) from None
+
+
+def _build(src: Source, dests: Mapping[Size | None, str], options: BuildOptions, start: float) -> BuildReport:
+    source, sizes = src.path, list(dests)
     channels = options.channels or _first_channels(src, options.background)
     spec = ImageSpec(tuple(sizes), options.transform, options.resample, options.background, channels)
     workers = min(max(1, options.workers or available_cpus()), len(src))
@@ -341,5 +417,9 @@ def build_datasets(
         elapsed_s=round(time.perf_counter() - start, 3),
     )
     for path in dests.values():
-        atomic_write_text(path.rstrip("/\\") + REPORT_SUFFIX, report.to_json() + "\n")
+        report_path = _report_path(path)
+        try:
+            atomic_write_text(report_path, report.to_json() + "\n")
+        except OSError as exc:
+            raise WriteError(write_error_message(exc, report_path) + " (the datasets themselves were written)") from None
     return report

@@ -8,12 +8,20 @@ graph) activations, FID, sFID, Inception Score, precision/recall and KID.
 ``calc``         metrics of a sample file against a reference file
 """
 
-from .activations import ActivationFile, compute_activations, save_activations, save_npz, statistics_arrays
+from .activations import (
+    ActivationFile,
+    check_finite,
+    compute_activations,
+    save_activations,
+    save_npz,
+    statistics_arrays,
+)
 from .calc import METRICS, CalcOptions, calc_metrics
 from .detector import (
     Detector,
     DetectorError,
     default_detector_path,
+    detector_path,
     find_detector,
     hub_checkpoints_dir,
     hub_detector_paths,
@@ -39,8 +47,10 @@ __all__ = [
     "DetectorError",
     "InceptionV3",
     "calc_metrics",
+    "check_finite",
     "compute_activations",
     "default_detector_path",
+    "detector_path",
     "feature_statistics",
     "find_detector",
     "frechet_distance",

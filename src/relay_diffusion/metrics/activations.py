@@ -103,8 +103,20 @@ def compute_activations(dataset: Sequence[tuple[np.ndarray, Any]], detector: Det
 # ----------------------------------------------------------------------------------------------
 # Files
 
+def check_finite(arrays: dict[str, np.ndarray], where: str) -> None:
+    """ValueError naming ``where`` and the array when a float array holds NaN or infinity (a metric or a
+    statistics file computed from them would be meaningless, and NaN is not JSON)."""
+    for key, value in arrays.items():
+        value = np.asarray(value)
+        if value.dtype.kind in "fc" and not np.isfinite(value).all():
+            bad = int(value.size - np.isfinite(value).sum())
+            raise ValueError(f"{where}: {key!r} holds {bad} non-finite values (NaN or infinity) of {value.size}")
+
+
 def save_npz(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> None:
-    """Write ``arrays`` to ``path`` atomically (temporary file in the same folder, then rename)."""
+    """Write ``arrays`` to ``path`` atomically (temporary file in the same folder, then rename). Refuses
+    non-finite arrays (``check_finite``) before anything is written."""
+    check_finite(arrays, f"not writing {os.fspath(path)}")
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, **arrays)
 
@@ -121,9 +133,14 @@ def statistics_arrays(acts: dict[str, np.ndarray] | ActivationFile) -> dict[str,
     """``mu``, ``sigma``, ``mu_s``, ``sigma_s`` (float64) of activations (for ``rdm evaluate ref``)."""
     out = {}
     for key in ("feat", "s_feat"):
-        mu, sigma = acts.statistics(key) if isinstance(acts, ActivationFile) else feature_statistics(acts[key])
+        if isinstance(acts, ActivationFile):
+            mu, sigma = acts.statistics(key)
+        else:
+            check_finite({key: acts[key]}, "activations")
+            mu, sigma = feature_statistics(acts[key])
         (mu_name, *_), (sigma_name, *_) = STAT_KEYS[key]
         out[mu_name], out[sigma_name] = mu, sigma
+    check_finite(out, "statistics")
     return out
 
 
@@ -148,18 +165,31 @@ class ActivationFile:
     def __getitem__(self, key: str) -> np.ndarray:
         if key not in self.keys:
             raise KeyError(f"{self.path} has no array {key!r} (it holds: {', '.join(sorted(self.keys))})")
-        return self._npz[key]
+        try:
+            return self._npz[key]
+        except Exception as exc:  # a damaged member: bad CRC, truncated data, object arrays (pickles refused)
+            raise ValueError(f"{self.path}: cannot read array {key!r}: {type(exc).__name__}: {exc}") from None
 
     @property
     def fingerprint(self) -> str | None:
-        return str(self._npz["detector"]) if "detector" in self.keys else None
+        return str(self["detector"]) if "detector" in self.keys else None
+
+    def _numbers(self, key: str, ndim: int) -> np.ndarray:
+        """Array ``key``, checked to be real numbers, all finite, with ``ndim`` dimensions."""
+        x = self[key]
+        if x.dtype.kind not in "fiu":
+            raise ValueError(f"{self.path}: {key!r} should hold numbers, holds {x.dtype}")
+        if x.ndim != ndim:
+            raise ValueError(f"{self.path}: {key!r} should have {ndim} dimensions, has shape {x.shape}")
+        check_finite({key: x}, self.path)
+        return x
 
     def features(self, key: str) -> np.ndarray:
-        """Per-image features ``key`` [N, D] (``feat``, ``s_feat``, ``logits``)."""
+        """Per-image features ``key`` [N, D] (``feat``, ``s_feat``, ``logits``), all finite."""
         x = self[key]
         if x.ndim != 2:
             raise ValueError(f"{self.path}: {key!r} should be [N, D], has shape {x.shape}")
-        return x
+        return self._numbers(key, 2)
 
     def statistics(self, key: str, block: int = 4096, device: torch.device | str = "cpu") -> tuple[np.ndarray, np.ndarray]:
         """(mu, sigma) of feature set ``key``: computed from the features, or read when the file holds
@@ -172,7 +202,11 @@ class ActivationFile:
         if mu is None or sigma is None:
             raise KeyError(f"{self.path} holds neither {key!r} nor its statistics "
                            f"({'/'.join(mu_names)}, {'/'.join(sigma_names)}); it holds: {', '.join(sorted(self.keys))}")
-        return self._npz[mu].astype(np.float64), self._npz[sigma].astype(np.float64)
+        mu_v, sigma_v = self._numbers(mu, 1).astype(np.float64), self._numbers(sigma, 2).astype(np.float64)
+        if sigma_v.shape != (mu_v.shape[0], mu_v.shape[0]):
+            raise ValueError(f"{self.path}: {sigma!r} has shape {sigma_v.shape}, not [D, D] for {mu!r} of D = "
+                             f"{mu_v.shape[0]}")
+        return mu_v, sigma_v
 
     def logits(self, detector: Detector | None = None) -> np.ndarray:
         """Classifier logits [N, 1008]: stored ones, else computed from ``feat`` with ``detector``'s head."""

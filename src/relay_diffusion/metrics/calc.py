@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -40,6 +41,25 @@ def _check_dims(a: int, b: int, what: str, sample: ActivationFile, ref: Activati
         raise ValueError(f"{what}: feature dimensions differ: {sample.path} has {a}, {ref.path} has {b}")
 
 
+def _check_finite(out: dict[str, float], sample: ActivationFile, ref: ActivationFile) -> None:
+    """The inputs are checked to be finite; should a figure still overflow, it is an error, never a result."""
+    bad = [name for name, value in out.items() if not math.isfinite(value)]
+    if bad:
+        raise ValueError(f"{', '.join(bad)} of {sample.path} against {ref.path} is not finite "
+                         f"({', '.join(f'{k} = {out[k]}' for k in bad)})")
+
+
+def _check_inputs(sample: ActivationFile, ref: ActivationFile, metrics: Sequence[str]) -> None:
+    """Read every input the metrics need and check it (numbers, shapes, finite, the same feature dimensions in
+    both files) before the first figure is computed or printed."""
+    for metric, key, label in (("fid", "feat", "FID"), ("sfid", "s_feat", "sFID"), ("pr", "feat", "feat"),
+                               ("kid", "feat", "feat")):
+        if metric in metrics:
+            dims = [(f.features(key) if metric in ("pr", "kid") or key in f else f.statistics(key)[1]).shape[1]
+                    for f in (sample, ref)]
+            _check_dims(*dims, label, sample, ref)
+
+
 def _sample_logits(sample: ActivationFile, detector: Detector | str | os.PathLike | None, device: torch.device,
                    log: Callable[[str], None]) -> np.ndarray:
     """The sample's stored logits, else its ``feat`` through a classifier head (loaded only then)."""
@@ -70,6 +90,7 @@ def calc_metrics(sample_path: str, ref_path: str, metrics: Sequence[str], option
     check_same_detector([sample, ref])
     dev = torch.device(options.device)
     logits = _sample_logits(sample, detector, dev, log) if "is" in metrics else None  # fail before long computations
+    _check_inputs(sample, ref, metrics)
     out: dict[str, float] = {}
     for metric, key, label in (("fid", "feat", "FID"), ("sfid", "s_feat", "sFID")):
         if metric in metrics:
@@ -77,19 +98,23 @@ def calc_metrics(sample_path: str, ref_path: str, metrics: Sequence[str], option
             mu2, sigma2 = ref.statistics(key, options.block, dev)
             _check_dims(mu1.shape[0], mu2.shape[0], label, sample, ref)
             out[metric] = scores.frechet_distance(mu1, sigma1, mu2, sigma2)
+            _check_finite(out, sample, ref)
             log(f"{label}: {out[metric]:g}")
     if "is" in metrics:
         out["is"], out["is_std"] = scores.inception_score(logits, options.is_split_size)
+        _check_finite(out, sample, ref)
         log(f"Inception Score: {out['is']:g} (std over splits {out['is_std']:g})")
     if "pr" in metrics or "kid" in metrics:
         feat_s, feat_r = sample.features("feat"), ref.features("feat")
         _check_dims(feat_s.shape[1], feat_r.shape[1], "feat", sample, ref)
         if "pr" in metrics:
             out["precision"], out["recall"] = scores.precision_recall(feat_r, feat_s, options.pr_k, options.block, dev)
+            _check_finite(out, sample, ref)
             log(f"Precision: {out['precision']:g}")
             log(f"Recall: {out['recall']:g}")
         if "kid" in metrics:
             out["kid"], out["kid_std"] = scores.kernel_inception_distance(
                 feat_s, feat_r, options.kid_subsets, options.kid_subset_size, options.kid_seed, device=dev)
+            _check_finite(out, sample, ref)
             log(f"KID: {out['kid']:g} (std over subsets {out['kid_std']:g})")
     return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from pathlib import Path
@@ -46,3 +47,15 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
+
+
+def write_error_message(exc: OSError, path: str | os.PathLike) -> str:
+    """One line for a failed write of ``path``: ``cannot write 'path': no space left on device`` (ENOSPC, whatever
+    the library that hit it said instead), else the system's reason."""
+    if exc.errno == errno.ENOSPC:
+        reason = "no space left on device"
+    elif exc.errno == errno.EDQUOT:
+        reason = "disk quota exceeded"
+    else:
+        reason = exc.strerror or str(exc) or type(exc).__name__
+    return f"cannot write {os.fspath(path)!r}: {reason}"
