@@ -185,3 +185,20 @@ def test_disk_full_is_one_line(nets, tmp_path, monkeypatch):
     result = gen(tmp_path / "o", *nets)
     assert_clean_error(result, "No space left on device")
     assert not list((tmp_path / "o").glob("*.png")) if (tmp_path / "o").exists() else True
+
+
+def test_corrupt_input_png_of_a_second_stage_run(nets, tmp_path):
+    indir = tmp_path / "in"
+    assert gen(indir, nets[0], "--sampler_stages=first").exit_code == 0
+    (indir / "000002.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    result = gen(tmp_path / "o", nets[1], "--sampler_stages=second", f"--indir={indir}")
+    assert_clean_error(result, "000002.png", "not a readable image")
+
+
+@pytest.mark.parametrize("content", [b"", b"\x80\x04garbage"])
+def test_convert_on_broken_checkpoints(tmp_path, content):
+    src = tmp_path / "ref.pkl"
+    src.write_bytes(content)
+    result = CliRunner().invoke(rdm, ["convert", str(src), str(tmp_path / "out")])
+    assert_clean_error(result, "ref.pkl")
+    assert not list(tmp_path.glob("out*"))

@@ -19,10 +19,14 @@ def convert(src: str, dest: str, key: str, fp16: bool) -> None:
     from relay_diffusion.checkpoints.snapshot import save_network
     from relay_diffusion.checkpoints.reference import load_reference_network
 
+    from relay_diffusion.checkpoints.loading import load_network_file
+
+    if src.endswith(".safetensors"):
+        raise click.BadParameter(f"{src} is already a safetensors network", param_hint="SRC")
     try:
-        net = load_reference_network(src, "cpu", key=key)
-    except (ValueError, OSError, pickle.UnpicklingError) as exc:
-        raise click.ClickException(str(exc)) from exc
+        net = load_reference_network(src, "cpu", key=key) if key != "ema" else load_network_file(src, "cpu").net
+    except (ValueError, OSError, pickle.UnpicklingError, EOFError) as exc:
+        raise click.ClickException(str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)) from exc
     path = save_network(net, dest, extra={"source": click.format_filename(src), "source_key": key},
                         dtype=torch.float16 if fp16 else None)
     params = sum(p.numel() for p in net.parameters())

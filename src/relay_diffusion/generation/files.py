@@ -57,8 +57,11 @@ def load_images(indir: str | os.PathLike, seeds: Sequence[int]) -> torch.Tensor:
     paths = {s: find_image(indir, s) for s in seeds}
     images = []
     for seed, path in paths.items():
-        with Image.open(path) as img:
-            images.append(from_uint8(np.asarray(img)))
+        try:
+            with Image.open(path) as img:
+                images.append(from_uint8(np.asarray(img)))
+        except (OSError, ValueError, SyntaxError) as exc:
+            raise ValueError(f"{path}: not a readable image ({exc})") from exc
     shapes = {tuple(x.shape[1:]) for x in images}
     if len(shapes) > 1:
         raise ValueError(f"input images in {indir} have different shapes: {sorted(shapes)}")
