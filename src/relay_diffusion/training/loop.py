@@ -74,10 +74,9 @@ def learning_rate(lr: float, nimg: int, rampup_mimg: float) -> float:
 def build_training_network(plan: TrainingPlan, seed: int) -> torch.nn.Module:
     """The network with weights drawn from a generator seeded by ``seed`` (same on every process)."""
     from relay_diffusion.networks.layers import init_weights
-    from relay_diffusion.networks.precond import build_network
 
     with torch.random.fork_rng(devices=[]):  # the constructors draw from the global generator; keep it untouched
-        net = build_network(plan.network["precond"], **plan.network["init_kwargs"])
+        net = plan.network.build()
     return init_weights(net, torch.Generator().manual_seed(seed % (1 << 63)))
 
 
@@ -186,11 +185,11 @@ class Trainer:
         plan, cfg = self.plan, self.cfg
         params = sum(p.numel() for p in self.net.parameters())
         self.log(f"Run folder:    {self.run_dir}")
-        self.log(f"Dataset:       {plan.dataset['path']} ({plan.dataset['size']} images, "
-                 f"{plan.dataset['resolution']}x{plan.dataset['resolution']}, label_dim {plan.dataset['label_dim']})")
-        self.log(f"Network:       {plan.network['precond']} / {plan.network['init_kwargs']['model_type']}, "
+        ds = plan.dataset
+        self.log(f"Dataset:       {ds.path} ({ds.size} images, {ds.resolution}x{ds.resolution}, label_dim {ds.label_dim})")
+        self.log(f"Network:       {plan.network.precond} / {plan.network.init_kwargs['model_type']}, "
                  f"{params / 1e6:.2f} M parameters, {cfg.precision}")
-        self.log(f"Loss:          {plan.loss['name']} (stage {plan.stage})")
+        self.log(f"Loss:          {plan.loss.name} (stage {plan.stage})")
         self.log(f"Batch:         {cfg.batch} = {plan.batch_gpu} x {self.ctx.world_size} processes x "
                  f"{plan.rounds} rounds; device {self.device}")
         self.log(f"Duration:      {cfg.duration} Mimg ({self._total_steps()} steps); seed {self.seed}")
@@ -286,8 +285,8 @@ class Trainer:
         cfg = self.cfg
         extra: dict[str, Any] = {
             "stage": self.plan.stage, "stage_kind": "relay" if self.plan.stage == 2 else "edm", "kimg": self.nimg / 1000, "step": self.step,
-            "training": {"precond": cfg.precond, "arch": cfg.arch, "dataset": self.plan.dataset["name"],
-                         "resolution": self.plan.dataset["resolution"], "cond": cfg.cond,
+            "training": {"precond": cfg.precond, "arch": cfg.arch, "dataset": self.plan.dataset.name,
+                         "resolution": self.plan.dataset.resolution, "cond": cfg.cond,
                          "label_dropout": cfg.label_dropout, "augment": cfg.augment, "seed": self.seed},
         }
         if self.plan.stage == 2:  # what generation needs to relay into this network

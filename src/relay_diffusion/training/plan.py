@@ -15,10 +15,70 @@ from typing import Any, Optional
 
 import torch
 
+from relay_diffusion.core.process import BlurProcess
 from relay_diffusion.training.config import AUGMENT_DIM, PRECOND_NETWORKS, ConfigError, TrainingConfig, resume_conflicts
 from relay_diffusion.utils.distributed import env_world_size
 from relay_diffusion.training.rundir import run_files
 from relay_diffusion.training.state import check_state, latest_intact_state
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What the run learns from: the dataset of ``--data`` as it was found."""
+
+    path: str
+    name: str
+    size: int
+    resolution: int
+    channels: int
+    label_dim: int
+
+
+@dataclass(frozen=True)
+class NetworkSpec:
+    """The network to train: a preconditioning class of :mod:`relay_diffusion.networks.precond` and its arguments."""
+
+    precond: str
+    init_kwargs: dict[str, Any]
+
+    def build(self) -> torch.nn.Module:
+        from relay_diffusion.networks.precond import build_network
+
+        return build_network(self.precond, **self.init_kwargs)
+
+
+LOSS_NAMES = ("EDMLoss", "VPLoss", "VELoss", "BlurLoss")
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """The loss: its name, the label dropout and, for the blur loss, the forward process."""
+
+    name: str
+    label_dropout: float = 0.0
+    process: Optional[BlurProcess] = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"name": self.name, "label_dropout": self.label_dropout}
+        if self.process is not None:
+            d["process"] = self.process.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "LossSpec":
+        """Inverse of :meth:`to_dict` (as stored in ``training_options.json``)."""
+        if not isinstance(d, dict) or d.get("name") not in LOSS_NAMES:
+            raise ValueError(f"not a loss description: {d!r}")
+        process = d.get("process")
+        return cls(d["name"], float(d.get("label_dropout", 0.0)),
+                   BlurProcess.from_dict(process) if process is not None else None)
+
+    def build(self):
+        from relay_diffusion.core.losses import BlurLoss, BlurLossConfig, EDMLoss, VELoss, VPLoss
+
+        if self.name == "BlurLoss":
+            return BlurLoss(BlurLossConfig(self.process or BlurProcess()), label_dropout=self.label_dropout)
+        return {"VPLoss": VPLoss, "VELoss": VELoss, "EDMLoss": EDMLoss}[self.name](label_dropout=self.label_dropout)
 
 
 @dataclass
@@ -29,9 +89,9 @@ class TrainingPlan:
     world_size: int
     batch_gpu: int                      # per process and accumulation round
     rounds: int                         # gradient accumulation rounds per step
-    dataset: dict[str, Any]             # path, name, size, resolution, channels, label_dim
-    network: dict[str, Any]             # {"precond": class name, "init_kwargs": {...}}
-    loss: dict[str, Any]                # {"name": ..., settings}
+    dataset: DatasetInfo
+    network: NetworkSpec
+    loss: LossSpec
     resume_state: Optional[str] = None  # training-state file to start from
     resume_in_place: bool = False       # --resume named a run folder: keep writing into it
     notes: list[str] = field(default_factory=list)
@@ -49,9 +109,9 @@ class TrainingPlan:
             "world_size": self.world_size,
             "batch_gpu": self.batch_gpu,
             "accumulation_rounds": self.rounds,
-            "dataset": self.dataset,
-            "network": self.network,
-            "loss": self.loss,
+            "dataset": dataclasses.asdict(self.dataset),
+            "network": dataclasses.asdict(self.network),
+            "loss": self.loss.to_dict(),
             "optimizer": {"name": "Adam", "lr": self.config.lr, "betas": [0.9, 0.999], "eps": 1e-8},
             "resume_state": self.resume_state,
             "notes": self.notes,
@@ -69,7 +129,7 @@ def open_dataset(cfg: TrainingConfig, cache: Optional[bool] = None):
                               cache=cfg.cache if cache is None else cache)
 
 
-def network_spec(cfg: TrainingConfig, resolution: int, channels: int, label_dim: int) -> dict[str, Any]:
+def network_spec(cfg: TrainingConfig, resolution: int, channels: int, label_dim: int) -> NetworkSpec:
     """Precond class and constructor arguments: the ``--arch`` preset with the size overrides applied."""
     from relay_diffusion.networks.precond import arch_config
 
@@ -88,26 +148,18 @@ def network_spec(cfg: TrainingConfig, resolution: int, channels: int, label_dim:
     )
     if cfg.augment > 0:
         kwargs["augment_dim"] = AUGMENT_DIM
-    return {"precond": PRECOND_NETWORKS[cfg.precond], "init_kwargs": kwargs}
+    return NetworkSpec(PRECOND_NETWORKS[cfg.precond], kwargs)
 
 
-def loss_spec(cfg: TrainingConfig) -> dict[str, Any]:
+def loss_spec(cfg: TrainingConfig) -> LossSpec:
     if cfg.precond == "blur":
-        return {"name": "BlurLoss", "process": cfg.process().to_dict(), "label_dropout": cfg.label_dropout}
-    name = {"vp": "VPLoss", "ve": "VELoss", "edm": "EDMLoss"}[cfg.precond]
-    return {"name": name, "label_dropout": cfg.label_dropout}
+        return LossSpec("BlurLoss", cfg.label_dropout, cfg.process())
+    return LossSpec({"vp": "VPLoss", "ve": "VELoss", "edm": "EDMLoss"}[cfg.precond], cfg.label_dropout)
 
 
-def build_loss(spec: dict[str, Any]):
-    from relay_diffusion.core.losses import BlurLoss, BlurLossConfig, EDMLoss, VELoss, VPLoss
-    from relay_diffusion.core.process import BlurProcess
-
-    spec = dict(spec)
-    name = spec.pop("name")
-    label_dropout = spec.pop("label_dropout")
-    if name == "BlurLoss":
-        return BlurLoss(BlurLossConfig(BlurProcess.from_dict(spec["process"])), label_dropout=label_dropout)
-    return {"VPLoss": VPLoss, "VELoss": VELoss, "EDMLoss": EDMLoss}[name](label_dropout=label_dropout)
+def build_loss(spec: LossSpec | dict[str, Any]):
+    """The loss of ``spec`` (a :class:`LossSpec`, or its dict from ``training_options.json``)."""
+    return (spec if isinstance(spec, LossSpec) else LossSpec.from_dict(spec)).build()
 
 
 def plan_training(cfg: TrainingConfig, world_size: Optional[int] = None) -> TrainingPlan:
@@ -119,12 +171,12 @@ def plan_training(cfg: TrainingConfig, world_size: Optional[int] = None) -> Trai
         raise ConfigError("--data", f"no such file or folder: {cfg.data}")
     try:
         ds = open_dataset(cfg, cache=False)
-        info = dict(path=os.path.abspath(cfg.data), name=ds.name, size=len(ds), resolution=ds.resolution,
-                    channels=ds.num_channels, label_dim=ds.label_dim)
+        info = DatasetInfo(path=os.path.abspath(cfg.data), name=ds.name, size=len(ds), resolution=ds.resolution,
+                           channels=ds.num_channels, label_dim=ds.label_dim)
     except (ValueError, OSError) as exc:
         raise ConfigError("--data", f"cannot read the dataset: {exc}") from exc
-    cfg.check_dataset(info["resolution"], info["label_dim"] > 0, info["size"])
-    network = network_spec(cfg, info["resolution"], info["channels"], info["label_dim"])
+    cfg.check_dataset(info.resolution, info.label_dim > 0, info.size)
+    network = network_spec(cfg, info.resolution, info.channels, info.label_dim)
     _check_network_builds(network)
 
     notes = []
@@ -197,7 +249,7 @@ def _check_network_builds(network: dict[str, Any]) -> None:
 
     try:
         with torch.device("meta"):
-            build_network(network["precond"], **network["init_kwargs"])
+            network.build()
     except (ValueError, TypeError, AssertionError) as exc:
         raise ConfigError("--arch", f"cannot build the {network['precond']} network: {exc}") from exc
 
@@ -205,7 +257,7 @@ def _check_network_builds(network: dict[str, Any]) -> None:
 def run_dir_name(plan: TrainingPlan) -> str:
     """``<dataset>-<cond>-<arch>-<precond>-gpus<N>-batch<B>-<precision>[-<desc>]``, as EDM names runs."""
     cfg = plan.config
-    desc = (f"{plan.dataset['name']}-{'cond' if cfg.cond else 'uncond'}-{cfg.arch}-{cfg.precond}"
+    desc = (f"{plan.dataset.name}-{'cond' if cfg.cond else 'uncond'}-{cfg.arch}-{cfg.precond}"
             f"-gpus{plan.world_size}-batch{cfg.batch}-{cfg.precision}")
     return desc + (f"-{cfg.desc}" if cfg.desc else "")
 
