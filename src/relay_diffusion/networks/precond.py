@@ -4,7 +4,8 @@
 as the submodule ``model`` (parameter names start with ``model.``, as in reference checkpoints).
 Each instance records its JSON-serialisable constructor arguments in ``init_kwargs``, and
 ``build_network(type(net).__name__, **net.init_kwargs)`` rebuilds it. ``float('inf')`` (the EDM
-default ``sigma_max``) is written by ``json.dumps`` as ``Infinity``, which ``json.loads`` reads back.
+default ``sigma_max``) is stored in JSON as the string ``"inf"`` under one of :data:`FLOAT_KWARGS`
+(``utils.jsonio``, docs/math.md §10).
 
 Precision: ``use_fp16`` (reference name) or ``precision`` ('fp32' | 'fp16' | 'bf16'; it wins when
 given). Reduced precision applies only to inputs on CUDA; the output is always float32.
@@ -12,6 +13,7 @@ given). Reduced precision applies only to inputs on CUDA; the output is always f
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any
 
@@ -298,6 +300,21 @@ PRECONDS: dict[str, type[nn.Module]] = {
     "EDMPrecond": EDMPrecond, "VPPrecond": VPPrecond, "VEPrecond": VEPrecond, "iDDPMPrecond": iDDPMPrecond,
     "edm": EDMPrecond, "vp": VPPrecond, "ve": VEPrecond, "iddpm": iDDPMPrecond,
 }
+
+
+def _float_kwargs() -> frozenset[str]:
+    """Names of the constructor arguments, of every wrapper and backbone, annotated ``float``."""
+    names = set()
+    for cls in (*PRECONDS.values(), *NETWORKS.values()):
+        for name, param in inspect.signature(cls).parameters.items():
+            if param.annotation in (float, "float"):
+                names.add(name)
+    return frozenset(names)
+
+
+#: The init kwargs that are floats, so may be non-finite (``sigma_max`` = inf): a network's JSON holds them
+#: as ``"inf"`` / ``"-inf"`` / ``"nan"`` when they are (``utils.jsonio``).
+FLOAT_KWARGS = _float_kwargs()
 
 
 def build_network(precond: str, **init_kwargs: Any) -> nn.Module:

@@ -5,7 +5,6 @@ any process group, network or file exists.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ import torch
 from relay_diffusion.training.config import AUGMENT_DIM, PRECOND_NETWORKS, ConfigError, TrainingConfig
 from relay_diffusion.utils.distributed import env_world_size
 from relay_diffusion.training.state import latest_state
+from relay_diffusion.utils.jsonio import dumps_strict
 
 
 @dataclass
@@ -56,7 +56,7 @@ class TrainingPlan:
         }
 
     def to_json(self, run_dir: Optional[str] = None) -> str:
-        return json.dumps(self.options(run_dir), indent=2)
+        return dumps_strict(self.options(run_dir), indent=2)
 
 
 def open_dataset(cfg: TrainingConfig, cache: Optional[bool] = None):
