@@ -36,7 +36,8 @@ def resolve_precision(use_fp16: bool, precision: str | None) -> str:
 
 
 class _Precond(Initialisable):
-    """Shared plumbing: the backbone, label handling, precision and ``init_kwargs``."""
+    """Shared plumbing: the backbone, label handling, precision and ``init_kwargs``. ``precond_kwargs`` are the
+    wrapper's own arguments (``sigma_min`` ...): recorded in ``init_kwargs`` and set as attributes."""
 
     def __init__(
         self,
@@ -70,6 +71,8 @@ class _Precond(Initialisable):
             use_fp16=self.use_fp16, precision=self.precision, **precond_kwargs,
             model_type=model_type, **resolved_model,
         )
+        for name, value in precond_kwargs.items():  # sigma_min, sigma_max, ... as attributes
+            setattr(self, name, value)
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """Nothing of its own to draw; ``layers.init_weights`` resets the backbone."""
@@ -141,7 +144,6 @@ class EDMPrecond(_Precond):
         super().__init__(
             img_resolution, img_channels, label_dim, use_fp16, precision, model_type, precond_kwargs, model_kwargs
         )
-        self.sigma_min, self.sigma_max, self.sigma_data = float(sigma_min), float(sigma_max), float(sigma_data)
 
     def coefficients(self, sigma: torch.Tensor) -> tuple[torch.Tensor, ...]:
         sd = self.sigma_data
@@ -173,7 +175,6 @@ class VPPrecond(_Precond):
         super().__init__(
             img_resolution, img_channels, label_dim, use_fp16, precision, model_type, precond_kwargs, model_kwargs
         )
-        self.beta_d, self.beta_min, self.M, self.epsilon_t = float(beta_d), float(beta_min), int(M), float(epsilon_t)
         # Evaluated in float32 like the reference, so samplers clamp to the same range (at t = 1e-5 this
         # gives 0.000977 where float64 would give 0.001).
         with torch.device("cpu"):  # also when the module is being built on the meta device
@@ -214,7 +215,6 @@ class VEPrecond(_Precond):
         super().__init__(
             img_resolution, img_channels, label_dim, use_fp16, precision, model_type, precond_kwargs, model_kwargs
         )
-        self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
 
     def coefficients(self, sigma: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return torch.ones_like(sigma), sigma, torch.ones_like(sigma), (0.5 * sigma).log()
@@ -262,7 +262,6 @@ class iDDPMPrecond(_Precond):
             img_resolution, img_channels, label_dim, use_fp16, precision, model_type, precond_kwargs, model_kwargs,
             out_channels=img_channels * 2,
         )
-        self.C_1, self.C_2, self.M = float(C_1), float(C_2), int(M)
         self.register_buffer("u", torch.empty(self.M + 1))
         self.reset_parameters()
 

@@ -12,6 +12,7 @@ training) is stored, not applied: the loss drops labels with its own generators.
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any, Sequence
 
@@ -35,6 +36,13 @@ def _check_resolution(img_resolution: int, levels: int) -> None:
     """Every level halves the resolution, so it must divide by ``2 ** (levels - 1)``."""
     if img_resolution < 1 or img_resolution % (1 << (levels - 1)):
         raise ValueError(f"img_resolution {img_resolution} must be a multiple of 2**{levels - 1} for {levels} levels")
+
+
+def _init_kwargs(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    """The constructor arguments of ``cls`` from its ``__init__``'s ``values`` (``locals()``), in signature order,
+    sequences as lists, so that the dict is JSON and rebuilds the network."""
+    names = [name for name in inspect.signature(cls).parameters if name != "self"]
+    return {name: list(values[name]) if isinstance(values[name], (list, tuple)) else values[name] for name in names}
 
 
 def _labels_or_zeros(class_labels: torch.Tensor | None, label_dim: int, emb: torch.Tensor) -> torch.Tensor:
@@ -129,14 +137,7 @@ class SongUNet(nn.Module):
         _check_choice("decoder_type", decoder_type, DECODER_TYPES)
         _check_resolution(img_resolution, len(channel_mult))
         super().__init__()
-        self.init_kwargs: dict[str, Any] = dict(
-            img_resolution=img_resolution, in_channels=in_channels, out_channels=out_channels,
-            label_dim=label_dim, augment_dim=augment_dim, model_channels=model_channels,
-            channel_mult=list(channel_mult), channel_mult_emb=channel_mult_emb, num_blocks=num_blocks,
-            attn_resolutions=list(attn_resolutions), dropout=dropout, label_dropout=label_dropout,
-            embedding_type=embedding_type, channel_mult_noise=channel_mult_noise,
-            encoder_type=encoder_type, decoder_type=decoder_type, resample_filter=list(resample_filter),
-        )
+        self.init_kwargs = _init_kwargs(SongUNet, locals())
         self.label_dim, self.label_dropout = label_dim, label_dropout
         emb_channels = model_channels * channel_mult_emb
         noise_channels = model_channels * channel_mult_noise
@@ -261,12 +262,7 @@ class DhariwalUNet(nn.Module):
     ) -> None:
         _check_resolution(img_resolution, len(channel_mult))
         super().__init__()
-        self.init_kwargs: dict[str, Any] = dict(
-            img_resolution=img_resolution, in_channels=in_channels, out_channels=out_channels,
-            label_dim=label_dim, augment_dim=augment_dim, model_channels=model_channels,
-            channel_mult=list(channel_mult), channel_mult_emb=channel_mult_emb, num_blocks=num_blocks,
-            attn_resolutions=list(attn_resolutions), dropout=dropout, label_dropout=label_dropout,
-        )
+        self.init_kwargs = _init_kwargs(DhariwalUNet, locals())
         self.label_dim, self.label_dropout = label_dim, label_dropout
         emb_channels = model_channels * channel_mult_emb
         init = dict(init_mode="kaiming_uniform", init_weight=math.sqrt(1 / 3), init_bias=math.sqrt(1 / 3))
