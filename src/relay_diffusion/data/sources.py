@@ -119,7 +119,8 @@ def _numpy_arrays_policy() -> UnpicklePolicy:
     core = getattr(np, "_core", None) or np.core
     allowed = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype, ("_codecs", "encode"): encode_text}
     for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
-        allowed.update({(module, "_reconstruct"): core.multiarray._reconstruct, (module, "scalar"): core.multiarray.scalar})
+        allowed[(module, "_reconstruct")] = core.multiarray._reconstruct
+        allowed[(module, "scalar")] = core.multiarray.scalar
     return UnpicklePolicy(what="a CIFAR-10 batch", needed_for="numpy arrays", allowed=allowed)
 
 

@@ -7,8 +7,8 @@ Formats accepted by :func:`load_detector` (all load into :class:`~.inception.Inc
    StyleGAN2-ADA's ``inception-2015-12-05.pt`` (with head).
 2. The StyleGAN3 / EDM pickle ``inception-2015-12-05.pkl`` (with head), read by the restricted
    unpickler under :data:`INCEPTION_PICKLE_POLICY`, which only rebuilds tensors: classes named in the
-   pickle are replaced by inert stand-ins, other functions are refused, so its embedded source code is
-   never executed.
+   pickle are replaced by inert stand-ins and functions outside its allow-list are refused, so its
+   embedded source code is never executed.
 3. ``.pth`` state dicts of torch-fidelity / pytorch-fid (``weights-inception-2015-12-05-*.pth``,
    ``pt_inception-2015-12-05-*.pth``, with head). Both libraries define the network on top of
    torchvision, which does not install beside every torch build, so their torchvision-style names
