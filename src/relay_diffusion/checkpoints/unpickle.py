@@ -48,10 +48,8 @@ class UnpicklePolicy:
         module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))  # Python 2 names
         module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         found = self.allowed.get((module, name))
-        for resolve in self.resolvers:
-            if found is not None:
-                break
-            found = resolve(module, name)
+        if found is None:
+            found = next((f for f in (resolve(module, name) for resolve in self.resolvers) if f is not None), None)
         if found is None:
             raise UnsafePickleError(
                 f"refusing to load {module}.{name} from {self.what}: it is not needed for {self.needed_for}, "
