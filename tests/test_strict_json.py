@@ -85,3 +85,19 @@ def test_dumps_strict_rules():
     assert known["a"] == math.inf and known["c"]["d"] == [math.inf] and known["b"][0] == "-inf" and known["e"] == "nan"
     assert loads_strict('{"a": Infinity, "b": NaN}', keys={"a"})["a"] == math.inf  # the old tokens still read
     assert dumps_strict({"x": np.float64("-inf")}) == '{"x": "-inf"}'  # numpy's float64 is a float too
+
+
+def test_stats_records_are_strict_and_read_back(tmp_path):
+    from relay_diffusion.training.stats import STATS_FILE, StatsLog
+
+    log = StatsLog(tmp_path)
+    for step, loss in ((1, math.nan), (2, 0.5), (3, math.inf)):
+        log.append({"tick": step, "step": step, "kimg": step / 1000, "loss": loss})
+    log.flush()
+    log.close()
+    lines = (tmp_path / STATS_FILE).read_text().splitlines()
+    assert [strict_loads(line)["loss"] for line in lines] == ["nan", 0.5, "inf"]
+    resumed = StatsLog(tmp_path, resume_step=2)
+    resumed.close()
+    assert [r["step"] for r in resumed.records] == [1, 2]
+    assert math.isnan(resumed.records[0]["loss"]) and resumed.records[1]["loss"] == 0.5
