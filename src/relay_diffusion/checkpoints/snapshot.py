@@ -3,19 +3,22 @@
 A snapshot ``name.safetensors`` holds the state_dict; its metadata key ``relay_diffusion`` and the sidecar
 ``name.json`` hold ``{"format", "precond", "init_kwargs", ...extra}``, enough to rebuild the network
 with :func:`relay_diffusion.networks.precond.build_network`. Loading never executes code from the file.
+The JSON is strict (``utils.jsonio``): a non-finite float such as ``sigma_max`` = inf is the string ``"inf"``,
+read back as a float under the known float arguments (``FLOAT_KWARGS``); older files with ``Infinity`` load too.
 Reference ``.pkl`` / ``.pt`` checkpoints are imported by :mod:`relay_diffusion.checkpoints.reference`.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from relay_diffusion.networks.precond import FLOAT_KWARGS
 from relay_diffusion.utils.fileio import atomic_path, atomic_write_text
+from relay_diffusion.utils.jsonio import dumps_strict, loads_strict
 
 FORMAT = "relay-diffusion/network-1"
 META_KEY = "relay_diffusion"
@@ -48,8 +51,8 @@ def save_network(
             v = v.to(dtype)
         state[k] = v.contiguous()
     with atomic_path(path) as tmp:
-        save_file(state, str(tmp), metadata={META_KEY: json.dumps(config)})
-    atomic_write_text(path.with_suffix(".json"), json.dumps(config, indent=2) + "\n")
+        save_file(state, str(tmp), metadata={META_KEY: dumps_strict(config)})
+    atomic_write_text(path.with_suffix(".json"), dumps_strict(config, indent=2) + "\n")
     return path
 
 
@@ -61,10 +64,10 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
     if META_KEY in meta:
-        return json.loads(meta[META_KEY])
+        return loads_strict(meta[META_KEY], FLOAT_KWARGS)
     sidecar = path.with_suffix(".json")
     if sidecar.is_file():
-        return json.loads(sidecar.read_text())
+        return loads_strict(sidecar.read_text(), FLOAT_KWARGS)
     raise ValueError(f"{path}: no relay-diffusion config in its metadata and no {sidecar.name} beside it")
 
 

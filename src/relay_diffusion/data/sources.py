@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from relay_diffusion.checkpoints.unpickle import UnpicklePolicy, encode_text, restricted_load
 from relay_diffusion.data.files import (
     LABELS_FILE,
     is_hidden_name,
@@ -113,31 +114,24 @@ class FileSource(Source):
                     yield SourceItem(name, label, data)
 
 
-class _ArrayUnpickler(pickle.Unpickler):
-    """Loads pickled dicts of numpy arrays (the CIFAR-10 batches) without running arbitrary code: only the few
-    callables numpy's array pickles need are allowed."""
+def _numpy_arrays_policy() -> UnpicklePolicy:
+    """The CIFAR-10 batches are pickled dicts of numpy arrays: only the callables numpy's array pickles need."""
+    core = getattr(np, "_core", None) or np.core
+    allowed = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype, ("_codecs", "encode"): encode_text}
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        allowed[(module, "_reconstruct")] = core.multiarray._reconstruct
+        allowed[(module, "scalar")] = core.multiarray.scalar
+    return UnpicklePolicy(what="a CIFAR-10 batch", needed_for="numpy arrays", allowed=allowed)
 
-    def find_class(self, module: str, name: str) -> Any:
-        core = getattr(np, "_core", None) or np.core
-        allowed = {
-            ("numpy", "ndarray"): np.ndarray,
-            ("numpy", "dtype"): np.dtype,
-            ("numpy.core.multiarray", "_reconstruct"): core.multiarray._reconstruct,
-            ("numpy._core.multiarray", "_reconstruct"): core.multiarray._reconstruct,
-            ("numpy.core.multiarray", "scalar"): core.multiarray.scalar,
-            ("numpy._core.multiarray", "scalar"): core.multiarray.scalar,
-            ("_codecs", "encode"): lambda text, encoding="latin1": text.encode(encoding),
-        }
-        if (module, name) not in allowed:
-            raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a CIFAR-10 batch")
-        return allowed[(module, name)]
+
+CIFAR_POLICY = _numpy_arrays_policy()
 
 
 def _load_pickle(tar: tarfile.TarFile, member: str) -> dict:
     f = tar.extractfile(member)
     if f is None:
         raise KeyError(member)
-    return _ArrayUnpickler(f, encoding="bytes").load()
+    return restricted_load(f, CIFAR_POLICY, encoding="bytes")
 
 
 class CifarSource(Source):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 import torch
 
 from relay_diffusion.generation.pipeline import RelayPipeline
+from relay_diffusion.utils.jsonio import dumps_strict, to_strict
 
 FILE = "generation.json"
 FORMAT = "relay-diffusion/generation-1"
@@ -46,17 +46,6 @@ def _state_sha256(net: Any) -> str:
     return h.hexdigest()
 
 
-def _json_safe(value: Any) -> Any:
-    """Non-finite floats as strings, so the manifest is strict JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
-
-
 def describe(pipeline: RelayPipeline, **settings: Any) -> dict[str, Any]:
     """What determines the images of ``pipeline`` (plus ``settings`` such as the class and the layout)."""
     stages = []
@@ -70,7 +59,7 @@ def describe(pipeline: RelayPipeline, **settings: Any) -> dict[str, Any]:
         if hasattr(stage.net, "precision"):
             entry["precision"] = stage.net.precision
         stages.append(entry)
-    return _json_safe({"format": FORMAT, "stages": stages, "enhancement": dataclasses.asdict(pipeline.enhancement),
+    return to_strict({"format": FORMAT, "stages": stages, "enhancement": dataclasses.asdict(pipeline.enhancement),
                        "net_batch": pipeline.net_batch, **settings})
 
 
@@ -107,5 +96,5 @@ def write_manifest(outdir: str | os.PathLike, manifest: dict[str, Any]) -> Path:
     from relay_diffusion.utils.fileio import atomic_write_text
 
     path = Path(outdir) / FILE
-    atomic_write_text(path, json.dumps(manifest, indent=2, allow_nan=False) + "\n")
+    atomic_write_text(path, dumps_strict(manifest, indent=2) + "\n")
     return path

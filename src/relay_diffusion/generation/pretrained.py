@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -18,20 +17,10 @@ from relay_diffusion.core.process import BlurProcess
 from relay_diffusion.generation.configs import EDMStageConfig, Enhancement, RelayStageConfig
 from relay_diffusion.generation.pipeline import RelayPipeline
 from relay_diffusion.generation.stages import EDMStage, RelayStage
+from relay_diffusion.utils.jsonio import dumps_strict, restore_non_finite
 
 FORMAT = "relay-diffusion/pipeline-1"
 FILE = "pipeline.json"
-
-
-def _encode(value: Any) -> Any:
-    """Non-finite floats as the strings ``inf``, ``-inf``, ``nan`` (strict JSON has no such numbers)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: _encode(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_encode(v) for v in value]
-    return value
 
 
 def _decode_config(cls: type, d: Any, where: str) -> Any:
@@ -41,12 +30,8 @@ def _decode_config(cls: type, d: Any, where: str) -> Any:
     unknown = sorted(set(d) - set(fields))
     if unknown:
         raise ValueError(f"{where}: unknown settings {unknown}")
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, str) and v in ("inf", "-inf", "nan"):
-            v = float(v)
-        out[k] = v
-    return cls(**out)
+    floats = [f.name for f in dataclasses.fields(cls) if "float" in str(f.type)]
+    return cls(**restore_non_finite(d, floats))
 
 
 def _network_dtype(path: str | None) -> torch.dtype | None:
@@ -84,7 +69,7 @@ def save_pretrained(pipeline: RelayPipeline, folder: str | os.PathLike) -> Path:
         extra["stage_kind"] = stage.kind
         if isinstance(stage, RelayStage):
             extra.setdefault("process", stage.process.to_dict())  # the training value when the file had one
-        save_network(stage.net, folder / name, extra=_encode(extra), dtype=_network_dtype(stage.source))
+        save_network(stage.net, folder / name, extra=extra, dtype=_network_dtype(stage.source))
         stages.append(name)
     path = folder / FILE
     atomic_write_text(path, pipeline_json(pipeline, stages))
@@ -101,7 +86,7 @@ def pipeline_json(pipeline: RelayPipeline, networks: list[str]) -> str:
         stages.append(entry)
     doc = {"format": FORMAT, "stages": stages, "enhancement": dataclasses.asdict(pipeline.enhancement),
            "net_batch": pipeline.net_batch}
-    return json.dumps(_encode(doc), indent=2, allow_nan=False) + "\n"
+    return dumps_strict(doc, indent=2) + "\n"
 
 
 def load_pretrained(folder: str | os.PathLike, device: torch.device | str = "cpu") -> RelayPipeline:

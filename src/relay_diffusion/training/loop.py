@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import math
 import secrets
 import time
@@ -23,6 +22,7 @@ import torch
 
 from relay_diffusion.checkpoints.snapshot import save_network
 from relay_diffusion.utils.fileio import atomic_write_text
+from relay_diffusion.utils.jsonio import dumps_strict
 from relay_diffusion.core.rng import SeedGenerators
 from relay_diffusion.utils import distributed
 from relay_diffusion.training import grids
@@ -125,7 +125,7 @@ class Trainer:
         if ctx.is_main and (self.nimg < cfg.total_images or not (self.run_dir / OPTIONS_FILE).exists()):
             options = plan.options(str(self.run_dir))  # not rewritten when there is nothing to do
             options["seed"] = self.seed
-            atomic_write_text(self.run_dir / OPTIONS_FILE, json.dumps(options, indent=2) + "\n")
+            atomic_write_text(self.run_dir / OPTIONS_FILE, dumps_strict(options, indent=2) + "\n")
             self._log_setup(state is not None)
             self._prepare_grid_inputs()
             self.log.flush()

@@ -20,6 +20,7 @@ from relay_diffusion.training.config import AUGMENT_DIM, PRECOND_NETWORKS, Confi
 from relay_diffusion.utils.distributed import env_world_size
 from relay_diffusion.training.rundir import run_files
 from relay_diffusion.training.state import check_state, latest_intact_state
+from relay_diffusion.utils.jsonio import dumps_strict
 
 
 @dataclass(frozen=True)
@@ -118,7 +119,7 @@ class TrainingPlan:
         }
 
     def to_json(self, run_dir: Optional[str] = None) -> str:
-        return json.dumps(self.options(run_dir), indent=2)
+        return dumps_strict(self.options(run_dir), indent=2)
 
 
 def open_dataset(cfg: TrainingConfig, cache: Optional[bool] = None):

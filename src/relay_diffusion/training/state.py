@@ -7,7 +7,6 @@ resolved options. No code and no pickled objects: loading cannot execute anythin
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any, Optional
 import torch
 
 from relay_diffusion.utils.fileio import atomic_path
+from relay_diffusion.utils.jsonio import dumps_strict
 
 FORMAT = "relay-diffusion/training-state-1"
 STATE_PATTERN = re.compile(r"^training-state-(\d+)\.pt$")
@@ -37,7 +37,7 @@ def save_state(path: Path, net: torch.nn.Module, ema: torch.nn.Module, optimizer
         "step": int(step),
         "nimg": int(nimg),
         "seed": int(seed),
-        "options": json.dumps(options),
+        "options": dumps_strict(options),
     }
     if phema is not None:  # PowerEMATracker.state_dict(): {"sigma_rels": [...], "emas": [state_dict, ...]}
         state["phema"] = _cpu(phema)

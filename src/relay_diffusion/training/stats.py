@@ -18,6 +18,7 @@ from typing import Any, Optional
 import torch
 
 from relay_diffusion.utils.fileio import atomic_path, atomic_write_text
+from relay_diffusion.utils.jsonio import dumps_strict, loads_strict
 
 LOG_FILE = "log.txt"
 STATS_FILE = "stats.jsonl"
@@ -60,7 +61,7 @@ class StatsLog:
         if resume_step is not None and path.is_file():  # keep the records up to the resumed step
             for line in path.read_text().splitlines():
                 try:
-                    rec = json.loads(line)
+                    rec = loads_strict(line)  # every value is a number: "nan" / "inf" are floats
                 except json.JSONDecodeError:
                     continue
                 if rec.get("step", math.inf) <= resume_step:
@@ -74,7 +75,7 @@ class StatsLog:
             self._tb.flush()
 
     def flush(self) -> None:
-        text = "".join(json.dumps(r) + "\n" for r in self.records)
+        text = "".join(dumps_strict(r) + "\n" for r in self.records)
         atomic_write_text(self.run_dir / STATS_FILE, text)
         points = [(r["kimg"], r["loss"]) for r in self.records if math.isfinite(r.get("loss", math.nan))]
         if len(points) >= 2:
