@@ -35,3 +35,31 @@ def missing_fixtures_message() -> str:
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO
+
+
+@pytest.fixture
+def single_thread():
+    """Tiny networks gain nothing from intra-op threads, and on a busy machine their synchronisation costs far
+    more than the work: run a test on one thread (``pytestmark = pytest.mark.usefixtures("single_thread")``)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_adm(resolution: int, label_dim: int = 0, channels: int = 3, seed: int = 0):
+    """A small EDM-preconditioned ADM with random (not zero-initialised) weights, so every layer matters."""
+    import torch
+
+    from relay_diffusion.networks.precond import build_network
+
+    net = build_network("EDMPrecond", img_resolution=resolution, img_channels=channels, label_dim=label_dim,
+                        model_type="DhariwalUNet", model_channels=16, channel_mult=[1], num_blocks=1,
+                        attn_resolutions=[])
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return net.eval().requires_grad_(False)

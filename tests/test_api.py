@@ -19,12 +19,7 @@ from test_stage_unit import snapshot
 STEPS = ["--num_steps_first=4", "--num_steps_second=10"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def readme_library_blocks() -> list[str]:

@@ -14,7 +14,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import REPO, fixtures_dir
+from conftest import REPO, fixtures_dir, tiny_adm
 from relay_diffusion.checkpoints.snapshot import save_network
 from relay_diffusion.cli import main as rdm
 from relay_diffusion.utils.images import to_uint8
@@ -31,25 +31,11 @@ STAGE1_OPTIONS = ["--num_steps_first=5"]
 STAGE2_OPTIONS = ["--num_steps_second=10"]  # 4 steps below truncation_sigma 0.9
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny networks run fastest on one thread; thread pools on a busy machine mostly wait for each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def tiny_network(resolution: int, label_dim: int = 3, channels: int = 3, seed: int = 0) -> torch.nn.Module:
-    """A small ADM with random (not zero-initialised) weights, so every layer affects the output."""
-    net = build_network("EDMPrecond", img_resolution=resolution, img_channels=channels, label_dim=label_dim,
-                        model_type="DhariwalUNet", model_channels=16, channel_mult=[1], num_blocks=1,
-                        attn_resolutions=[])
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return net.eval().requires_grad_(False)
+    return tiny_adm(resolution, label_dim, channels, seed)
 
 
 def read_pngs(folder: Path) -> dict[str, bytes]:

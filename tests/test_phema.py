@@ -32,12 +32,7 @@ RUN_ARGS = ["--batch=8", "--lr=2e-3", "--ema=0.0001", "--seed=5", "--tick=0.008"
 STEPS = 24
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def invoke(*args) -> "click.testing.Result":  # noqa: F821

@@ -18,12 +18,7 @@ from test_stage_unit import snapshot, tiny
 STEPS = ["--num_steps_first=4", "--num_steps_second=10", "--seeds=0-3", "--device=cpu"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

@@ -17,12 +17,7 @@ from relay_diffusion.cli.train import train as train_cli
 from test_training import TINY_ARGS, write_dataset
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
+from conftest import tiny_adm
 from relay_diffusion.checkpoints.loading import load_network_file
 from relay_diffusion.checkpoints.snapshot import save_network
 from relay_diffusion.cli import main as rdm
@@ -25,23 +26,11 @@ TRAINED = BlurProcess(up_scale=2, blur_sigma_max=2.0, prob_length=0.89, block_sc
 STEPS = ["--num_steps_first=4", "--num_steps_second=10"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def tiny(res: int, label_dim: int = 0, seed: int = 0) -> torch.nn.Module:
-    net = build_network("EDMPrecond", img_resolution=res, img_channels=3, label_dim=label_dim,
-                        model_type="DhariwalUNet", model_channels=16, channel_mult=[1], num_blocks=1,
-                        attn_resolutions=[])
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return net.eval().requires_grad_(False)
+    return tiny_adm(res, label_dim, seed=seed)
 
 
 def snapshot(path: Path, res: int, kind: str, label_dim: int = 0, seed: int = 0,

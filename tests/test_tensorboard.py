@@ -23,12 +23,7 @@ from test_training import TINY_ARGS, write_dataset  # noqa: E402
 STEPS = 10
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def raw_scalar_steps(run_dir: Path, tag: str) -> list[int]:

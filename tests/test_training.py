@@ -61,14 +61,7 @@ def write_dataset(path: Path, n: int, res: int, classes: int = 0, seed: int = 0)
     return path
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny networks gain nothing from intra-op threads, and on a busy machine their synchronisation costs
-    far more than the work; run these tests (and their subprocesses, see ``_env``) on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
