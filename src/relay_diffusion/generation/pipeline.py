@@ -20,7 +20,8 @@ import torch
 
 from relay_diffusion.core.rng import SeedGenerators
 from relay_diffusion.generation.configs import Enhancement
-from relay_diffusion.generation.stages import DEFAULT_NET_BATCH, RelayStage, Stage, check_stages, net_info
+from relay_diffusion.generation.stages import (DEFAULT_NET_BATCH, RelayStage, Stage, auto_net_batch, check_stages,
+                                               net_info)
 from relay_diffusion.utils.images import to_uint8
 
 #: ``None`` (``seed % label_dim``, the reference's choice), one class for all, one class per seed, or one-hot
@@ -33,12 +34,12 @@ StageCallback = Optional[Callable[[dict[str, Any]], None]]
 class RelayPipeline:
     """Stages run in order with one generator per seed. ``pipeline(seeds)`` -> :class:`RelayOutput`.
 
-    ``enhancement`` (post-processing) applies to the uint8 images only. ``net_batch``: see
-    :class:`FixedBatchDenoiser`.
+    ``enhancement`` (post-processing) applies to the uint8 images only. ``net_batch``: samples per network
+    call, see :class:`FixedBatchDenoiser`; None (the default) is 8 on the CPU, the whole batch elsewhere.
     """
 
     def __init__(self, stages: Sequence[Stage], enhancement: Enhancement | None = None,
-                 net_batch: int = DEFAULT_NET_BATCH) -> None:
+                 net_batch: int | None = DEFAULT_NET_BATCH) -> None:
         check_stages(stages)
         self.stages = list(stages)
         self.enhancement = enhancement or Enhancement()
@@ -50,6 +51,11 @@ class RelayPipeline:
         net = self.stages[0].net
         tensor = next(iter(net.parameters()), None) if hasattr(net, "parameters") else None
         return tensor.device if tensor is not None else torch.device("cpu")
+
+    @property
+    def resolved_net_batch(self) -> int | None:
+        """Samples per network call on this pipeline's device (None: the whole batch in one call)."""
+        return auto_net_batch(self.net_batch, self.device)
 
     @property
     def label_dim(self) -> int:

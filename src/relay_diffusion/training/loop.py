@@ -24,7 +24,7 @@ import torch
 from relay_diffusion.checkpoints.snapshot import save_network
 from relay_diffusion.utils.fileio import atomic_write_text
 from relay_diffusion.core.rng import SeedGenerators
-from relay_diffusion.utils import distributed
+from relay_diffusion.utils import accel, distributed
 from relay_diffusion.training import grids
 from relay_diffusion.training.augment import AugmentPipe
 from relay_diffusion.training.order import DataOrder, StepLayout, dropout_seed, make_loader, sample_seeds
@@ -137,6 +137,7 @@ class Trainer:
         elif cfg.transfer is not None:
             transfer_weights(self.net, cfg.transfer, self.log)
             self.ema.load_state_dict(self.net.state_dict())
+        accel.prepare_training(self.net, self.ema, cfg, self.device)
         self.ddp = self.net
         if self.ctx.distributed:
             self.ddp = torch.nn.parallel.DistributedDataParallel(

@@ -1,0 +1,116 @@
+"""Speed options of a network: ``torch.compile``, channels-last memory format, bf16 on the CPU; and the
+gradient handling of the training step (EDM's loss scaling and non-finite clamp).
+
+Everything here changes how a network computes, never what it computes up to float rounding: compiled,
+channels-last and eager contiguous networks agree to ~1e-6 relative on the CPU (``tests/test_speed.py``);
+bf16 to a few 1e-2. Parameter names, ``state_dict`` and checkpoints are unchanged by every option.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+#: Clamp of non-finite gradient entries (EDM's ``nan_to_num(nan=0, posinf=1e5, neginf=-1e5)``).
+GRAD_CLAMP = 1e5
+
+
+def backbone(net: torch.nn.Module) -> torch.nn.Module:
+    """The U-Net of a preconditioned network (its ``model``), else the module itself."""
+    model = getattr(net, "model", None)
+    return model if isinstance(model, torch.nn.Module) else net
+
+
+def compile_network(net: torch.nn.Module, **options) -> torch.nn.Module:
+    """``torch.compile`` the backbone of ``net`` in place (``nn.Module.compile``: parameter names and
+    ``state_dict`` keys stay as they are, so snapshots, EMA and resume are unaffected). The preconditioning
+    around it and the samplers stay eager. Returns ``net``."""
+    model = backbone(net)
+    if not hasattr(model, "compile"):
+        raise RuntimeError(f"--compile needs torch >= 2.2 (nn.Module.compile); this is torch {torch.__version__}")
+    model.compile(**options)
+    return net
+
+
+def is_compiled(net: torch.nn.Module) -> bool:
+    return getattr(backbone(net), "_compiled_call_impl", None) is not None
+
+
+def use_channels_last(net: torch.nn.Module) -> torch.nn.Module:
+    """Store the 4-D weights of ``net`` channels-last (NHWC) in place; convolutions then run in NHWC (they
+    follow the weights' format), which oneDNN and cuDNN prefer. Outputs keep their values (to float
+    rounding) and their shape. Returns ``net``."""
+    return net.to(memory_format=torch.channels_last)
+
+
+def allow_cpu_bf16(net: torch.nn.Module, enabled: bool = True) -> torch.nn.Module:
+    """Let a preconditioned network whose ``precision`` is ``'bf16'`` compute in bfloat16 also on the CPU
+    (by default reduced precision applies on CUDA only, see :mod:`relay_diffusion.networks.precond`).
+
+    This runs the network's own reduced-precision path (weights cast to the input's dtype, as on CUDA), not
+    ``torch.autocast``, so the CPU test suite exercises the code that runs on GPUs. A run-time switch of
+    this module only: never saved, copied by ``copy.deepcopy`` (the EMA). Returns ``net``."""
+    for module in net.modules():
+        if hasattr(module, "precision") and hasattr(module, "compute_dtype"):
+            if enabled and module.precision != "bf16":
+                raise ValueError(f"reduced precision on the CPU is bf16 only; the network's precision is "
+                                 f"{module.precision!r}")
+            module.reduced_on_cpu = enabled
+    return net
+
+
+def prepare_network(net: torch.nn.Module, *, compile: bool = False, channels_last: bool = False,
+                    cpu_bf16: bool = False) -> torch.nn.Module:
+    """Apply the speed options (in place; channels-last first so that compile sees the final layout)."""
+    if channels_last:
+        use_channels_last(net)
+    if cpu_bf16:
+        allow_cpu_bf16(net)
+    if compile:
+        compile_network(net)
+    return net
+
+
+def prepare_training(net: torch.nn.Module, ema: torch.nn.Module, cfg, device: torch.device) -> None:
+    """The speed options of a :class:`~relay_diffusion.training.config.TrainingConfig` for the trained
+    network and its EMA: ``--precision bf16`` computes in bf16 on the CPU too (both networks, so the sample
+    grids do as well); ``--compile`` and ``--channels-last`` apply to the trained network only (the EMA is
+    written as safetensors, which wants contiguous tensors, and is used for a few grids only)."""
+    cpu_bf16 = cfg.precision == "bf16" and torch.device(device).type == "cpu"
+    prepare_network(net, compile=cfg.compile, channels_last=cfg.channels_last, cpu_bf16=cpu_bf16)
+    if cpu_bf16:
+        allow_cpu_bf16(ema)
+
+
+def clamp_gradients(params: Iterable[torch.nn.Parameter]) -> int:
+    """EDM's treatment of (fp16) overflow: NaN gradient entries become 0 and +-inf become +-:data:`GRAD_CLAMP`,
+    in place, and the step is applied anyway (there is no skipped step and no dynamic scale: the loss
+    scale ``--ls`` is a constant, which Adam's update is invariant to up to ``eps``). Returns the number of
+    tensors that had non-finite entries (0 on the fast path: one fused finiteness check for all)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0
+    norms = torch._foreach_norm(grads, float("inf")) if hasattr(torch, "_foreach_norm") else [g.abs().max() for g in grads]
+    if bool(torch.isfinite(torch.stack(norms)).all()):
+        return 0
+    bad = 0
+    for g in grads:
+        if not bool(torch.isfinite(g).all()):
+            torch.nan_to_num(g, nan=0.0, posinf=GRAD_CLAMP, neginf=-GRAD_CLAMP, out=g)
+            bad += 1
+    return bad
+
+
+@torch.no_grad()
+def ema_update(ema_params: Iterable[torch.Tensor], net_params: Iterable[torch.Tensor], beta: float) -> None:
+    """``ema = net + beta (ema - net)`` for every pair, as one fused ``_foreach_lerp_`` where available.
+
+    Same arithmetic as ``ema.copy_(net.lerp(ema, beta))`` (``lerp(a, b, w) = a + w (b - a)``), written the
+    other way round: ``ema.lerp_(net, 1 - beta)`` would round differently, so it is not used."""
+    ema_params, net_params = list(ema_params), [p.detach() for p in net_params]
+    if hasattr(torch, "_foreach_lerp") and hasattr(torch, "_foreach_copy_"):
+        torch._foreach_copy_(ema_params, torch._foreach_lerp(net_params, ema_params, beta))
+        return
+    for e, p in zip(ema_params, net_params):
+        e.copy_(p.lerp(e, beta))
