@@ -81,6 +81,7 @@ def make_dataset(path: Path, count: int, res: int) -> Path:
 
 # --- training --------------------------------------------------------------------------------------------
 def make_trainer(root: Path, stage: dict, args) -> Trainer:
+    root.mkdir(parents=True, exist_ok=True)
     data = make_dataset(root / f"data-{stage['res']}.zip", 64, stage["res"])
     cfg = TrainingConfig(
         outdir=str(root / "runs"), data=str(data), precond=stage["precond"], arch="adm", batch=args.batch,
@@ -157,11 +158,14 @@ def bench_train(args, root: Path) -> list[dict]:
             nets.append(clock(fwd_bwd, trainer.device, args.steps))
             adams.append(clock(adam, trainer.device, args.steps))
         step, net, opt = (statistics.median(v) for v in (steps, nets, adams))
+        ratio = statistics.median(s / (n + a) for s, n, a in zip(steps, nets, adams))  # per block: robust to drift
         parts = overhead_parts(trainer, 21)
         rows.append(dict(kind="train", stage=name, batch=args.batch, step_s=step, fwd_bwd_s=net, adam_s=opt,
-                         img_s=args.batch / step, limit_img_s=args.batch / (net + opt),
-                         outside_pct=100 * (step - net - opt) / step, vs_fwd_bwd=step / net,
-                         vs_limit=step / (net + opt), parts_ms={k: 1000 * v for k, v in parts.items()}))
+                         img_s=args.batch / step, fwd_bwd_img_s=args.batch / net, limit_img_s=args.batch / (net + opt),
+                         vs_limit=ratio, outside_pct=100 * (1 - 1 / ratio),
+                         vs_fwd_bwd=statistics.median(s / n for s, n in zip(steps, nets)),
+                         parts_ms={k: 1000 * v for k, v in parts.items()},
+                         parts_pct=100 * sum(parts.values()) / step))
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -253,10 +257,11 @@ def main() -> None:
     ap.add_argument("--channels-last", dest="channels_last", action="store_true")
     ap.add_argument("--net_batch", type=int)
     ap.add_argument("--json", help="append the rows (with the settings) to this JSON-lines file")
+    ap.add_argument("--tag", default="", help="a name for these settings, written into the rows")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    settings = dict(device=args.device, precision=args.precision, compile=args.compile,
+    settings = dict(config=args.tag, device=args.device, precision=args.precision, compile=args.compile,
                     channels_last=args.channels_last, threads=torch.get_num_threads(), torch=torch.__version__)
     print(json.dumps({**settings, "load_average": os.getloadavg()}), flush=True)
     rows = []

@@ -127,7 +127,8 @@ class Trainer:
         cfg = self.cfg
         self.net = build_training_network(self.plan, self.seed).train().requires_grad_(True).to(self.device)
         self.ema = copy.deepcopy(self.net).eval().requires_grad_(False)
-        self.optimizer = torch.optim.Adam(self.net.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
+        self.optimizer = torch.optim.Adam(self.net.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
+                                          **accel.adam_options(self.device))
         self.step, self.nimg = 0, 0
         if state is not None:
             self.net.load_state_dict(state["net"])
@@ -217,14 +218,10 @@ class Trainer:
             raise NonFiniteLossError(self._non_finite_message())
         for g in self.optimizer.param_groups:
             g["lr"] = learning_rate(cfg.lr, self.nimg, cfg.lr_rampup)
-        for p in self.net.parameters():
-            if p.grad is not None:
-                torch.nan_to_num(p.grad, nan=0, posinf=1e5, neginf=-1e5, out=p.grad)
+        accel.clamp_gradients(self.net.parameters())  # EDM's nan_to_num(nan=0, posinf=1e5, neginf=-1e5)
         self.optimizer.step()
-        beta = ema_beta(self.nimg, cfg.batch, cfg.ema, cfg.ema_rampup)
-        with torch.no_grad():
-            for p_ema, p_net in zip(self.ema.parameters(), self.net.parameters()):
-                p_ema.copy_(p_net.detach().lerp(p_ema, beta))
+        accel.ema_update(self.ema.parameters(), self.net.parameters(), ema_beta(self.nimg, cfg.batch, cfg.ema,
+                                                                                cfg.ema_rampup))
         self.nimg += cfg.batch
         self.step += 1
         return mean_loss

@@ -83,16 +83,29 @@ def prepare_training(net: torch.nn.Module, ema: torch.nn.Module, cfg, device: to
         allow_cpu_bf16(ema)
 
 
+def adam_options(device: torch.device | str) -> dict:
+    """``{'fused': True}`` where this torch has a fused Adam kernel for ``device`` (CUDA; the CPU from torch
+    2.4), else ``{}``. Measured on the bundled stage-1 network (7.7 M parameters, one CPU thread): 64 ms
+    against 208 ms per step for the default for-loop (``foreach`` is no faster on the CPU); the result
+    differs from it by float rounding (~1e-8)."""
+    try:
+        torch.optim.Adam([torch.zeros(1, device=device, requires_grad=True)], fused=True)
+    except (RuntimeError, ValueError, TypeError):
+        return {}
+    return {"fused": True}
+
+
 def clamp_gradients(params: Iterable[torch.nn.Parameter]) -> int:
     """EDM's treatment of (fp16) overflow: NaN gradient entries become 0 and +-inf become +-:data:`GRAD_CLAMP`,
     in place, and the step is applied anyway (there is no skipped step and no dynamic scale: the loss
     scale ``--ls`` is a constant, which Adam's update is invariant to up to ``eps``). Returns the number of
-    tensors that had non-finite entries (0 on the fast path: one fused finiteness check for all)."""
+    tensors that had non-finite entries.
+
+    Fast path: one read of every gradient (the sum of a tensor with a NaN or an inf is not finite) instead
+    of EDM's read and write of every gradient; only when that sum is not finite (also when finite values
+    overflow it) is each tensor checked and clamped. Same result as ``nan_to_num`` on every tensor."""
     grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return 0
-    norms = torch._foreach_norm(grads, float("inf")) if hasattr(torch, "_foreach_norm") else [g.abs().max() for g in grads]
-    if bool(torch.isfinite(torch.stack(norms)).all()):
+    if not grads or bool(torch.isfinite(torch.stack([g.sum() for g in grads]).sum())):
         return 0
     bad = 0
     for g in grads:
@@ -104,13 +117,10 @@ def clamp_gradients(params: Iterable[torch.nn.Parameter]) -> int:
 
 @torch.no_grad()
 def ema_update(ema_params: Iterable[torch.Tensor], net_params: Iterable[torch.Tensor], beta: float) -> None:
-    """``ema = net + beta (ema - net)`` for every pair, as one fused ``_foreach_lerp_`` where available.
+    """``ema = lerp(net, ema, beta) = net + beta (ema - net)`` for every pair, written in place.
 
-    Same arithmetic as ``ema.copy_(net.lerp(ema, beta))`` (``lerp(a, b, w) = a + w (b - a)``), written the
-    other way round: ``ema.lerp_(net, 1 - beta)`` would round differently, so it is not used."""
-    ema_params, net_params = list(ema_params), [p.detach() for p in net_params]
-    if hasattr(torch, "_foreach_lerp") and hasattr(torch, "_foreach_copy_"):
-        torch._foreach_copy_(ema_params, torch._foreach_lerp(net_params, ema_params, beta))
-        return
+    Bit-identical to EDM's ``ema.copy_(net.lerp(ema, beta))`` without its temporary and second pass (about
+    0.7x the time on the CPU). ``ema.lerp_(net, 1 - beta)`` would round differently, so it is not used;
+    ``torch._foreach_lerp`` was slower on the CPU."""
     for e, p in zip(ema_params, net_params):
-        e.copy_(p.lerp(e, beta))
+        torch.lerp(p.detach(), e, beta, out=e)
