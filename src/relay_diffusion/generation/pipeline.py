@@ -3,7 +3,8 @@
 A :class:`RelayPipeline` is a list of stages: an :class:`EDMStage` (or, for second-stage-only runs, a
 :class:`RelayStage` fed with images) followed by :class:`RelayStage` s, e.g. 16 -> 64 -> 256. Calling it
 with seeds returns images that depend on their seed only: one generator per seed, shared by all stages in
-draw order, and a network that always sees batches of the same size (:class:`FixedBatchDenoiser`).
+draw order, and, on the CPU, a network that always sees batches of the same size (:class:`FixedBatchDenoiser`;
+on CUDA one call per batch by default, so the last float bits may depend on the batch).
 Every command that samples (``rdm generate``, ``rdm demo``, ``rdm smoke``, the training sample grids) goes
 through :meth:`RelayPipeline.run`.
 """
