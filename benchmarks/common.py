@@ -10,11 +10,12 @@ from relay_diffusion.networks.precond import build_network
 
 
 class TimedNet(torch.nn.Module):
-    """Forwards to ``net`` and adds the seconds spent in it to ``seconds``."""
+    """Forwards to ``net``, adds the seconds spent in it to ``seconds`` and the samples it saw to ``samples``
+    (seconds are wall time: on an accelerator they mean little without synchronisation)."""
 
     def __init__(self, net: torch.nn.Module) -> None:
         super().__init__()
-        self.net, self.seconds = net, 0.0
+        self.net, self.seconds, self.samples = net, 0.0, 0
         self.img_resolution, self.img_channels, self.label_dim = net.img_resolution, net.img_channels, net.label_dim
         self.sigma_min, self.sigma_max, self.round_sigma = net.sigma_min, net.sigma_max, net.round_sigma
 
@@ -22,6 +23,7 @@ class TimedNet(torch.nn.Module):
         t0 = time.perf_counter()
         out = self.net(*args, **kwargs)
         self.seconds += time.perf_counter() - t0
+        self.samples += int(args[0].shape[0])
         return out
 
 

@@ -81,10 +81,13 @@ def _options(command: Any) -> Any:
 @click.option("--enhance/--no-enhance", default=None, help="PIL post-processing of the preset (imagenet256, "
               "celebahq256)  [default: on with those presets, except for --sampler_stages first]")
 @click.option("--device", type=str, help="cpu, cuda, cuda:N, ...  [default: cuda if available, else cpu]")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), help="Network precision on CUDA  "
-              "[default: the network's own]")
-@click.option("--net_batch", type=click.IntRange(min=1, max=65536), default=DEFAULT_NET_BATCH, show_default=True,
-              help="Samples per network call; results depend on it, never on --batch (1 = exact on any hardware)")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), help="Network precision on CUDA; bf16 "
+              "also on the CPU  [default: the network's own, on CUDA only]")
+@click.option("--net_batch", type=click.IntRange(min=1, max=65536), default=DEFAULT_NET_BATCH,
+              help="Samples per network call (padded); results depend on it, never on --batch  [default: 8 on the "
+                   "CPU, the whole batch in one call on CUDA]")
+@click.option("--compile", "compile_net", is_flag=True, help="torch.compile the networks (the samplers stay eager)")
+@click.option("--channels_last", is_flag=True, help="Run the networks in channels-last memory format")
 @click.option("--grid", is_flag=True, help="Also write outdir/grid.png of the first 256 seeds")
 @click.option("--overwrite", is_flag=True, help="Regenerate seeds whose PNG already exists")
 def generate(**opts: Any) -> None:
@@ -212,7 +215,8 @@ def build(paths: list[tuple[str, str]], first: EDMStageConfig, second: RelayStag
         return build_pipeline([p for _, p in paths], first=first, relay=second, first_is_relay=first_is_relay,
                               default_process=preset.process, process_overrides=process_overrides,
                               enhancement=enhancement, net_batch=opts.get("net_batch", DEFAULT_NET_BATCH),
-                              precision=opts.get("precision"), device=device)
+                              precision=opts.get("precision"), device=device,
+                              compile=opts.get("compile_net", False), channels_last=opts.get("channels_last", False))
     except StageFileError as exc:
         raise click.BadParameter(str(exc), param_hint=paths[exc.index][0]) from exc
     except ValueError as exc:
@@ -231,4 +235,4 @@ def _print_config(opts: dict[str, Any], pipeline: Any, seeds: list[int], device:
     enhancement = json.dumps(dataclasses.asdict(pipeline.enhancement)) if pipeline.enhancement.enabled else "off"
     click.echo(f"Post-processing (PIL ImageEnhance): {enhancement}")
     click.echo(f"Generating {len(seeds)} images ({pipeline.resolution}x{pipeline.resolution}) to {opts['outdir']!r} "
-               f"on {device} x {world_size} process(es), network batch {pipeline.net_batch}...")
+               f"on {device} x {world_size} process(es), network batch {pipeline.resolved_net_batch or 'whole batch'}...")

@@ -73,11 +73,13 @@ def _bad(exc: ConfigError) -> click.BadParameter:
 @click.option("--xflip", type=bool, default=False, show_default=True, help="Enable dataset x-flips")
 # Performance-related.
 @click.option("--fp16", type=bool, default=False, show_default=True, help="Enable mixed-precision training")
-@click.option("--precision", type=click.Choice(PRECISIONS), help="Network precision (overrides --fp16)")
+@click.option("--precision", type=click.Choice(PRECISIONS), help="Network precision (overrides --fp16; bf16 also on the CPU)")
 @click.option("--ls", metavar="FLOAT", type=float, default=1, show_default=True, help="Loss scaling")
 @click.option("--bench", type=bool, default=True, show_default=True, help="Enable cuDNN benchmarking")
 @click.option("--cache", type=bool, default=True, show_default=True, help="Cache dataset in CPU memory")
 @click.option("--workers", metavar="INT", type=int, default=1, show_default=True, help="DataLoader worker processes")
+@click.option("--compile", type=bool, default=False, show_default=True, help="torch.compile the network")
+@click.option("--channels-last", type=bool, default=False, show_default=True, help="Channels-last memory format")
 @click.option("--eff-attn", type=bool, default=False, help="Accepted for compatibility; attention always uses SDPA")
 @click.option("--device", metavar="STR", type=str, help="cpu, cuda, cuda:N, mps  [default: cuda if available]")
 # I/O-related.

@@ -49,14 +49,15 @@ def denoise(
     net: Callable, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None, cfg_scale: float = 1.0
 ) -> torch.Tensor:
     """``D(x, t)`` in float64 from a float32 network call; classifier-free guidance when ``cfg_scale > 1``:
-    ``c D(x, t, label) - (c - 1) D(x, t, no label)`` (docs/math.md §6)."""
+    ``c D(x, t, label) - (c - 1) D(x, t, no label)`` (docs/math.md §6), both halves in one call on a ``2N``
+    batch whose second half has all-zero labels (which is what "no label" means to the networks)."""
     sigma = t.to(torch.float32).reshape(-1).expand(x.shape[0])
     x32 = x.to(torch.float32)
-    out = net(x32, sigma, class_labels).to(F64)
     if cfg_scale > 1 and class_labels is not None:
-        uncond = net(x32, sigma, None).to(F64)
-        out = cfg_scale * out - (cfg_scale - 1) * uncond
-    return out
+        labels = torch.cat([class_labels, torch.zeros_like(class_labels)])
+        cond, uncond = net(torch.cat([x32, x32]), torch.cat([sigma, sigma]), labels).to(F64).chunk(2)
+        return cfg_scale * cond - (cfg_scale - 1) * uncond
+    return net(x32, sigma, class_labels).to(F64)
 
 
 def _churn(

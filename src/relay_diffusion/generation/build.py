@@ -17,6 +17,7 @@ from relay_diffusion.checkpoints.loading import NetworkFile, load_network_file
 from relay_diffusion.core.process import BlurProcess
 from relay_diffusion.generation.configs import EDMStageConfig, Enhancement, RelayStageConfig
 from relay_diffusion.generation.pipeline import RelayPipeline
+from relay_diffusion.utils import accel
 from relay_diffusion.generation.stages import DEFAULT_NET_BATCH, EDMStage, RelayStage, Stage, net_info
 
 
@@ -78,14 +79,17 @@ def build_pipeline(
     default_process: BlurProcess | None = None,
     process_overrides: Mapping[str, Any] | None = None,
     enhancement: Enhancement | None = None,
-    net_batch: int = DEFAULT_NET_BATCH,
+    net_batch: int | None = DEFAULT_NET_BATCH,
     precision: str | None = None,
     device: torch.device | str = "cpu",
+    compile: bool = False,
+    channels_last: bool = False,
 ) -> Built:
     """A :class:`RelayPipeline` from network files: ``paths[0]`` is stage 1 (or, with ``first_is_relay``, a
     relay stage fed with images), every later path a relay stage sampled with ``relay``. ``process_overrides``
     (explicit forward-process settings) apply to every relay stage. Raises :class:`StageFileError` (a file)
-    or ``ValueError`` (an incompatible chain)."""
+    or ``ValueError`` (an incompatible chain). ``precision`` sets every network's precision (an explicit
+    ``'bf16'`` also applies on the CPU); ``compile`` / ``channels_last``: :mod:`relay_diffusion.utils.accel`."""
     first, relay = first or EDMStageConfig(), relay or RelayStageConfig()
     default_process = default_process or BlurProcess()
     stages: list[Stage] = []
@@ -100,6 +104,8 @@ def build_pipeline(
             if not hasattr(file.net, "precision"):
                 raise StageFileError(i, f"{path}: this network has no precision setting")
             file.net.precision = precision
+        accel.prepare_network(file.net, compile=compile, channels_last=channels_last,
+                              cpu_bf16=precision == "bf16" and torch.device(device).type == "cpu")
         stage, stage_notes = load_stage(file, i, first, relay, as_relay=i > 0 or first_is_relay,
                                         default_process=default_process, process_overrides=process_overrides or {},
                                         prev_resolution=prev_resolution)

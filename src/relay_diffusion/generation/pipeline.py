@@ -3,7 +3,8 @@
 A :class:`RelayPipeline` is a list of stages: an :class:`EDMStage` (or, for second-stage-only runs, a
 :class:`RelayStage` fed with images) followed by :class:`RelayStage` s, e.g. 16 -> 64 -> 256. Calling it
 with seeds returns images that depend on their seed only: one generator per seed, shared by all stages in
-draw order, and a network that always sees batches of the same size (:class:`FixedBatchDenoiser`).
+draw order, and, on the CPU, a network that always sees batches of the same size (:class:`FixedBatchDenoiser`;
+on CUDA one call per batch by default, so the last float bits may depend on the batch).
 Every command that samples (``rdm generate``, ``rdm demo``, ``rdm smoke``, the training sample grids) goes
 through :meth:`RelayPipeline.run`.
 """
@@ -20,7 +21,8 @@ import torch
 
 from relay_diffusion.core.rng import SeedGenerators
 from relay_diffusion.generation.configs import Enhancement
-from relay_diffusion.generation.stages import DEFAULT_NET_BATCH, RelayStage, Stage, check_stages, net_info
+from relay_diffusion.generation.stages import (DEFAULT_NET_BATCH, RelayStage, Stage, auto_net_batch, check_stages,
+                                               net_info)
 from relay_diffusion.utils.images import to_uint8
 
 #: ``None`` (``seed % label_dim``, the reference's choice), one class for all, one class per seed, or one-hot
@@ -33,12 +35,12 @@ StageCallback = Optional[Callable[[dict[str, Any]], None]]
 class RelayPipeline:
     """Stages run in order with one generator per seed. ``pipeline(seeds)`` -> :class:`RelayOutput`.
 
-    ``enhancement`` (post-processing) applies to the uint8 images only. ``net_batch``: see
-    :class:`FixedBatchDenoiser`.
+    ``enhancement`` (post-processing) applies to the uint8 images only. ``net_batch``: samples per network
+    call, see :class:`FixedBatchDenoiser`; None (the default) is 8 on the CPU, the whole batch elsewhere.
     """
 
     def __init__(self, stages: Sequence[Stage], enhancement: Enhancement | None = None,
-                 net_batch: int = DEFAULT_NET_BATCH) -> None:
+                 net_batch: int | None = DEFAULT_NET_BATCH) -> None:
         check_stages(stages)
         self.stages = list(stages)
         self.enhancement = enhancement or Enhancement()
@@ -50,6 +52,11 @@ class RelayPipeline:
         net = self.stages[0].net
         tensor = next(iter(net.parameters()), None) if hasattr(net, "parameters") else None
         return tensor.device if tensor is not None else torch.device("cpu")
+
+    @property
+    def resolved_net_batch(self) -> int | None:
+        """Samples per network call on this pipeline's device (None: the whole batch in one call)."""
+        return auto_net_batch(self.net_batch, self.device)
 
     @property
     def label_dim(self) -> int:

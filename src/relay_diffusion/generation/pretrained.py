@@ -119,4 +119,13 @@ def load_pretrained(folder: str | os.PathLike, device: torch.device | str = "cpu
             stages.append(RelayStage(file.net, _decode_config(RelayStageConfig, entry.get("sampler", {}), where),
                                      process, source=file.path))
     enhancement = _decode_config(Enhancement, doc.get("enhancement", {}), f"{path}: enhancement")
-    return RelayPipeline(stages, enhancement=enhancement, net_batch=int(doc.get("net_batch", 8)))
+    return RelayPipeline(stages, enhancement=enhancement, net_batch=_net_batch(doc.get("net_batch"), path))
+
+
+def _net_batch(value: Any, path: Path) -> int | None:
+    """``net_batch`` of ``pipeline.json``: a positive integer, or null / absent for the automatic choice."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{path}: net_batch must be a positive integer or null, got {value!r}")
+    return value

@@ -47,7 +47,8 @@ def generate_images(
     manifest: dict[str, Any] | None = None,
 ) -> list[Path]:
     """Generate and save this process's share of ``seeds``. Files do not depend on ``max_batch_size`` or
-    ``world_size``. Returns the written paths.
+    ``world_size`` (with a fixed ``net_batch``: always on the CPU, see :class:`FixedBatchDenoiser`). Returns the
+    written paths.
 
     A seed whose PNG exists (complete, of the right size) is skipped unless ``overwrite``; a zero-byte or
     truncated one is rendered again. ``manifest`` (see :mod:`relay_diffusion.generation.manifest`, default:

@@ -18,10 +18,27 @@ from relay_diffusion.core.rng import SeedGenerators
 from relay_diffusion.core.samplers import Callback, edm_sampler, relay_sampler
 from relay_diffusion.generation.configs import EDMStageConfig, RelayStageConfig
 
-#: Samples per network call. Every call is padded to exactly this size so that a sample's result never
-#: depends on how many samples share its batch: CPU and GPU kernels pick different code paths (and
-#: summation orders) for different batch sizes, which changes results in the last float bits.
-DEFAULT_NET_BATCH = 8
+#: Samples per network call on the CPU when ``net_batch`` is not given. Every call is padded to exactly this
+#: size so that a sample's result never depends on how many samples share its batch: CPU kernels pick
+#: different code paths (and summation orders) for different batch sizes, which changes results in the last
+#: float bits.
+CPU_NET_BATCH = 8
+#: ``None`` = automatic: :data:`CPU_NET_BATCH` on the CPU, the whole batch in one call elsewhere (see
+#: :func:`auto_net_batch`).
+DEFAULT_NET_BATCH = None
+
+
+def auto_net_batch(net_batch: int | None, device: torch.device | str) -> int | None:
+    """The network batch used on ``device``: ``net_batch`` when given; else :data:`CPU_NET_BATCH` on the CPU
+    (exact batch invariance) and None (one call per batch, for accelerator throughput) on any other device."""
+    if net_batch is not None:
+        return int(net_batch)
+    return CPU_NET_BATCH if torch.device(device).type == "cpu" else None
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", ())
+    return isinstance(exc, oom) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc))
 
 
 class FixedBatchDenoiser:
@@ -31,12 +48,17 @@ class FixedBatchDenoiser:
     This is exact when the kernels compute a sample alike at every position of a batch of fixed size:
     always for ``net_batch = 1``; for the CPU GEMMs measured here, for multiples of 4 (other batch sizes
     give position-dependent last bits). Other hardware is not guaranteed: use ``net_batch = 1`` to be sure.
+
+    ``net_batch=None`` (the default) is :func:`auto_net_batch` of the input's device: fixed chunks of
+    :data:`CPU_NET_BATCH` on the CPU; on an accelerator one unpadded call per batch, split in halves (and
+    remembered) only when the device runs out of memory.
     """
 
-    def __init__(self, net: Callable, net_batch: int = DEFAULT_NET_BATCH) -> None:
-        if net_batch < 1:
+    def __init__(self, net: Callable, net_batch: int | None = DEFAULT_NET_BATCH) -> None:
+        if net_batch is not None and net_batch < 1:
             raise ValueError(f"net_batch must be >= 1, got {net_batch}")
         self.net, self.net_batch = net, net_batch
+        self.max_chunk: int | None = None       # set when an unpadded call ran out of memory
         self.sigma_min = getattr(net, "sigma_min", 0.0)
         self.sigma_max = getattr(net, "sigma_max", math.inf)
         if hasattr(net, "round_sigma"):
@@ -44,14 +66,33 @@ class FixedBatchDenoiser:
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
         """``x [N, C, H, W]``, ``sigma [N]``, ``class_labels [N, L]`` or None -> ``[N, C, H, W]``."""
-        k, n = self.net_batch, x.shape[0]
+        n = x.shape[0]
         sigma = torch.as_tensor(sigma, device=x.device).reshape(-1).expand(n)
+        k = auto_net_batch(self.net_batch, x.device)
+        if k is None:
+            return self._unpadded(x, sigma, class_labels)
         outs = []
         for start in range(0, n, k):
             index = torch.arange(start, start + k, device=x.device).clamp(max=n - 1)
             labels = None if class_labels is None else class_labels[index]
             outs.append(self.net(x[index], sigma[index], labels)[: min(k, n - start)])
         return torch.cat(outs)
+
+    def _unpadded(self, x: torch.Tensor, sigma: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:
+        """The whole batch in one call (or in chunks of ``max_chunk`` after an out-of-memory error)."""
+        n = x.shape[0]
+        while True:
+            k = min(n, self.max_chunk or n)
+            try:
+                return torch.cat([self.net(x[s:s + k], sigma[s:s + k],
+                                           None if class_labels is None else class_labels[s:s + k])
+                                  for s in range(0, n, k)])
+            except Exception as exc:  # noqa: BLE001 - only out-of-memory errors are retried
+                if k == 1 or not _is_out_of_memory(exc):
+                    raise
+                self.max_chunk = (k + 1) // 2
+                if x.device.type == "cuda":
+                    torch.cuda.empty_cache()
 
 
 def net_info(net: Any) -> tuple[int, int, int]:
@@ -74,7 +115,7 @@ class EDMStage:
         return net_info(self.net)[0]
 
     def sample(self, rng: SeedGenerators, labels: torch.Tensor | None, inputs: torch.Tensor | None,
-               net_batch: int = DEFAULT_NET_BATCH, callback: Callback = None) -> torch.Tensor:
+               net_batch: int | None = DEFAULT_NET_BATCH, callback: Callback = None) -> torch.Tensor:
         _, channels, _ = net_info(self.net)
         if inputs is not None:
             raise ValueError("a stage-1 (EDM) stage takes no input images")
@@ -108,7 +149,7 @@ class RelayStage:
         return self.resolution // self.up_scale
 
     def sample(self, rng: SeedGenerators, labels: torch.Tensor | None, inputs: torch.Tensor | None,
-               net_batch: int = DEFAULT_NET_BATCH, callback: Callback = None) -> torch.Tensor:
+               net_batch: int | None = DEFAULT_NET_BATCH, callback: Callback = None) -> torch.Tensor:
         if inputs is None:
             raise ValueError("a relay stage needs input images (a previous stage's output or --indir)")
         latents = F.interpolate(inputs.to(torch.float64), scale_factor=self.up_scale, mode="nearest")

@@ -8,7 +8,8 @@ default ``sigma_max``) is stored in JSON as the string ``"inf"`` under one of :d
 (``utils.jsonio``, docs/math.md §10).
 
 Precision: ``use_fp16`` (reference name) or ``precision`` ('fp32' | 'fp16' | 'bf16'; it wins when
-given). Reduced precision applies only to inputs on CUDA; the output is always float32.
+given). Reduced precision applies only to inputs on CUDA (bf16 also on the CPU when the run-time switch
+``reduced_on_cpu`` is set); the output is always float32.
 """
 
 from __future__ import annotations
@@ -85,9 +86,14 @@ class _Precond(Initialisable):
         """``(c_skip, c_out, c_in, c_noise)`` for float32 ``sigma [N, 1, 1, 1]``."""
         raise NotImplementedError
 
+    #: bf16 also on the CPU: a run-time opt-in, never saved (``relay_diffusion.utils.accel.allow_cpu_bf16``).
+    reduced_on_cpu = False
+
     def compute_dtype(self, x: torch.Tensor, force_fp32: bool = False) -> torch.dtype:
-        """Network dtype for input ``x``: reduced precision only on CUDA and unless forced to fp32."""
-        if force_fp32 or x.device.type != "cuda":
+        """Network dtype for input ``x``: reduced precision only on CUDA (or bf16 on the CPU when
+        ``reduced_on_cpu``) and unless forced to fp32."""
+        cpu_bf16 = x.device.type == "cpu" and self.reduced_on_cpu and self.precision == "bf16"
+        if force_fp32 or not (x.device.type == "cuda" or cpu_bf16):
             return torch.float32
         return PRECISIONS[self.precision]
 

@@ -56,11 +56,13 @@ class TrainingConfig:
     label_dropout: float = 0.0                  # probability of dropping the class label (classifier-free guidance)
     augment: float = 0.0                        # probability of each non-leaking augmentation (0 = off)
     xflip: bool = False                         # add x-flipped copies of the dataset
-    precision: str = "fp32"                     # fp32 | fp16 | bf16 network arithmetic (reduced only on CUDA)
+    precision: str = "fp32"                     # fp32 | fp16 | bf16 network arithmetic (reduced on CUDA; bf16 also on the CPU)
     ls: float = 1.0                             # loss scaling
     bench: bool = True                          # cudnn benchmark mode
     cache: bool = True                          # keep decoded images in memory
     workers: int = 1                            # data-loading worker processes per training process
+    compile: bool = False                       # torch.compile the network (loss, optimizer and EMA stay eager)
+    channels_last: bool = False                 # run the network in channels-last memory format
     desc: Optional[str] = None                  # extra text in the run folder name
     nosubdir: bool = False                      # write into --outdir itself
     tick: float = 50.0                          # progress line every this many kimg

@@ -24,7 +24,7 @@ from relay_diffusion.checkpoints.snapshot import save_network
 from relay_diffusion.utils.fileio import atomic_write_text
 from relay_diffusion.utils.jsonio import dumps_strict
 from relay_diffusion.core.rng import SeedGenerators
-from relay_diffusion.utils import distributed
+from relay_diffusion.utils import accel, distributed
 from relay_diffusion.training import grids
 from relay_diffusion.training.augment import AugmentPipe
 from relay_diffusion.training.phema import PowerEMATracker
@@ -136,7 +136,8 @@ class Trainer:
         cfg = self.cfg
         self.net = build_training_network(self.plan, self.seed).train().requires_grad_(True).to(self.device)
         self.ema = copy.deepcopy(self.net).eval().requires_grad_(False)
-        self.optimizer = torch.optim.Adam(self.net.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
+        self.optimizer = torch.optim.Adam(self.net.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
+                                          **accel.adam_options(self.device))
         self.phema = PowerEMATracker(self.net, cfg.ema_profiles) if cfg.ema_profiles else None
         self.step, self.nimg = 0, 0
         if state is not None:
@@ -148,6 +149,7 @@ class Trainer:
         elif cfg.transfer is not None:
             transfer_weights(self.net, cfg.transfer, self.log)
             self.ema.load_state_dict(self.net.state_dict())
+        accel.prepare_training(self.net, self.ema, cfg, self.device)
         self.ddp = self.net
         if self.ctx.distributed:
             self.ddp = torch.nn.parallel.DistributedDataParallel(
@@ -249,14 +251,10 @@ class Trainer:
             raise NonFiniteLossError(self._non_finite_message())
         for g in self.optimizer.param_groups:
             g["lr"] = learning_rate(cfg.lr, self.nimg, cfg.lr_rampup)
-        for p in self.net.parameters():
-            if p.grad is not None:
-                torch.nan_to_num(p.grad, nan=0, posinf=1e5, neginf=-1e5, out=p.grad)
+        accel.clamp_gradients(self.net.parameters())  # EDM's nan_to_num(nan=0, posinf=1e5, neginf=-1e5)
         self.optimizer.step()
-        beta = ema_beta(self.nimg, cfg.batch, cfg.ema, cfg.ema_rampup)
-        with torch.no_grad():
-            for p_ema, p_net in zip(self.ema.parameters(), self.net.parameters()):
-                p_ema.copy_(p_net.detach().lerp(p_ema, beta))
+        accel.ema_update(self.ema.parameters(), self.net.parameters(), ema_beta(self.nimg, cfg.batch, cfg.ema,
+                                                                                cfg.ema_rampup))
         if self.phema is not None:
             self.phema.update(self.net, self.nimg + cfg.batch, cfg.batch)
         self.nimg += cfg.batch

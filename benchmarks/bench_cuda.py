@@ -1,0 +1,91 @@
+"""The end-to-end benchmarks of ``bench_e2e.py`` on a CUDA machine: fp32 and bf16, torch.compile off and on,
+against the previous defaults (network calls of 8 samples), written as one Markdown table.
+
+    python benchmarks/bench_cuda.py [--device cuda] [--batch 64] [--repeats 5] [--out benchmarks/cuda.md]
+    python benchmarks/bench_cuda.py --device cpu --batch 16 --configs fp32,bf16   # the same table on the CPU
+
+Every configuration runs in its own process (``bench_e2e.py --json``), so compile caches and allocator state
+do not carry over; the table is written from the JSON lines (kept beside it as ``<out>.jsonl``). The columns:
+images/s of ``rdm train`` (the loop's own step) for the two bundled stage sizes and of ``rdm generate``
+(the bundled 16 -> 64 relay, PNGs included), each with the network-only rate at the same batch (forward +
+backward + Adam for training, the forward calls for generation) and the ratio to the first configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+#: name -> extra bench_e2e.py options. The first is the baseline of the "x" columns.
+CONFIGS = {
+    "fp32-chunk8": ["--precision", "fp32", "--net_batch", "8"],   # the previous defaults
+    "fp32": ["--precision", "fp32"],
+    "fp32-compile": ["--precision", "fp32", "--compile"],
+    "bf16": ["--precision", "bf16"],
+    "bf16-compile": ["--precision", "bf16", "--compile"],
+    "bf16-compile-cl": ["--precision", "bf16", "--compile", "--channels-last"],
+}
+
+
+def run(name: str, extra: list[str], args, jsonl: Path) -> None:
+    cmd = [sys.executable, str(HERE / "bench_e2e.py"), "--what", args.what, "--device", args.device,
+           "--batch", str(args.batch), "--repeats", str(args.repeats), "--threads", str(args.threads),
+           "--json", str(jsonl), "--tag", name, *extra]
+    if "--net_batch" in extra and "train" in args.what.split(","):  # net_batch is a generation setting only
+        cmd[cmd.index("--what") + 1] = "generate"
+    print(f"== {name}: {' '.join(cmd)}", flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def table(rows: list[dict], device: str) -> str:
+    by = {}
+    for r in rows:
+        key = (r["kind"], r.get("stage", "relay"))
+        by.setdefault(r["config"], {})[key] = r
+    names = list(by)
+    cols = [("train", "stage1"), ("train", "stage2"), ("generate", "relay")]
+    base = {c: next((by[n][c]["img_s"] for n in names if c in by[n]), None) for c in cols}
+    head = ("| config | train 16x16 img/s (network only) | train 64x64 img/s (network only) "
+            "| generate 16->64 img/s (network only) |")
+    lines = [f"Device: {device}, batch {rows[0]['batch']}, torch {rows[0]['torch']}.", "", head, "|---|---|---|---|"]
+    for n in names:
+        cells = []
+        for c in cols:
+            r = by[n].get(c)
+            if r is None:
+                cells.append("-")
+                continue
+            limit = r["limit_img_s"]
+            rel = f", {r['img_s'] / base[c]:.2f}x" if base[c] else ""
+            cells.append(f"{r['img_s']:.1f} ({limit:.1f}){rel}")
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--what", default="train,generate")
+    ap.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, of {', '.join(CONFIGS)}")
+    ap.add_argument("--out", default=str(HERE / "cuda.md"))
+    args = ap.parse_args()
+    out = Path(args.out)
+    jsonl = out.with_suffix(".jsonl")
+    jsonl.unlink(missing_ok=True)
+    for name in args.configs.split(","):
+        run(name, CONFIGS[name], args, jsonl)
+    rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    out.write_text(table(rows, args.device))
+    print(out.read_text())
+
+
+if __name__ == "__main__":
+    main()
