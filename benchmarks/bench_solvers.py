@@ -238,31 +238,38 @@ def run_plot(args) -> None:
             continue
         f = np.load(path)
         kid, kid_sd = kernel_inception_distance(f, ref, subsets=100, subset_size=min(len(f), len(ref), 1000))
+        # kid_sd only sees the reference side (every subset holds all samples); the samples' own standard error
+        # is estimated from 4 disjoint quarters of them: sd(KID of the quarters) / sqrt(4)
+        quarters = [kernel_inception_distance(f[q::4], ref, subsets=50, subset_size=len(f[q::4]))[0]
+                    for q in range(4)]
+        kid_se = float(np.std(quarters, ddof=1) / 2)
         fid = frechet_distance(*feature_statistics(f), mu_r, sig_r)
         rows.append(dict(name=name, solver_first=s1, num_steps_first=n1, solver_second=s2, num_steps_second=n2,
                          nfe_first=nfe_first(s1, n1), nfe_second=nfe_second(s2, n2),
-                         nfe=nfe_first(s1, n1) + nfe_second(s2, n2), kid=kid, kid_sd=kid_sd, fid=fid, images=len(f)))
+                         nfe=nfe_first(s1, n1) + nfe_second(s2, n2), kid=kid, kid_sd=kid_sd, kid_se=kid_se, fid=fid,
+                         images=len(f)))
     (args.out / "quality.json").write_text(json.dumps(dict(ref_images=len(ref), rows=rows), indent=1))
-    lines = ["| config | stage 1 | stage 2 | NFE (1+2) | KID x1e3 (sd over subsets) | FID (biased, small n) |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| config | stage 1 | stage 2 | NFE (1+2) | KID x1e3 | +- SE (samples) | sd (ref subsets) "
+             "| FID (biased at this n) |", "|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["solver_first"], r["nfe"])):
         lines.append(f"| {r['name']} | {r['solver_first']} {r['num_steps_first']} | {r['solver_second']} "
                      f"{r['num_steps_second']} | {r['nfe']} ({r['nfe_first']}+{r['nfe_second']}) | "
-                     f"{1e3 * r['kid']:.2f} ({1e3 * r['kid_sd']:.2f}) | {r['fid']:.1f} |")
+                     f"{1e3 * r['kid']:.1f} | {1e3 * r['kid_se']:.1f} | {1e3 * r['kid_sd']:.1f} | {r['fid']:.1f} |")
     table = "\n".join(lines)
     (args.out / "quality.md").write_text(table + "\n")
     print(table)
     series = {}
     for r in rows:
         series.setdefault("Heun + reference" if r["solver_first"] == "heun" else "multistep + multistep", []).append(
-            (r["nfe"], 1e3 * r["kid"]))
+            (r["nfe"], 1e3 * r["kid"], 1e3 * r["kid_se"]))
     plot(series, args.out / "kid_vs_nfe.png", "total NFE (stage 1 + stage 2, log scale)",
-         f"KID x 1e3 ({rows[0]['images'] if rows else 0} relayed images vs {len(ref)} real)")
+         f"KID x 1e3, bars +-1 SE ({rows[0]['images'] if rows else 0} relayed images vs {len(ref)} real)")
 
 
-def plot(series: dict[str, list[tuple[float, float]]], path: Path, xlabel: str, ylabel: str,
+def plot(series: dict[str, list[tuple[float, float, float]]], path: Path, xlabel: str, ylabel: str,
          size: tuple[int, int] = (760, 460)) -> None:
-    """Lines with markers, log-x, linear y, drawn with Pillow (as training.stats.plot_loss: no plotting dependency)."""
+    """Lines with markers and +-err bars of ``(x, y, err)`` points, log-x, linear y, drawn with Pillow (as
+    training.stats.plot_loss: no plotting dependency)."""
     from PIL import Image, ImageDraw, ImageFont
 
     width, height = size
@@ -273,7 +280,7 @@ def plot(series: dict[str, list[tuple[float, float]]], path: Path, xlabel: str, 
     if not pts:
         return
     x0, x1 = math.log(min(p[0] for p in pts) * 0.9), math.log(max(p[0] for p in pts) * 1.1)
-    y0, y1 = 0.0, max(p[1] for p in pts) * 1.08
+    y0, y1 = 0.0, max(p[1] + p[2] for p in pts) * 1.08
 
     def px(x: float, y: float) -> tuple[float, float]:
         return (left + (math.log(x) - x0) / (x1 - x0) * (width - left - right),
@@ -297,10 +304,11 @@ def plot(series: dict[str, list[tuple[float, float]]], path: Path, xlabel: str, 
         s = sorted(s)
         col = colours[k % len(colours)]
         if len(s) > 1:
-            draw.line([px(x, y) for x, y in s], fill=col, width=2)
-        for x, y in s:
+            draw.line([px(x, y) for x, y, _ in s], fill=col, width=2)
+        for x, y, err in s:
             cx, cy = px(x, y)
             draw.ellipse([cx - 3, cy - 3, cx + 3, cy + 3], fill=col)
+            draw.line([px(x, y - err), px(x, y + err)], fill=col, width=1)
         draw.text((width - right - 200, top + 10 + 14 * k), label, fill=col, font=font)
     img.save(path)
 
