@@ -182,11 +182,12 @@ def run_quality(args) -> None:
         t0 = time.time()
         np.save(ref_path, features(detector, dataset_images(args.data, args.ref_images)))
         print(f"reference features: {args.ref_images} images, {time.time() - t0:.0f} s", flush=True)
-    seeds = list(range(args.images))
+    seeds = list(range(args.first_seed, args.first_seed + args.images))
     configs = {q[0]: q[1:] for q in QUALITY}
     for name in (args.only.split(",") if args.only else PRIORITY):
         s1, n1, s2, n2 = configs[name]
-        path = feats / f"{name}-{args.images}.npy"
+        path = feats / (f"{name}-{args.images}.npy" if args.first_seed == 0 else
+                        f"{name}-{args.images}@{args.first_seed}.npy")
         if path.exists():
             continue
         t0 = time.time()
@@ -233,10 +234,10 @@ def run_plot(args) -> None:
     mu_r, sig_r = feature_statistics(ref)
     rows = []
     for name, s1, n1, s2, n2 in QUALITY:
-        path = feats / f"{name}-{args.images}.npy"
-        if not path.exists():
+        paths = sorted(feats.glob(f"{name}-*.npy"))  # every seed range computed (disjoint by --first-seed)
+        if not paths:
             continue
-        f = np.load(path)
+        f = np.concatenate([np.load(p) for p in paths])
         kid, kid_sd = kernel_inception_distance(f, ref, subsets=100, subset_size=min(len(f), len(ref), 1000))
         # kid_sd only sees the reference side (every subset holds all samples); the samples' own standard error
         # is estimated from 4 disjoint quarters of them: sd(KID of the quarters) / sqrt(4)
@@ -263,7 +264,8 @@ def run_plot(args) -> None:
         series.setdefault("Heun + reference" if r["solver_first"] == "heun" else "multistep + multistep", []).append(
             (r["nfe"], 1e3 * r["kid"], 1e3 * r["kid_se"]))
     plot(series, args.out / "kid_vs_nfe.png", "total NFE (stage 1 + stage 2, log scale)",
-         f"KID x 1e3, bars +-1 SE ({rows[0]['images'] if rows else 0} relayed images vs {len(ref)} real)")
+         f"KID x 1e3, bars +-1 SE ({'/'.join(sorted({str(r['images']) for r in rows}))} relayed images vs "
+         f"{len(ref)} real)")
 
 
 def plot(series: dict[str, list[tuple[float, float, float]]], path: Path, xlabel: str, ylabel: str,
@@ -322,6 +324,8 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=Path("work-data/emoji/emoji-64x64.zip"))
     ap.add_argument("--features", type=Path, default=Path("work-data/solvers/features"),
                     help="quality: where each configuration's Inception features are kept (resume)")
+    ap.add_argument("--first-seed", type=int, default=0,
+                    help="quality: seeds first..first+images-1 (more images for a configuration; plot joins them)")
     ap.add_argument("--batch", type=int, default=40)
     ap.add_argument("--only", default="", help="quality: comma-separated config names")
     ap.add_argument("--threads", type=int, default=1)
