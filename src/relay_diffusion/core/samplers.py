@@ -46,18 +46,29 @@ def _round_sigma(net: Any, t: torch.Tensor) -> torch.Tensor:
 
 
 def denoise(
-    net: Callable, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None, cfg_scale: float = 1.0
+    net: Callable, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None, cfg_scale: float = 1.0,
+    guidance_interval: tuple[float, float] | None = None,
 ) -> torch.Tensor:
     """``D(x, t)`` in float64 from a float32 network call; classifier-free guidance when ``cfg_scale > 1``:
     ``c D(x, t, label) - (c - 1) D(x, t, no label)`` (docs/math.md §6), both halves in one call on a ``2N``
-    batch whose second half has all-zero labels (which is what "no label" means to the networks)."""
+    batch whose second half has all-zero labels (which is what "no label" means to the networks). With
+    ``guidance_interval = (lo, hi)`` guidance applies only for noise levels ``lo < t <= hi`` (Kynkaanniemi et
+    al. 2024, arXiv 2404.07724); outside it ``D(x, t, label)`` alone (one network call). None: at every level."""
     sigma = t.to(torch.float32).reshape(-1).expand(x.shape[0])
     x32 = x.to(torch.float32)
-    if cfg_scale > 1 and class_labels is not None:
+    if cfg_scale > 1 and class_labels is not None and in_guidance_interval(t, guidance_interval):
         labels = torch.cat([class_labels, torch.zeros_like(class_labels)])
         cond, uncond = net(torch.cat([x32, x32]), torch.cat([sigma, sigma]), labels).to(F64).chunk(2)
         return cfg_scale * cond - (cfg_scale - 1) * uncond
     return net(x32, sigma, class_labels).to(F64)
+
+
+def in_guidance_interval(t: torch.Tensor | float, interval: tuple[float, float] | None) -> bool:
+    """Whether guidance applies at noise level ``t``: ``lo < t <= hi``, always when ``interval`` is None."""
+    if interval is None:
+        return True
+    lo, hi = interval
+    return lo < float(t) <= hi
 
 
 def _churn(
@@ -88,6 +99,7 @@ def edm_sampler(
     S_noise: float = 1.0,
     cfg_scale: float = 1.0,
     sde_scale: float | None = None,
+    guidance_interval: tuple[float, float] | None = None,
     callback: Callback = None,
 ) -> torch.Tensor:
     """Stage-1 sampler: EDM's Heun steps with churn (docs/math.md §6a), or SDE steps when ``sde_scale`` is given (6b).
@@ -100,12 +112,12 @@ def edm_sampler(
     for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
         x_cur = x_next
         t_hat, x_hat = _churn(net, x_cur, t_cur, rng, num_steps, S_churn, S_min, S_max, S_noise)
-        denoised = denoise(net, x_hat, t_hat, class_labels, cfg_scale)
+        denoised = denoise(net, x_hat, t_hat, class_labels, cfg_scale, guidance_interval)
         d_cur = (x_hat - denoised) / t_hat
         if sde_scale is None:
             x_next = x_hat + (t_next - t_hat) * d_cur
             if i < num_steps - 1:
-                d_prime = (x_next - denoise(net, x_next, t_next, class_labels, cfg_scale)) / t_next
+                d_prime = (x_next - denoise(net, x_next, t_next, class_labels, cfg_scale, guidance_interval)) / t_next
                 x_next = x_hat + (t_next - t_hat) * (d_cur + d_prime) / 2
         else:
             # Euler-Maruyama-style step that re-injects g = sde_scale * t_next of fresh noise (docs/math.md §6b).
@@ -113,7 +125,7 @@ def edm_sampler(
             a = ((t_next.square() - g.square()) / t_hat.square()).sqrt()
             x_next = x_hat + (a - 1) * t_hat * d_cur + g * rng.randn_like(x_cur)
             if i < num_steps - 1:
-                d_prime = (x_next - denoise(net, x_next, t_next, class_labels, cfg_scale)) / t_next
+                d_prime = (x_next - denoise(net, x_next, t_next, class_labels, cfg_scale, guidance_interval)) / t_next
                 x_next = x_hat + (a - 1) * t_hat * (d_cur + d_prime) / 2 + g * rng.randn_like(x_cur)
         if callback is not None:
             callback(dict(i=i, num_steps=num_steps, t=float(t_cur), x=x_next, denoised=denoised))
@@ -153,6 +165,7 @@ def relay_sampler(
     S_max: float = math.inf,
     S_noise: float = 1.0,
     churn: bool = False,
+    guidance_interval: tuple[float, float] | None = None,
     callback: Callback = None,
 ) -> torch.Tensor:
     """Stage-2 relay sampler (docs/math.md §6c): second-order blur-diffusion steps in the block-DCT domain.
@@ -188,7 +201,7 @@ def relay_sampler(
         t_hat, x_hat = t_cur, x_cur
         if churn:
             t_hat, x_hat = _churn(net, x_cur, t_cur, rng, num_steps, S_churn, S_min, S_max, S_noise)
-        x0 = denoise(net, x_hat, t_hat, class_labels, cfg_scale)
+        x0 = denoise(net, x_hat, t_hat, class_labels, cfg_scale, guidance_interval)
         if i == steps - 1:
             if callback is not None:
                 callback(dict(i=i, num_steps=steps, t=float(t_cur), x=x0, denoised=x0))
@@ -202,7 +215,7 @@ def relay_sampler(
         k = a_next + g - g * a_cur
         m = t_hat * (g * a_cur - a_next)
         x_next = idct((k * u + m * d_cur).reshape(shape), p) + s_noise * t_next * noise()
-        x0_next = denoise(net, x_next, t_next, class_labels, cfg_scale)
+        x0_next = denoise(net, x_next, t_next, class_labels, cfg_scale, guidance_interval)
         d_prime = (patches(x_next) - patches(x0_next)) / t_next
         x_next = idct((k * u + m * (d_cur + d_prime) / 2).reshape(shape), p) + s_noise * t_next * noise()
         if callback is not None:
