@@ -225,13 +225,18 @@ def build(paths: list[tuple[str, str]], first: EDMStageConfig, second: RelayStag
 
 def _print_config(opts: dict[str, Any], pipeline: Any, seeds: list[int], device: Any, world_size: int) -> None:
     from relay_diffusion.generation.stages import stage_name
+    from relay_diffusion.utils.jsonio import to_strict
 
     click.echo(f"Preset: {opts['preset']}")
     for i, stage in enumerate(pipeline.stages):
         settings = dataclasses.asdict(stage.config)
         if stage.kind == "relay":
             settings["process"] = stage.process.to_dict()
-        click.echo(f"{stage_name(i, stage).capitalize()}: {json.dumps(settings)}")
+        click.echo(f"{stage_name(i, stage).capitalize()}: {json.dumps(to_strict(settings))}")
+    nfe = [stage.config.nfe() if stage.kind == "edm" else stage.config.nfe(stage.net) for stage in pipeline.stages]
+    click.echo(f"NFE per image (denoiser evaluations): {' + '.join(map(str, nfe))} = {sum(nfe)}"
+               + (" (x2 network calls where guidance applies)" if any(s.config.cfg_scale > 1 for s in pipeline.stages)
+                  else ""))
     enhancement = json.dumps(dataclasses.asdict(pipeline.enhancement)) if pipeline.enhancement.enabled else "off"
     click.echo(f"Post-processing (PIL ImageEnhance): {enhancement}")
     click.echo(f"Generating {len(seeds)} images ({pipeline.resolution}x{pipeline.resolution}) to {opts['outdir']!r} "

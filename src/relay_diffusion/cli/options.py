@@ -45,8 +45,31 @@ class FiniteFloat(click.FloatRange):
         return v
 
 
+class Interval(click.ParamType):
+    """``LO,HI``: two noise levels, or ``none``."""
+
+    name = "LO,HI|none"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+        if value is None or isinstance(value, tuple):
+            return value
+        if str(value).lower() == NONE:
+            return NONE
+        try:
+            lo, hi = (float(v) for v in str(value).split(","))
+        except ValueError:
+            self.fail(f"{value!r} is not two noise levels LO,HI (e.g. 0.28,2.9)", param, ctx)
+        if not (0 <= lo < hi) or math.isnan(hi):
+            self.fail(f"{value!r}: need 0 <= LO < HI", param, ctx)
+        return (lo, hi)
+
+
 def _click_type(f: dataclasses.Field) -> Any:
     meta, kind = f.metadata, str(f.type)
+    if meta.get("kind") == "interval":
+        return Interval()
+    if "choices" in meta:
+        return click.Choice(list(meta["choices"]))
     if "Optional" in kind or "None" in kind:
         return FloatOrNone()
     bounds = dict(min=meta.get("min"), max=meta.get("max"), min_open=meta.get("min_open", False))

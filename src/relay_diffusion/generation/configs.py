@@ -33,6 +33,18 @@ def _check(ok: bool, message: str) -> None:
         raise ValueError(message)
 
 
+def _interval(value: Any) -> Optional[tuple[float, float]]:
+    return None if value is None else (float(value[0]), float(value[1]))
+
+
+def _check_interval(name: str, value: Any) -> None:
+    if value is None:
+        return
+    ok = isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, (int, float)) for v in value)
+    _check(ok and 0 <= value[0] < value[1] and not math.isnan(value[1]),
+           f"{name} must be two noise levels LO,HI with 0 <= LO < HI, got {value}")
+
+
 def _finite_positive(n: Any, cfg: Any, *keys: str) -> None:
     for k in keys:
         v = getattr(cfg, k)
@@ -55,6 +67,10 @@ class EDMStageConfig:
     S_noise: float = knob(1.0, "Churn noise inflation")
     sde_scale: Optional[float] = knob(None, "SDE steps with g = sde_scale * t (docs/math.md §6b); none = Heun steps",
                                       min=0)
+    solver: str = knob("heun", "heun: the reference's sampler (2 NFE per step); multistep: DPM-Solver++(2M)-style, "
+                               "1 NFE per step, deterministic", choices=("heun", "multistep"))
+    guidance_interval: Optional[tuple] = knob(None, "Guidance only for noise levels LO < t <= HI (LO,HI)",
+                                              kind="interval")
 
     def validate(self, names: Mapping[str, str] | None = None, suffix: str = "") -> "EDMStageConfig":
         """Raise ``ValueError`` naming the setting as ``names[field]`` (default: the field + ``suffix``)."""
@@ -72,14 +88,31 @@ class EDMStageConfig:
         _check(self.sde_scale is None or 0 <= self.sde_scale < 1, f"{n('sde_scale')} must be in [0, 1)")
         _check(self.sde_scale is None or self.cfg_scale <= 1,
                f"{n('cfg_scale')} > 1 is not available with {n('sde_scale')} (docs/math.md §6b has no guidance)")
+        _check(self.solver in ("heun", "multistep"), f"{n('solver')} must be heun or multistep, got {self.solver!r}")
+        if self.solver == "multistep":
+            _check(self.S_churn == 0 and self.sde_scale is None, f"{n('solver')} multistep is deterministic: it takes "
+                   f"no {n('S_churn')} (got {self.S_churn}) and no {n('sde_scale')} (got {self.sde_scale})")
+        _check_interval(n("guidance_interval"), self.guidance_interval)
         return self
 
     def sampler_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of :func:`relay_diffusion.core.samplers.edm_sampler`."""
+        """Keyword arguments of the chosen sampler: :func:`relay_diffusion.core.samplers.edm_sampler` (heun) or
+        :func:`relay_diffusion.core.solvers.multistep_edm_sampler` (multistep)."""
         kwargs = dataclasses.asdict(self)
-        if self.sde_scale is not None:
+        kwargs.pop("solver")
+        kwargs["guidance_interval"] = _interval(self.guidance_interval)
+        if self.solver == "multistep":
+            for k in ("S_churn", "S_min", "S_max", "S_noise", "sde_scale"):
+                kwargs.pop(k)
+        elif self.sde_scale is not None:
             kwargs["cfg_scale"] = 1.0
         return kwargs
+
+    def nfe(self) -> int:
+        """Denoiser evaluations per image (network calls double where guidance applies)."""
+        from relay_diffusion.core.solvers import nfe_first
+
+        return nfe_first(self.solver, self.num_steps)
 
 
 @dataclass
@@ -100,6 +133,10 @@ class RelayStageConfig:
     S_min: float = knob(0.0, "Churn min noise level", min=0)
     S_max: float = knob(math.inf, "Churn max noise level", min=0)
     S_noise: float = knob(1.0, "Churn noise inflation")
+    solver: str = knob("reference", "reference: the reference's relay sampler (2 NFE per step); multistep: "
+                                    "second order with 1 NFE per step", choices=("reference", "multistep"))
+    guidance_interval: Optional[tuple] = knob(None, "Guidance only for noise levels LO < t <= HI (LO,HI)",
+                                              kind="interval")
 
     def validate(self, names: Mapping[str, str] | None = None, suffix: str = "") -> "RelayStageConfig":
         n = _names(names, suffix)
@@ -114,11 +151,30 @@ class RelayStageConfig:
         _check(math.isfinite(self.S_churn) and self.S_churn >= 0, f"{n('S_churn')} must be a finite number >= 0")
         _check(math.isfinite(self.S_noise) and abs(self.S_noise) <= 100, f"{n('S_noise')} must be in [-100, 100], "
                f"got {self.S_noise}")
+        _check(self.solver in ("reference", "multistep"),
+               f"{n('solver')} must be reference or multistep, got {self.solver!r}")
+        _check(self.solver != "multistep" or not self.churn, f"{n('solver')} multistep takes no {n('churn')}")
+        _check_interval(n("guidance_interval"), self.guidance_interval)
         return self
 
     def sampler_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of :func:`relay_diffusion.core.samplers.relay_sampler` (without ``process``)."""
-        return dataclasses.asdict(self)
+        """Keyword arguments (without ``process``) of the chosen sampler:
+        :func:`relay_diffusion.core.samplers.relay_sampler` (reference) or
+        :func:`relay_diffusion.core.solvers.multistep_relay_sampler` (multistep)."""
+        kwargs = dataclasses.asdict(self)
+        kwargs.pop("solver")
+        kwargs["guidance_interval"] = _interval(self.guidance_interval)
+        if self.solver == "multistep":
+            for k in ("churn", "S_churn", "S_min", "S_max", "S_noise"):
+                kwargs.pop(k)
+        return kwargs
+
+    def nfe(self, net: Any = None) -> int:
+        """Denoiser evaluations per image of this stage (after truncation)."""
+        from relay_diffusion.core.solvers import nfe_second
+
+        return nfe_second(self.solver, self.num_steps, self.sigma_min, self.sigma_max, self.rho,
+                          self.truncation_sigma, net)
 
 
 @dataclass

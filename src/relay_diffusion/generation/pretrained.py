@@ -31,7 +31,10 @@ def _decode_config(cls: type, d: Any, where: str) -> Any:
     if unknown:
         raise ValueError(f"{where}: unknown settings {unknown}")
     floats = [f.name for f in dataclasses.fields(cls) if "float" in str(f.type)]
-    return cls(**restore_non_finite(d, floats))
+    values = restore_non_finite(d, floats)
+    if isinstance(values.get("guidance_interval"), list):
+        values["guidance_interval"] = tuple(values["guidance_interval"])
+    return cls(**values)
 
 
 def _network_dtype(path: str | None) -> torch.dtype | None:

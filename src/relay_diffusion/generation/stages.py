@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from relay_diffusion.core.process import BlurProcess
 from relay_diffusion.core.rng import SeedGenerators
 from relay_diffusion.core.samplers import Callback, edm_sampler, relay_sampler
+from relay_diffusion.core.solvers import multistep_edm_sampler, multistep_relay_sampler
 from relay_diffusion.generation.configs import EDMStageConfig, RelayStageConfig
 
 #: Samples per network call on the CPU when ``net_batch`` is not given. Every call is padded to exactly this
@@ -120,8 +121,9 @@ class EDMStage:
         if inputs is not None:
             raise ValueError("a stage-1 (EDM) stage takes no input images")
         latents = rng.randn([channels, self.resolution, self.resolution])  # float32, like the reference
-        return edm_sampler(FixedBatchDenoiser(self.net, net_batch), latents, rng, labels,
-                           callback=callback, **self.config.sampler_kwargs())
+        sampler = multistep_edm_sampler if self.config.solver == "multistep" else edm_sampler
+        return sampler(FixedBatchDenoiser(self.net, net_batch), latents, rng, labels, callback=callback,
+                       **self.config.sampler_kwargs())
 
 
 @dataclass
@@ -153,8 +155,9 @@ class RelayStage:
         if inputs is None:
             raise ValueError("a relay stage needs input images (a previous stage's output or --indir)")
         latents = F.interpolate(inputs.to(torch.float64), scale_factor=self.up_scale, mode="nearest")
-        return relay_sampler(FixedBatchDenoiser(self.net, net_batch), latents, rng, labels, process=self.process,
-                             callback=callback, **self.config.sampler_kwargs())
+        sampler = multistep_relay_sampler if self.config.solver == "multistep" else relay_sampler
+        return sampler(FixedBatchDenoiser(self.net, net_batch), latents, rng, labels, process=self.process,
+                       callback=callback, **self.config.sampler_kwargs())
 
 
 Stage = Union[EDMStage, RelayStage]
