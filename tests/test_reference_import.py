@@ -24,7 +24,9 @@ from click.testing import CliRunner
 from relay_diffusion.cli import main as rdm
 from relay_diffusion.checkpoints.loading import load_network
 from relay_diffusion.checkpoints.reference import UnsafeCheckpointError, load_reference_checkpoint, load_reference_network
-from test_generate import STAGE1_OPTIONS, STAGE2_OPTIONS, read_pngs, single_thread, tiny_network  # noqa: F401
+from test_generate import STAGE1_OPTIONS, STAGE2_OPTIONS, read_pngs, tiny_network
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 CONTAINERS = (torch.nn.ModuleDict, torch.nn.ModuleList, torch.nn.Sequential)
 
