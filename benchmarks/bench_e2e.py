@@ -250,7 +250,7 @@ def bench_compile(args) -> list[dict]:
             comp.append(clock(lambda: compiled(x, s), dev, 10) * 10)
     row = dict(kind="compile", batch=args.batch, first_call_s=t_compile, eager_10_s=statistics.median(eager),
                compiled_10_s=statistics.median(comp), speedup=statistics.median(e / c for e, c in zip(eager, comp)),
-               max_rel_err=err)
+               max_rel_err=err, eager_runs=eager, compiled_runs=comp)
     print(json.dumps(row), flush=True)
     return [row]
 
