@@ -62,7 +62,7 @@ def table(rows: list[dict], device: str) -> str:
                 continue
             limit = r["limit_img_s"]
             rel = f", {r['img_s'] / base[c]:.2f}x" if base[c] else ""
-            cells.append(f"{r['img_s']:.1f} ({limit:.1f}){rel}")
+            cells.append(f"{r['img_s']:.3g} ({limit:.3g}){rel}")
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

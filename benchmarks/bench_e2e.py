@@ -149,6 +149,8 @@ def overhead_parts(trainer: Trainer, reps: int) -> dict[str, float]:
 def bench_train(args, root: Path) -> list[dict]:
     rows = []
     for name, stage in STAGES.items():
+        if name not in args.stages.split(","):
+            continue
         trainer = make_trainer(root / name, stage, args)
         fwd_bwd, adam = network_only(trainer)
         fwd_bwd()
@@ -250,7 +252,7 @@ def bench_compile(args) -> list[dict]:
             comp.append(clock(lambda: compiled(x, s), dev, 10) * 10)
     row = dict(kind="compile", batch=args.batch, first_call_s=t_compile, eager_10_s=statistics.median(eager),
                compiled_10_s=statistics.median(comp), speedup=statistics.median(e / c for e, c in zip(eager, comp)),
-               max_rel_err=err)
+               max_rel_err=err, eager_runs=eager, compiled_runs=comp)
     print(json.dumps(row), flush=True)
     return [row]
 
@@ -259,6 +261,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--what", default="train,generate")
     ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--stages", default="stage1,stage2", help="training: which bundled stage sizes")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--steps", type=int, default=2, help="training steps per timed block")
     ap.add_argument("--gen_batches", type=int, default=1, help="batches per generation run")

@@ -189,6 +189,26 @@ def test_bf16_on_the_cpu_only_when_asked():
         accel.allow_cpu_bf16(small_net(precision="fp16"))
 
 
+def test_fp16_path_of_the_layers_runs_forward_and_backward_on_the_cpu():
+    """The code ``--precision fp16`` runs on CUDA (activations in float16, float32 weights cast per layer,
+    gradients back in float32), executed on the CPU: forward and weight gradients close to fp32."""
+    net = small_net(label_dim=4).requires_grad_(True)
+    x, sigma, labels = batch(4, label_dim=4)
+    grads = {}
+    for dtype in (torch.float32, torch.float16):
+        net.zero_grad(set_to_none=True)
+        out = net.model(x.to(dtype), sigma.log() / 4, labels)
+        assert out.dtype == dtype
+        out.float().square().sum().backward()
+        grads[dtype] = [p.grad.clone() for p in net.parameters()]
+        if dtype == torch.float32:
+            ref = out.detach()
+    assert float((out.detach().float() - ref).abs().max() / ref.abs().max()) < 0.01
+    for g32, g16 in zip(grads[torch.float32], grads[torch.float16]):
+        assert g16.dtype == torch.float32 and torch.isfinite(g16).all()
+        assert float((g16 - g32).abs().max()) <= 0.05 * float(g32.abs().max()) + 1e-6
+
+
 def relay_pair(precision: str | None = None) -> RelayPipeline:
     first, second = small_net(4, seed=1, precision=precision), small_net(8, seed=2, precision=precision)
     if precision == "bf16":
