@@ -232,30 +232,37 @@ def run_plot(args) -> None:
     feats = args.features
     ref = np.load(feats / f"ref-{args.ref_images}.npy")
     mu_r, sig_r = feature_statistics(ref)
-    rows = []
-    for name, s1, n1, s2, n2 in QUALITY:
+    rows, loaded = [], {}
+    for name, *_ in QUALITY:
         paths = sorted(feats.glob(f"{name}-*.npy"))  # every seed range computed (disjoint by --first-seed)
-        if not paths:
+        if paths:  # the seeds-from-0 file sorts first, so f[:n] are seeds 0..n-1
+            loaded[name] = np.concatenate([np.load(p) for p in paths])
+    common = min((len(f) for f in loaded.values()), default=0)  # FID and KID@common on the same seeds
+    for name, s1, n1, s2, n2 in QUALITY:
+        if name not in loaded:
             continue
-        f = np.concatenate([np.load(p) for p in paths])
+        f = loaded[name]
         kid, kid_sd = kernel_inception_distance(f, ref, subsets=100, subset_size=min(len(f), len(ref), 1000))
         # kid_sd only sees the reference side (every subset holds all samples); the samples' own standard error
         # is estimated from 4 disjoint quarters of them: sd(KID of the quarters) / sqrt(4)
         quarters = [kernel_inception_distance(f[q::4], ref, subsets=50, subset_size=len(f[q::4]))[0]
                     for q in range(4)]
         kid_se = float(np.std(quarters, ddof=1) / 2)
-        fid = frechet_distance(*feature_statistics(f), mu_r, sig_r)
+        fid = frechet_distance(*feature_statistics(f[:common]), mu_r, sig_r)
+        kid_common = kernel_inception_distance(f[:common], ref, subsets=100, subset_size=common)[0]
         rows.append(dict(name=name, solver_first=s1, num_steps_first=n1, solver_second=s2, num_steps_second=n2,
                          nfe_first=nfe_first(s1, n1), nfe_second=nfe_second(s2, n2),
-                         nfe=nfe_first(s1, n1) + nfe_second(s2, n2), kid=kid, kid_sd=kid_sd, kid_se=kid_se, fid=fid,
-                         images=len(f)))
+                         nfe=nfe_first(s1, n1) + nfe_second(s2, n2), kid=kid, kid_sd=kid_sd, kid_se=kid_se,
+                         kid_common=kid_common, fid_common=fid, common=common, images=len(f)))
     (args.out / "quality.json").write_text(json.dumps(dict(ref_images=len(ref), rows=rows), indent=1))
-    lines = ["| config | stage 1 | stage 2 | NFE (1+2) | KID x1e3 | +- SE (samples) | sd (ref subsets) "
-             "| FID (biased at this n) |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| config | stage 1 | stage 2 | NFE (1+2) | images | KID x1e3 | +- SE (samples) | sd (ref subsets) "
+             f"| KID x1e3, seeds 0-{common - 1} | FID, seeds 0-{common - 1} (biased at this n) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["solver_first"], r["nfe"])):
         lines.append(f"| {r['name']} | {r['solver_first']} {r['num_steps_first']} | {r['solver_second']} "
-                     f"{r['num_steps_second']} | {r['nfe']} ({r['nfe_first']}+{r['nfe_second']}) | "
-                     f"{1e3 * r['kid']:.1f} | {1e3 * r['kid_se']:.1f} | {1e3 * r['kid_sd']:.1f} | {r['fid']:.1f} |")
+                     f"{r['num_steps_second']} | {r['nfe']} ({r['nfe_first']}+{r['nfe_second']}) | {r['images']} | "
+                     f"{1e3 * r['kid']:.1f} | {1e3 * r['kid_se']:.1f} | {1e3 * r['kid_sd']:.1f} | "
+                     f"{1e3 * r['kid_common']:.1f} | {r['fid_common']:.1f} |")
     table = "\n".join(lines)
     (args.out / "quality.md").write_text(table + "\n")
     print(table)
