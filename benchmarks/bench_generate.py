@@ -4,7 +4,7 @@
 
 Two small ADMs (DhariwalUNet): stage 1 at 16x16, stage 2 at 64x64 (up_scale 4), the default preset's
 samplers (18 + 18 grid steps; 7 stage-2 steps remain after truncation), through the same library call
-``rdm generate`` makes (:func:`relay_diffusion.generation.pipeline.generate_images`: per-seed generators, fixed-size
+``rdm generate`` makes (:func:`relay_diffusion.generation.run.generate_images`: per-seed generators, fixed-size
 network batches, uint8 conversion, PNG files). Both networks are wrapped in a timer; "other" = total -
 network, i.e. the samplers' float64 arithmetic, DCTs, noise draws, batching and file writing.
 """

@@ -169,7 +169,7 @@ def features(detector, images: list[np.ndarray], batch: int = 32) -> np.ndarray:
 
 
 def run_quality(args) -> None:
-    from relay_diffusion.generation.pipeline import FixedBatchDenoiser  # may move (lead's rewrite): import late
+    from relay_diffusion.generation.stages import FixedBatchDenoiser
     from relay_diffusion.metrics import load_detector
 
     net1, net2, process = networks()
