@@ -1,8 +1,8 @@
 """Build EDM-format datasets (``rdm dataset``), one per output resolution, from the same images in the same order.
 
-``build_datasets`` reads a source (``datasets.sources``), decodes, converts, crops, resizes and PNG-encodes its
-images in a process pool (``datasets.convert``), and writes each output atomically (``datasets.writer``) with a
-JSON report beside it that lists every skipped file.
+``build_datasets`` reads a source (``data.sources``), decodes, converts, crops, resizes and PNG-encodes its
+images in a process pool (``data.transforms``), and writes each output atomically (``data.writer``) with a
+JSON report beside it that lists every skipped file. Which destinations are allowed: ``data.destinations``.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from relay_diffusion.data.transforms import (
     make_outputs,
     to_array,
 )
+from relay_diffusion.data.destinations import REPORT_SUFFIX, DatasetToolError, check_dests, report_path_of
 from relay_diffusion.data.sources import Source, SourceItem, open_source
 from relay_diffusion.data.writer import (
     DatasetWriter,
@@ -45,19 +46,8 @@ from relay_diffusion.data.writer import (
 from relay_diffusion.utils.fileio import atomic_write_text, write_error_message
 
 RES_PLACEHOLDER = "{res}"
-REPORT_SUFFIX = ".report.json"
 _BATCH = 32  # images per task sent to a worker process (at most)
 MAX_SIDE = 16384  # largest output width or height: one such RGB image is 768 MB before resampling
-
-
-class DatasetToolError(ValueError):
-    """A problem with the user's input. ``option`` names the command-line option at fault, if one is;
-    ``usage`` marks errors fixed by passing another option."""
-
-    def __init__(self, message: str, option: str | None = None, usage: bool = False) -> None:
-        super().__init__(message)
-        self.option = option
-        self.usage = usage
 
 
 @dataclass(frozen=True)
@@ -220,6 +210,13 @@ def _first_channels(source: Source, background: Sequence[int]) -> int:
     return 3
 
 
+def _pool_context() -> Any:
+    """Worker processes started from a clean server process, not forked from this one: a fork of a process
+    whose other threads hold locks (torch's or OpenBLAS's pools, in a library caller) can hang in the child."""
+    methods = multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+
+
 def available_cpus() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -245,56 +242,6 @@ def _check_options(sizes: Sequence[Size | None], options: BuildOptions) -> None:
                     f"center-crop-wide needs a wide resolution (width >= height), not {size[0]}x{size[1]}",
                     option="--resolution",
                 )
-
-
-def _inside(path: str, folder: str) -> bool:
-    """Whether real path ``path`` is ``folder`` or lies under it."""
-    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
-
-
-def _report_path(dest: str) -> str:
-    return dest.rstrip("/\\") + REPORT_SUFFIX
-
-
-def _is_report(path: str) -> bool:
-    try:
-        with open(path, "rb") as f:
-            data = json.loads(f.read(1 << 20))
-    except (OSError, ValueError):
-        return False
-    return isinstance(data, dict) and "source_kind" in data and "outputs" in data
-
-
-def _check_dests(source: str, dests: Sequence[str], overwrite: bool) -> None:
-    """Refuse any output that would write over, into or around the source, or replace something the tool did
-    not write (``--overwrite`` replaces only earlier outputs: ``writer.is_dataset_output``)."""
-    src = os.path.realpath(source)
-    for dest in dests:
-        real = os.path.realpath(dest)
-        if real == src:
-            raise DatasetToolError(f"{dest!r} is the --source: the output must not replace its input", option="--dest")
-        if _inside(src, real):
-            raise DatasetToolError(f"{dest!r} contains the --source {source!r}: choose an output beside it",
-                                   option="--dest")
-        # A new zip inside a source folder changes none of its images; replacing a file there, or a folder of
-        # PNGs (images of the source from then on), would.
-        if os.path.isdir(src) and _inside(real, src) and (os.path.lexists(dest) or not dest.lower().endswith(".zip")):
-            raise DatasetToolError(f"{dest!r} is inside the --source folder {source!r}: choose an output outside it",
-                                   option="--dest")
-        if os.path.lexists(dest):
-            if not overwrite:
-                raise DatasetToolError(f"{dest!r} already exists (pass --overwrite to replace it)", option="--dest")
-            if not is_dataset_output(dest):
-                kind = "zip" if dest.lower().endswith(".zip") else "folder"
-                raise DatasetToolError(
-                    f"{dest!r} is not a dataset {kind} written by rdm dataset (only dataset.json and "
-                    "NNNNN/imgNNNNNNNN.png), so --overwrite does not replace it: move it away or choose another --dest",
-                    option="--dest",
-                )
-        report = _report_path(dest)
-        if os.path.lexists(report) and not (os.path.isfile(report) and _is_report(report)):
-            raise DatasetToolError(f"{report!r} exists and is not a report of rdm dataset: move it away",
-                                   option="--dest")
 
 
 def _size_mismatch(first: tuple[str, Size], name: str, size: Size) -> DatasetToolError:
@@ -359,7 +306,7 @@ def build_datasets(
 
     Raises ``DatasetToolError`` for bad input and for failed writes (the message names the file: "no space left on
     device" when the disk is full); nothing is left at the destinations then, and nothing the tool did not write
-    is ever removed (``_check_dests``). Temporary files of earlier killed runs for the same destinations are
+    is ever removed (``destinations.check_dests``). Temporary files of earlier killed runs for the same destinations are
     removed first, one ``log`` line each.
     """
     start, started = time.perf_counter(), time.time()
@@ -369,7 +316,7 @@ def build_datasets(
         raise DatasetToolError("two outputs have the same path", option="--dest")
     if not os.path.exists(source):
         raise DatasetToolError(f"{os.fspath(source)!r} does not exist", option="--source")
-    _check_dests(os.fspath(source), list(dests.values()), options.overwrite)
+    check_dests(os.fspath(source), list(dests.values()), options.overwrite)
     for path in dests.values():
         for stale in remove_stale_temporaries(path, before=started):
             log(f"removed {stale!r}, a temporary file left by an interrupted earlier run")
@@ -394,7 +341,7 @@ def _build(src: Source, dests: Mapping[Size | None, str], options: BuildOptions,
     with ExitStack() as stack:
         writers = [stack.enter_context(DatasetWriter(dests[s], options.overwrite)) for s in sizes]
         # The pool starts before the progress bar's thread exists; leaving the block terminates it.
-        pool = stack.enter_context(multiprocessing.get_context().Pool(workers)) if workers > 1 else None
+        pool = stack.enter_context(_pool_context().Pool(workers)) if workers > 1 else None
         bar = stack.enter_context(tqdm.tqdm(total=total, unit="img", disable=not options.progress or None))
         results = _process(src, spec, pool, workers, batch)
         stack.callback(results.close)  # closes the source
@@ -417,7 +364,7 @@ def _build(src: Source, dests: Mapping[Size | None, str], options: BuildOptions,
         elapsed_s=round(time.perf_counter() - start, 3),
     )
     for path in dests.values():
-        report_path = _report_path(path)
+        report_path = report_path_of(path)
         try:
             atomic_write_text(report_path, report.to_json() + "\n")
         except OSError as exc:
