@@ -142,3 +142,23 @@ def test_resume_refuses_contradicting_options_and_continues_with_the_saved_ones(
     assert result.exit_code == 0, result.output
     log = (out / "log.txt").read_text()
     assert "BlurLoss" in log and "Resumed from" in log
+
+
+def test_disk_full_during_a_state_write_is_one_line_and_keeps_the_previous_state(tmp_path, data, monkeypatch):
+    import errno
+
+    out = tmp_path / "run"
+    assert train(out, data, "--nosubdir").exit_code == 0
+    before = files(out)
+
+    def full(path, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr("relay_diffusion.training.loop.save_state", full)
+    result = train(out, data, "--nosubdir", "--resume", str(out), "--duration=0.000032")
+    clean_error(result, "No space left on device")
+    lines = result.output.strip().splitlines()
+    assert lines[-1].startswith("Error:") and sum(line.startswith("Error") for line in lines) == 1
+    for name in before:
+        if name.startswith("training-state-"):
+            assert (out / name).read_bytes() == before[name]
