@@ -30,11 +30,8 @@ import statistics
 import sys
 import tempfile
 import time
-import zipfile
 from pathlib import Path
 
-import numpy as np
-import PIL.Image
 import torch
 
 from relay_diffusion.core.rng import SeedGenerators
@@ -45,7 +42,7 @@ from relay_diffusion.utils import accel
 from relay_diffusion.utils.distributed import init
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import TimedNet  # noqa: E402
+from common import TimedNet, make_dataset  # noqa: E402
 
 #: The bundled stages' training settings (src/relay_diffusion/assets/emoji/*.json).
 STAGES = {
@@ -67,16 +64,6 @@ def clock(fn, device: torch.device, n: int = 1) -> float:
         fn()
     sync(device)
     return (time.perf_counter() - t0) / n
-
-
-def make_dataset(path: Path, count: int, res: int) -> Path:
-    rng = np.random.default_rng(0)
-    with zipfile.ZipFile(path, "w") as z:
-        for i in range(count):
-            buf = io.BytesIO()
-            PIL.Image.fromarray(rng.integers(0, 256, (res, res, 3), dtype=np.uint8)).save(buf, format="PNG")
-            z.writestr(f"00000/img{i:08d}.png", buf.getvalue())
-    return path
 
 
 # --- training --------------------------------------------------------------------------------------------

@@ -26,27 +26,15 @@ import os
 import statistics
 import tempfile
 import time
-import zipfile
 from pathlib import Path
 
-import numpy as np
-import PIL.Image
 import torch
 
 from relay_diffusion.core.rng import SeedGenerators
 from relay_diffusion.training import TrainingConfig, plan_training
 from relay_diffusion.utils.distributed import init
 from relay_diffusion.training.loop import Trainer
-
-
-def make_dataset(path: Path, count: int, res: int) -> Path:
-    rng = np.random.default_rng(0)
-    with zipfile.ZipFile(path, "w") as z:
-        for i in range(count):
-            buf = io.BytesIO()
-            PIL.Image.fromarray(rng.integers(0, 256, (res, res, 3), dtype=np.uint8)).save(buf, format="PNG")
-            z.writestr(f"00000/img{i:08d}.png", buf.getvalue())
-    return path
+from common import make_dataset
 
 
 def make_trainer(root: Path, data: Path, precond: str, batch: int, args) -> Trainer:

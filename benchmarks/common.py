@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import time
+import zipfile
+from pathlib import Path
 
+import numpy as np
+import PIL.Image
 import torch
 
 from relay_diffusion.networks.precond import build_network
@@ -33,3 +38,14 @@ def small_adm(resolution: int, channel_mult: list[int]) -> TimedNet:
                         model_type="DhariwalUNet", model_channels=32, channel_mult=channel_mult, num_blocks=1,
                         attn_resolutions=[8])
     return TimedNet(net.eval().requires_grad_(False))
+
+
+def make_dataset(path: Path, count: int, res: int) -> Path:
+    """An EDM-format zip of ``count`` random RGB images ``res x res`` (seeded), for timing the data path."""
+    rng = np.random.default_rng(0)
+    with zipfile.ZipFile(path, "w") as z:
+        for i in range(count):
+            buf = io.BytesIO()
+            PIL.Image.fromarray(rng.integers(0, 256, (res, res, 3), dtype=np.uint8)).save(buf, format="PNG")
+            z.writestr(f"00000/img{i:08d}.png", buf.getvalue())
+    return path
