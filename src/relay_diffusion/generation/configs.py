@@ -45,6 +45,20 @@ def _check_interval(name: str, value: Any) -> None:
            f"{name} must be two noise levels LO,HI with 0 <= LO < HI, got {value}")
 
 
+def _check_common(n: Any, cfg: Any) -> None:
+    """The checks both stages' sampler settings share: the grid, guidance scale and churn strength."""
+    _check(isinstance(cfg.num_steps, int) and 1 <= cfg.num_steps <= 100_000,
+           f"{n('num_steps')} must be an integer in [1, 100000], got {cfg.num_steps}")
+    _finite_positive(n, cfg, "sigma_min", "sigma_max")
+    _check(cfg.sigma_min < cfg.sigma_max, f"need {n('sigma_min')} < {n('sigma_max')}, got {cfg.sigma_min}, "
+           f"{cfg.sigma_max}")
+    _check(math.isfinite(cfg.rho) and 0.01 <= cfg.rho <= 1e4, f"{n('rho')} must be in [0.01, 10000], got {cfg.rho}")
+    _check(math.isfinite(cfg.cfg_scale) and cfg.cfg_scale >= 0, f"{n('cfg_scale')} must be a finite number >= 0")
+    _check(math.isfinite(cfg.S_churn) and cfg.S_churn >= 0, f"{n('S_churn')} must be a finite number >= 0")
+    _check(math.isfinite(cfg.S_noise) and abs(cfg.S_noise) <= 100, f"{n('S_noise')} must be in [-100, 100], "
+           f"got {cfg.S_noise}")
+
+
 def _finite_positive(n: Any, cfg: Any, *keys: str) -> None:
     for k in keys:
         v = getattr(cfg, k)
@@ -75,16 +89,7 @@ class EDMStageConfig:
     def validate(self, names: Mapping[str, str] | None = None, suffix: str = "") -> "EDMStageConfig":
         """Raise ``ValueError`` naming the setting as ``names[field]`` (default: the field + ``suffix``)."""
         n = _names(names, suffix)
-        _check(isinstance(self.num_steps, int) and 1 <= self.num_steps <= 100_000,
-               f"{n('num_steps')} must be an integer in [1, 100000], got {self.num_steps}")
-        _finite_positive(n, self, "sigma_min", "sigma_max")
-        _check(self.sigma_min < self.sigma_max, f"need {n('sigma_min')} < {n('sigma_max')}, got "
-               f"{self.sigma_min}, {self.sigma_max}")
-        _check(math.isfinite(self.rho) and 0.01 <= self.rho <= 1e4, f"{n('rho')} must be in [0.01, 10000], got {self.rho}")
-        _check(math.isfinite(self.cfg_scale) and self.cfg_scale >= 0, f"{n('cfg_scale')} must be a finite number >= 0")
-        _check(math.isfinite(self.S_churn) and self.S_churn >= 0, f"{n('S_churn')} must be a finite number >= 0")
-        _check(math.isfinite(self.S_noise) and abs(self.S_noise) <= 100, f"{n('S_noise')} must be in [-100, 100], "
-               f"got {self.S_noise}")
+        _check_common(n, self)
         _check(self.sde_scale is None or 0 <= self.sde_scale < 1, f"{n('sde_scale')} must be in [0, 1)")
         _check(self.sde_scale is None or self.cfg_scale <= 1,
                f"{n('cfg_scale')} > 1 is not available with {n('sde_scale')} (docs/math.md §6b has no guidance)")
@@ -140,17 +145,9 @@ class RelayStageConfig:
 
     def validate(self, names: Mapping[str, str] | None = None, suffix: str = "") -> "RelayStageConfig":
         n = _names(names, suffix)
-        _check(isinstance(self.num_steps, int) and 1 <= self.num_steps <= 100_000,
-               f"{n('num_steps')} must be an integer in [1, 100000], got {self.num_steps}")
-        _finite_positive(n, self, "sigma_min", "sigma_max", "truncation_sigma")
-        _check(self.sigma_min < self.sigma_max, f"need {n('sigma_min')} < {n('sigma_max')}, got "
-               f"{self.sigma_min}, {self.sigma_max}")
-        _check(math.isfinite(self.rho) and 0.01 <= self.rho <= 1e4, f"{n('rho')} must be in [0.01, 10000], got {self.rho}")
+        _check_common(n, self)
+        _finite_positive(n, self, "truncation_sigma")
         _check(0 <= self.s_noise <= 1, f"{n('s_noise')} must be in [0, 1], got {self.s_noise}")
-        _check(math.isfinite(self.cfg_scale) and self.cfg_scale >= 0, f"{n('cfg_scale')} must be a finite number >= 0")
-        _check(math.isfinite(self.S_churn) and self.S_churn >= 0, f"{n('S_churn')} must be a finite number >= 0")
-        _check(math.isfinite(self.S_noise) and abs(self.S_noise) <= 100, f"{n('S_noise')} must be in [-100, 100], "
-               f"got {self.S_noise}")
         _check(self.solver in ("reference", "multistep"),
                f"{n('solver')} must be reference or multistep, got {self.solver!r}")
         _check(self.solver != "multistep" or not self.churn, f"{n('solver')} multistep takes no {n('churn')}")
