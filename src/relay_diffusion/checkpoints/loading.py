@@ -20,14 +20,16 @@ REFERENCE_SUFFIXES = (".pkl", ".pt", ".pth")
 class NetworkFile:
     """A loaded network with what its file says about it.
 
-    ``kind``: ``'edm'`` (stage 1), ``'relay'`` (a relay stage) or None when the file does not say (reference
-    checkpoints); ``process``: the forward process a relay network was trained with, or None.
+    ``kind``: ``'edm'`` (stage 1), ``'relay'`` (a relay stage), ``'sr'`` (super-resolution) or None when the
+    file does not say (reference checkpoints); ``process``: the forward process a relay network was trained
+    with, or None; ``condition``: a super-resolution network's :class:`SRCondition`, or None.
     """
 
     net: torch.nn.Module
     path: str
     kind: Optional[str] = None
     process: Optional[BlurProcess] = None
+    condition: Optional[Any] = None
     config: dict[str, Any] = field(default_factory=dict)
 
 
@@ -73,16 +75,19 @@ def load_network_file(path: str | os.PathLike, device: torch.device | str = "cpu
 def _load_network_file(path: Path, device: torch.device | str) -> NetworkFile:
     if path.suffix != ".safetensors":
         return NetworkFile(load_network(path, device), str(path))
-    from relay_diffusion.checkpoints.snapshot import load_safetensors_network, read_config, stage_kind, stage_process
+    from relay_diffusion.checkpoints.snapshot import (load_safetensors_network, read_config, stage_condition,
+                                                      stage_kind, stage_process)
 
     config = read_config(path)
     if not isinstance(config, dict) or not isinstance(config.get("init_kwargs"), dict) or "precond" not in config:
         raise ValueError(f"{path}: its config is not an object with 'precond' and 'init_kwargs'")
     try:
-        kind, process = stage_kind(config), stage_process(config)
+        kind, process, condition = stage_kind(config), stage_process(config), stage_condition(config)
     except ValueError as exc:
         raise ValueError(f"{path}: {exc}") from exc
-    return NetworkFile(load_safetensors_network(path, device), str(path), kind, process, config)
+    if kind == "sr" and condition is None:
+        raise ValueError(f"{path}: a super-resolution network whose file records no 'condition' (relay factor)")
+    return NetworkFile(load_safetensors_network(path, device), str(path), kind, process, condition, config)
 
 
 def load_network(path: str | os.PathLike, device: torch.device | str = "cpu") -> torch.nn.Module:

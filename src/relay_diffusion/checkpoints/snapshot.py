@@ -85,12 +85,13 @@ def load_safetensors_network(path: str | os.PathLike, device: torch.device | str
     return net.eval().requires_grad_(False).to(device)
 
 
-#: The stage kinds a snapshot can declare (``stage_kind``): stage 1 and a blur-diffusion relay stage.
-STAGE_KINDS = ("edm", "relay")
+#: The stage kinds a snapshot can declare (``stage_kind``): stage 1, a blur-diffusion relay stage and a
+#: cascaded super-resolution stage (:mod:`relay_diffusion.core.sr`).
+STAGE_KINDS = ("edm", "relay", "sr")
 
 
 def stage_kind(config: dict[str, Any]) -> str | None:
-    """``'edm'`` (stage 1), ``'relay'`` (a relay stage) or None (not recorded, e.g. a converted reference file).
+    """``'edm'`` (stage 1), ``'relay'`` (a relay stage), ``'sr'`` (super-resolution) or None (not recorded, e.g. a converted reference file).
     Reads ``stage_kind`` and, for older snapshots, ``stage`` (1 or 2)."""
     kind = config.get("stage_kind")
     if kind is None:
@@ -110,3 +111,15 @@ def stage_process(config: dict[str, Any]):
     if not isinstance(process, dict):
         raise ValueError(f"its forward process is not a JSON object: {process!r}")
     return BlurProcess.from_dict(process)
+
+
+def stage_condition(config: dict[str, Any]):
+    """The :class:`relay_diffusion.core.sr.SRCondition` a super-resolution snapshot was trained with, else None."""
+    from relay_diffusion.core.sr import SRCondition
+
+    condition = config.get("condition")
+    if condition is None:
+        return None
+    if not isinstance(condition, dict):
+        raise ValueError(f"its super-resolution condition is not a JSON object: {condition!r}")
+    return SRCondition.from_dict(condition)

@@ -8,14 +8,15 @@ from typing import Any
 
 import click
 
-from relay_diffusion.cli.generate import _options, build, chain_paths, stage_settings
+from relay_diffusion.cli.generate import _options, build, chain_paths, sr_settings, stage_settings
 from relay_diffusion.generation.configs import PRESETS
 
 
 @click.command("export", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.option("--out", "out", metavar="DIR", type=str, required=True, help="The pipeline folder to write")
 @click.option("--network_first", metavar="PATH", type=str, help="Stage-1 network  [default: bundled]")
-@click.option("--network_second", metavar="PATH", type=str, help="Relay (stage-2) network  [default: bundled]")
+@click.option("--network_second", metavar="PATH", type=str, help="Relay (stage-2) or super-resolution network  "
+              "[default: bundled]")
 @click.option("--network_next", metavar="PATH", type=str, multiple=True, help="Further relay stages (repeatable)")
 @_options
 @click.option("--preset", type=click.Choice(sorted(PRESETS)), default="default", show_default=True,
@@ -36,7 +37,7 @@ def export(**opts: Any) -> None:
     first, second, overrides = stage_settings(preset, opts)
     paths = chain_paths(opts, "both")
     enhancement = preset.enhancement if opts["enhance"] is not False else Enhancement()
-    built = build(paths, first, second, overrides, preset, enhancement, opts, "cpu")
+    built = build(paths, first, second, overrides, preset, enhancement, opts, "cpu", sr=sr_settings(opts))
     for note in built.notes:
         click.echo(f"Note: {note}")
     try:

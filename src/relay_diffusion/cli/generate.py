@@ -17,7 +17,7 @@ import click
 
 from relay_diffusion.cli.options import FieldOptions
 from relay_diffusion.core.process import BlurProcess
-from relay_diffusion.generation.configs import PRESETS, EDMStageConfig, RelayStageConfig
+from relay_diffusion.generation.configs import PRESETS, EDMStageConfig, RelayStageConfig, SRStageConfig
 from relay_diffusion.generation.stages import DEFAULT_NET_BATCH
 
 _SUFFIX_FIRST = {"S_churn", "S_min", "S_max", "S_noise"}  # the reference names these without _first
@@ -32,6 +32,8 @@ FIRST = FieldOptions(
     EDMStageConfig, lambda k: [f"--{k}", f"--{k}_first"] if k in _SUFFIX_FIRST else [f"--{k}_first"], "first_",
     _default("the preset's"))
 SECOND = FieldOptions(RelayStageConfig, lambda k: [f"--{k}_second"], "second_", _default("the preset's"))
+SR = FieldOptions(SRStageConfig, lambda k: [f"--{k}_sr"], "sr_",
+                  lambda f: f"  [super-resolution stages; default: {'none' if f.default is None else f.default}]")
 PROCESS = FieldOptions(
     BlurProcess, lambda k: [f"--{k}_second"] + ([f"--{_PROCESS_ALIASES[k]}_second"] if k in _PROCESS_ALIASES else []),
     "process_", lambda f: f"  [default: the network file's, else {f.default} or the preset's]")
@@ -54,7 +56,7 @@ class _SeedList(click.ParamType):
 
 
 def _options(command: Any) -> Any:
-    for decorate in (PROCESS.decorate, SECOND.decorate, FIRST.decorate):
+    for decorate in (SR.decorate, PROCESS.decorate, SECOND.decorate, FIRST.decorate):
         command = decorate(command)
     return command
 
@@ -71,7 +73,8 @@ def _options(command: Any) -> Any:
 @click.option("--sampler_stages", type=click.Choice(["first", "second", "both"]), default="both", show_default=True,
               help="Which stages to run")
 @click.option("--network_first", metavar="PATH", type=str, help="Stage-1 network (.safetensors, .pkl or .pt)")
-@click.option("--network_second", metavar="PATH", type=str, help="Relay (stage-2) network (.safetensors, .pkl or .pt)")
+@click.option("--network_second", metavar="PATH", type=str, help="Relay (stage-2) network (.safetensors, .pkl or .pt), "
+              "or a super-resolution network (sampled with the *_sr settings)")
 @click.option("--network_next", metavar="PATH", type=str, multiple=True,
               help="A further relay stage after the second, e.g. 16 -> 64 -> 256 (repeatable; sampled with the "
                    "*_second settings and its own file's forward process)")
@@ -108,6 +111,7 @@ def generate(**opts: Any) -> None:
     preset = PRESETS[opts["preset"]]
     stages_kind = opts["sampler_stages"]
     first, second, process_overrides = stage_settings(preset, opts)
+    sr = sr_settings(opts)
     seeds = opts["seeds"] if opts["seeds"] is not None else _parse_seeds(preset.seeds)
     enhancement = _enhancement(preset, opts["enhance"], stages_kind)
     paths = chain_paths(opts, stages_kind)
@@ -121,7 +125,7 @@ def generate(**opts: Any) -> None:
     rank, world_size, device = ctx.rank, ctx.world_size, ctx.device
     try:
         built = build(paths, first, second, process_overrides, preset, enhancement, opts, device,
-                      first_is_relay=stages_kind == "second")
+                      first_is_relay=stages_kind == "second", sr=sr)
         pipeline = built.pipeline
         if rank == 0:
             for note in built.notes:
@@ -167,6 +171,16 @@ def stage_settings(preset: Any, opts: dict[str, Any]) -> tuple[EDMStageConfig, R
     return first_cfg, second_cfg, overrides
 
 
+def sr_settings(opts: dict[str, Any]) -> SRStageConfig:
+    """The super-resolution stages' settings: the defaults with every ``*_sr`` option that was given."""
+    config = SRStageConfig(**SR.given(opts))
+    try:
+        config.validate(SR.names())
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+    return config
+
+
 def _enhancement(preset: Any, enhance: bool | None, stages_kind: str) -> Any:
     """The preset's post-processing: on for final images unless --no-enhance; stage-1-only outputs (inputs
     of a later --sampler_stages second run) get it only with an explicit --enhance."""
@@ -207,12 +221,12 @@ def chain_paths(opts: dict[str, Any], stages_kind: str) -> list[tuple[str, str]]
 
 def build(paths: list[tuple[str, str]], first: EDMStageConfig, second: RelayStageConfig,
           process_overrides: dict[str, Any], preset: Any, enhancement: Any, opts: dict[str, Any], device: Any,
-          first_is_relay: bool = False) -> Any:
+          first_is_relay: bool = False, sr: SRStageConfig | None = None) -> Any:
     """The pipeline of ``paths``, with errors as one line naming the option."""
     from relay_diffusion.generation.build import StageFileError, build_pipeline
 
     try:
-        return build_pipeline([p for _, p in paths], first=first, relay=second, first_is_relay=first_is_relay,
+        return build_pipeline([p for _, p in paths], first=first, relay=second, sr=sr, first_is_relay=first_is_relay,
                               default_process=preset.process, process_overrides=process_overrides,
                               enhancement=enhancement, net_batch=opts.get("net_batch", DEFAULT_NET_BATCH),
                               precision=opts.get("precision"), device=device,
@@ -224,16 +238,14 @@ def build(paths: list[tuple[str, str]], first: EDMStageConfig, second: RelayStag
 
 
 def _print_config(opts: dict[str, Any], pipeline: Any, seeds: list[int], device: Any, world_size: int) -> None:
-    from relay_diffusion.generation.stages import stage_name
+    from relay_diffusion.generation.stages import stage_extras, stage_name
     from relay_diffusion.utils.jsonio import to_strict
 
     click.echo(f"Preset: {opts['preset']}")
     for i, stage in enumerate(pipeline.stages):
-        settings = dataclasses.asdict(stage.config)
-        if stage.kind == "relay":
-            settings["process"] = stage.process.to_dict()
+        settings = {**dataclasses.asdict(stage.config), **stage_extras(stage)}
         click.echo(f"{stage_name(i, stage).capitalize()}: {json.dumps(to_strict(settings))}")
-    nfe = [stage.config.nfe() if stage.kind == "edm" else stage.config.nfe(stage.net) for stage in pipeline.stages]
+    nfe = [stage.config.nfe(stage.net) if stage.kind == "relay" else stage.config.nfe() for stage in pipeline.stages]
     click.echo(f"NFE per image (denoiser evaluations): {' + '.join(map(str, nfe))} = {sum(nfe)}"
                + (" (x2 network calls where guidance applies)" if any(s.config.cfg_scale > 1 for s in pipeline.stages)
                   else ""))

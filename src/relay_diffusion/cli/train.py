@@ -50,7 +50,8 @@ def _bad(exc: ConfigError) -> click.BadParameter:
 @click.option("--cond", type=bool, default=False, show_default=True, help="Train class-conditional model")
 @click.option("--arch", type=click.Choice(ARCHS), default="adm", show_default=True, help="Network architecture")
 @click.option("--precond", type=click.Choice(PRECOND_CHOICES), default="edm", show_default=True,
-              help="Preconditioning & loss function (blur: the stage-2 relay loss)")
+              help="Preconditioning & loss function (blur: the stage-2 relay loss; sr: a cascaded "
+                   "super-resolution stage conditioned on the --up-scale times smaller image)")
 # Hyperparameters.
 @click.option("--duration", metavar="MIMG", type=float, default=200, show_default=True, help="Training duration")
 @click.option("--batch", metavar="INT", type=int, default=512, show_default=True, help="Total batch size")
@@ -96,8 +97,10 @@ def _bad(exc: ConfigError) -> click.BadParameter:
 @click.option("--transfer", metavar="SAFETENSORS", type=str, help="Transfer learning from network snapshot")
 @click.option("--resume", metavar="DIR|PT", type=str, help="Resume: a run folder (latest state) or a state file")
 @click.option("-n", "--dry-run", is_flag=True, help="Print training options and exit")
-# Stage 2 (precond blur).
+# Stage 2 (precond blur or sr).
 @click.option("--up-scale", metavar="INT", type=int, default=4, show_default=True, help="Relay factor")
+@click.option("--noise-aug", metavar="FLOAT", type=float, default=0.0, show_default=True,
+              help="sr: largest noise-conditioning augmentation level of the low-resolution input (0: off)")
 @click.option("--block-scale", metavar="FLOAT", type=float, default=0.15, show_default=True,
               help="Block noise strength")
 @click.option("--prob-length", metavar="FLOAT", type=float, default=0.93, show_default=True,

@@ -1,7 +1,7 @@
 """Relay generation.
 
 ``configs``   sampler settings of the stages, post-processing and the reference's presets
-``stages``    stage 1 (EDM) and relay stages, batch-invariant network calls, the compatibility check
+``stages``    stage 1 (EDM), relay and super-resolution stages, batch-invariant network calls, the compatibility check
 ``pipeline``  :class:`RelayPipeline`: the one sampling path of every command
 ``build``     stages from network files (stage kinds checked, forward process from the file)
 ``files``     the PNG layout of generated images and stage inputs
@@ -9,13 +9,16 @@
 """
 
 from relay_diffusion.generation.build import Built, StageFileError, build_pipeline
-from relay_diffusion.generation.configs import PRESETS, EDMStageConfig, Enhancement, Preset, RelayStageConfig
+from relay_diffusion.generation.configs import (PRESETS, EDMStageConfig, Enhancement, Preset, RelayStageConfig,
+                                                SRStageConfig)
 from relay_diffusion.generation.pipeline import RelayPipeline
 from relay_diffusion.generation.run import generate_images
-from relay_diffusion.generation.stages import DEFAULT_NET_BATCH, EDMStage, FixedBatchDenoiser, RelayStage, check_stages
+from relay_diffusion.generation.stages import (DEFAULT_NET_BATCH, EDMStage, FixedBatchDenoiser, RelayStage, SRStage,
+                                               check_stages)
 
 __all__ = [
     "DEFAULT_NET_BATCH", "PRESETS", "Built", "EDMStage", "EDMStageConfig", "Enhancement", "FixedBatchDenoiser",
-    "Preset", "RelayPipeline", "RelayStage", "RelayStageConfig", "StageFileError", "build_pipeline",
+    "Preset", "RelayPipeline", "RelayStage", "RelayStageConfig", "SRStage", "SRStageConfig", "StageFileError",
+    "build_pipeline",
     "check_stages", "generate_images",
 ]

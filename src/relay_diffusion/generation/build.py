@@ -1,4 +1,5 @@
-"""Stages from network files: the stage kind is checked and a relay stage's forward process comes from its file.
+"""Stages from network files: the stage kind is checked and a relay stage's forward process (a super-resolution
+stage's condition) comes from its file.
 
 A relay snapshot records the :class:`BlurProcess` it was trained with; generation uses it unless a setting is
 given explicitly (then a note says where it differs from the training value). Files that record nothing
@@ -15,10 +16,10 @@ import torch
 
 from relay_diffusion.checkpoints.loading import NetworkFile, load_network_file
 from relay_diffusion.core.process import BlurProcess
-from relay_diffusion.generation.configs import EDMStageConfig, Enhancement, RelayStageConfig
+from relay_diffusion.generation.configs import EDMStageConfig, Enhancement, RelayStageConfig, SRStageConfig
 from relay_diffusion.generation.pipeline import RelayPipeline
 from relay_diffusion.utils import accel
-from relay_diffusion.generation.stages import DEFAULT_NET_BATCH, EDMStage, RelayStage, Stage, net_info
+from relay_diffusion.generation.stages import DEFAULT_NET_BATCH, EDMStage, RelayStage, SRStage, Stage, net_info
 
 
 class StageFileError(ValueError):
@@ -57,15 +58,20 @@ def relay_process(file: NetworkFile, default: BlurProcess, overrides: Mapping[st
 
 def load_stage(file: NetworkFile, index: int, first: EDMStageConfig, relay: RelayStageConfig, *,
                as_relay: bool, default_process: BlurProcess, process_overrides: Mapping[str, Any],
-               prev_resolution: Optional[int]) -> tuple[Stage, list[str]]:
-    """One stage from a loaded file; refuses a stage-1 file as a relay stage and the reverse."""
+               prev_resolution: Optional[int], sr: SRStageConfig | None = None) -> tuple[Stage, list[str]]:
+    """One stage from a loaded file; refuses a stage-1 file as a relay (or super-resolution) stage and the
+    reverse. ``as_relay``: the stage refines its input; a super-resolution file becomes an :class:`SRStage`
+    sampled with ``sr``."""
     label = f"stage {index + 1} ({file.path})"
     if as_relay and file.kind == "edm":
         raise StageFileError(index, f"{file.path} is a stage-1 (EDM) network; it cannot be the relay stage {index + 1}")
-    if not as_relay and file.kind == "relay":
-        raise StageFileError(index, f"{file.path} is a relay (stage-2) network; it cannot be stage 1")
+    if not as_relay and file.kind in ("relay", "sr"):
+        what = "relay (stage-2)" if file.kind == "relay" else "super-resolution"
+        raise StageFileError(index, f"{file.path} is a {what} network; it cannot be stage 1")
     if not as_relay:
         return EDMStage(file.net, first, source=file.path), []
+    if file.kind == "sr":
+        return SRStage(file.net, sr or SRStageConfig(), file.condition, source=file.path), []
     process, notes = relay_process(file, default_process, process_overrides, prev_resolution, label)
     return RelayStage(file.net, relay, process, source=file.path), notes
 
@@ -75,6 +81,7 @@ def build_pipeline(
     *,
     first: EDMStageConfig | None = None,
     relay: RelayStageConfig | None = None,
+    sr: SRStageConfig | None = None,
     first_is_relay: bool = False,
     default_process: BlurProcess | None = None,
     process_overrides: Mapping[str, Any] | None = None,
@@ -86,7 +93,8 @@ def build_pipeline(
     channels_last: bool = False,
 ) -> Built:
     """A :class:`RelayPipeline` from network files: ``paths[0]`` is stage 1 (or, with ``first_is_relay``, a
-    relay stage fed with images), every later path a relay stage sampled with ``relay``. ``process_overrides``
+    relay stage fed with images), every later path a relay stage sampled with ``relay`` (a super-resolution
+    network's file makes it a super-resolution stage sampled with ``sr``). ``process_overrides``
     (explicit forward-process settings) apply to every relay stage. Raises :class:`StageFileError` (a file)
     or ``ValueError`` (an incompatible chain). ``precision`` sets every network's precision (an explicit
     ``'bf16'`` also applies on the CPU); ``compile`` / ``channels_last``: :mod:`relay_diffusion.utils.accel`."""
@@ -108,7 +116,7 @@ def build_pipeline(
                               cpu_bf16=precision == "bf16" and torch.device(device).type == "cpu")
         stage, stage_notes = load_stage(file, i, first, relay, as_relay=i > 0 or first_is_relay,
                                         default_process=default_process, process_overrides=process_overrides or {},
-                                        prev_resolution=prev_resolution)
+                                        prev_resolution=prev_resolution, sr=sr)
         stages.append(stage)
         notes += stage_notes
         prev_resolution = stage.resolution

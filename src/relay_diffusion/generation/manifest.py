@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from relay_diffusion.generation.pipeline import RelayPipeline
+from relay_diffusion.generation.stages import stage_extras
 from relay_diffusion.utils.jsonio import dumps_strict, to_strict
 
 FILE = "generation.json"
@@ -54,8 +55,7 @@ def describe(pipeline: RelayPipeline, **settings: Any) -> dict[str, Any]:
                    else {"state_sha256": _state_sha256(stage.net)})
         entry = {"kind": stage.kind, "resolution": stage.resolution, "network": network,
                  "sampler": dataclasses.asdict(stage.config)}
-        if stage.kind == "relay":
-            entry["process"] = stage.process.to_dict()
+        entry.update(stage_extras(stage))
         if hasattr(stage.net, "precision"):
             entry["precision"] = stage.net.precision
         stages.append(entry)

@@ -1,7 +1,8 @@
 """The relay pipeline: stages run in order with one generator per seed (docs/math.md §8).
 
 A :class:`RelayPipeline` is a list of stages: an :class:`EDMStage` (or, for second-stage-only runs, a
-:class:`RelayStage` fed with images) followed by :class:`RelayStage` s, e.g. 16 -> 64 -> 256. Calling it
+:class:`RelayStage` fed with images) followed by :class:`RelayStage` s, e.g. 16 -> 64 -> 256 (or, for the
+cascaded baseline, :class:`SRStage` s). Calling it
 with seeds returns images that depend on their seed only: one generator per seed, shared by all stages in
 draw order, and, on the CPU, a network that always sees batches of the same size (:class:`FixedBatchDenoiser`;
 on CUDA one call per batch by default, so the last float bits may depend on the batch).
@@ -21,8 +22,8 @@ import torch
 
 from relay_diffusion.core.rng import SeedGenerators
 from relay_diffusion.generation.configs import Enhancement
-from relay_diffusion.generation.stages import (DEFAULT_NET_BATCH, RelayStage, Stage, auto_net_batch, check_stages,
-                                               net_info)
+from relay_diffusion.generation.stages import (DEFAULT_NET_BATCH, Stage, auto_net_batch, check_stages, net_info,
+                                               takes_input)
 from relay_diffusion.utils.images import to_uint8
 
 #: ``None`` (``seed % label_dim``, the reference's choice), one class for all, one class per seed, or one-hot
@@ -68,9 +69,9 @@ class RelayPipeline:
 
     @property
     def input_shape(self) -> tuple[int, int, int] | None:
-        """``(C, H, W)`` of the input images when the first stage is a relay stage, else None."""
+        """``(C, H, W)`` of the input images when the first stage refines inputs (relay, SR), else None."""
         first = self.stages[0]
-        if not isinstance(first, RelayStage):
+        if not takes_input(first):
             return None
         channels = net_info(first.net)[1]
         return channels, first.input_resolution, first.input_resolution

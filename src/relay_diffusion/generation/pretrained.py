@@ -14,9 +14,10 @@ from typing import Any
 import torch
 
 from relay_diffusion.core.process import BlurProcess
-from relay_diffusion.generation.configs import EDMStageConfig, Enhancement, RelayStageConfig
+from relay_diffusion.core.sr import SRCondition
+from relay_diffusion.generation.configs import EDMStageConfig, Enhancement, RelayStageConfig, SRStageConfig
 from relay_diffusion.generation.pipeline import RelayPipeline
-from relay_diffusion.generation.stages import EDMStage, RelayStage
+from relay_diffusion.generation.stages import EDMStage, RelayStage, SRStage, stage_extras
 from relay_diffusion.utils.jsonio import dumps_strict, restore_non_finite
 
 FORMAT = "relay-diffusion/pipeline-1"
@@ -70,8 +71,8 @@ def save_pretrained(pipeline: RelayPipeline, folder: str | os.PathLike) -> Path:
             extra = {k: v for k, v in read_config(stage.source).items()
                      if k not in ("format", "precond", "init_kwargs")}
         extra["stage_kind"] = stage.kind
-        if isinstance(stage, RelayStage):
-            extra.setdefault("process", stage.process.to_dict())  # the training value when the file had one
+        for key, value in stage_extras(stage).items():
+            extra.setdefault(key, value)  # the training value when the file had one
         save_network(stage.net, folder / name, extra=extra, dtype=_network_dtype(stage.source))
         stages.append(name)
     path = folder / FILE
@@ -83,9 +84,8 @@ def pipeline_json(pipeline: RelayPipeline, networks: list[str]) -> str:
     """The text of ``pipeline.json`` for ``pipeline`` whose stages' networks are the files ``networks``."""
     stages = []
     for stage, name in zip(pipeline.stages, networks):
-        entry: dict[str, Any] = {"kind": stage.kind, "network": name, "sampler": dataclasses.asdict(stage.config)}
-        if isinstance(stage, RelayStage):
-            entry["process"] = stage.process.to_dict()
+        entry: dict[str, Any] = {"kind": stage.kind, "network": name, "sampler": dataclasses.asdict(stage.config),
+                                 **stage_extras(stage)}
         stages.append(entry)
     doc = {"format": FORMAT, "stages": stages, "enhancement": dataclasses.asdict(pipeline.enhancement),
            "net_batch": pipeline.net_batch}
@@ -109,14 +109,19 @@ def load_pretrained(folder: str | os.PathLike, device: torch.device | str = "cpu
     stages = []
     for i, entry in enumerate(doc["stages"]):
         where = f"{path}: stage {i + 1}"
-        if not isinstance(entry, dict) or entry.get("kind") not in ("edm", "relay") or "network" not in entry:
-            raise ValueError(f"{where}: expected kind 'edm' or 'relay' and a network file")
+        if not isinstance(entry, dict) or entry.get("kind") not in ("edm", "relay", "sr") or "network" not in entry:
+            raise ValueError(f"{where}: expected kind 'edm', 'relay' or 'sr' and a network file")
         file = load_network_file(folder / str(entry["network"]), device)
         if file.kind is not None and file.kind != entry["kind"]:
             raise ValueError(f"{where}: {file.path} is a {file.kind} network, not {entry['kind']}")
         if entry["kind"] == "edm":
             stages.append(EDMStage(file.net, _decode_config(EDMStageConfig, entry.get("sampler", {}), where),
                                    source=file.path))
+        elif entry["kind"] == "sr":
+            condition = (SRCondition.from_dict(entry["condition"]) if "condition" in entry
+                         else file.condition or SRCondition())
+            stages.append(SRStage(file.net, _decode_config(SRStageConfig, entry.get("sampler", {}), where),
+                                  condition, source=file.path))
         else:
             process = BlurProcess.from_dict(entry["process"]) if "process" in entry else file.process or BlurProcess()
             stages.append(RelayStage(file.net, _decode_config(RelayStageConfig, entry.get("sampler", {}), where),

@@ -1,7 +1,10 @@
-"""Stages of a relay chain: stage 1 (EDM) and relay stages (blur diffusion), and their compatibility check.
+"""Stages of a relay chain: stage 1 (EDM), relay stages (blur diffusion) and cascaded super-resolution stages
+(an EDM stage conditioned on the upsampled input, the baseline relaying is measured against), and their
+compatibility check.
 
 A stage is one self-describing unit: its network, its sampler settings and, for a relay stage, the forward
-process the network was trained on (:class:`BlurProcess`, read from its file by :func:`stage_from_file`).
+process the network was trained on (:class:`BlurProcess`), for a super-resolution stage its
+:class:`SRCondition`, both read from its file (:mod:`relay_diffusion.generation.build`).
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ from relay_diffusion.core.process import BlurProcess
 from relay_diffusion.core.rng import SeedGenerators
 from relay_diffusion.core.samplers import Callback, edm_sampler, relay_sampler
 from relay_diffusion.core.solvers import multistep_edm_sampler, multistep_relay_sampler
-from relay_diffusion.generation.configs import EDMStageConfig, RelayStageConfig
+from relay_diffusion.core.sr import SRCondition, condition_input
+from relay_diffusion.generation.configs import EDMStageConfig, RelayStageConfig, SRStageConfig
 
 #: Samples per network call on the CPU when ``net_batch`` is not given. Every call is padded to exactly this
 #: size so that a sample's result never depends on how many samples share its batch: CPU kernels pick
@@ -53,12 +57,17 @@ class FixedBatchDenoiser:
     ``net_batch=None`` (the default) is :func:`auto_net_batch` of the input's device: fixed chunks of
     :data:`CPU_NET_BATCH` on the CPU; on an accelerator one unpadded call per batch, split in halves (and
     remembered) only when the device runs out of memory.
+
+    ``extra``: per-sample keyword arguments of the network (``{name: [M, ...]}``, e.g. a super-resolution
+    stage's conditioning image), indexed like ``x``; a call on ``k M`` samples (guidance doubles the batch)
+    repeats them.
     """
 
-    def __init__(self, net: Callable, net_batch: int | None = DEFAULT_NET_BATCH) -> None:
+    def __init__(self, net: Callable, net_batch: int | None = DEFAULT_NET_BATCH,
+                 extra: dict[str, torch.Tensor] | None = None) -> None:
         if net_batch is not None and net_batch < 1:
             raise ValueError(f"net_batch must be >= 1, got {net_batch}")
-        self.net, self.net_batch = net, net_batch
+        self.net, self.net_batch, self.extra = net, net_batch, dict(extra or {})
         self.max_chunk: int | None = None       # set when an unpadded call ran out of memory
         self.sigma_min = getattr(net, "sigma_min", 0.0)
         self.sigma_max = getattr(net, "sigma_max", math.inf)
@@ -76,8 +85,18 @@ class FixedBatchDenoiser:
         for start in range(0, n, k):
             index = torch.arange(start, start + k, device=x.device).clamp(max=n - 1)
             labels = None if class_labels is None else class_labels[index]
-            outs.append(self.net(x[index], sigma[index], labels)[: min(k, n - start)])
+            outs.append(self.net(x[index], sigma[index], labels, **self._extra(index, n))[: min(k, n - start)])
         return torch.cat(outs)
+
+    def _extra(self, index: torch.Tensor, n: int) -> dict[str, torch.Tensor]:
+        """The per-sample keyword arguments of the samples ``index`` of a call on ``n`` samples."""
+        out = {}
+        for name, value in self.extra.items():
+            m = value.shape[0]
+            if n % m:
+                raise ValueError(f"a call on {n} samples with {name} for {m}")
+            out[name] = value[index.to(value.device) % m]
+        return out
 
     def _unpadded(self, x: torch.Tensor, sigma: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:
         """The whole batch in one call (or in chunks of ``max_chunk`` after an out-of-memory error)."""
@@ -86,7 +105,8 @@ class FixedBatchDenoiser:
             k = min(n, self.max_chunk or n)
             try:
                 return torch.cat([self.net(x[s:s + k], sigma[s:s + k],
-                                           None if class_labels is None else class_labels[s:s + k])
+                                           None if class_labels is None else class_labels[s:s + k],
+                                           **self._extra(torch.arange(s, min(s + k, n), device=x.device), n))
                                   for s in range(0, n, k)])
             except Exception as exc:  # noqa: BLE001 - only out-of-memory errors are retried
                 if k == 1 or not _is_out_of_memory(exc):
@@ -160,13 +180,72 @@ class RelayStage:
                        callback=callback, **self.config.sampler_kwargs())
 
 
-Stage = Union[EDMStage, RelayStage]
+@dataclass
+class SRStage:
+    """A cascaded super-resolution stage (:mod:`relay_diffusion.core.sr`): EDM sampling from pure noise at
+    ``[N, C, R, R]``, conditioned on the nearest-upsampled ``[N, C, R/p, R/p]`` input (plus, with
+    ``config.cond_level > 0``, noise of that level added to the input and the level told to the network).
+
+    Draws per seed: the latents, then (``cond_level > 0``) the input's augmentation noise, then the sampler's."""
+
+    net: Any
+    config: SRStageConfig = field(default_factory=SRStageConfig)
+    condition: SRCondition = field(default_factory=SRCondition)
+    source: str | None = None
+
+    kind = "sr"
+
+    @property
+    def resolution(self) -> int:
+        return net_info(self.net)[0]
+
+    @property
+    def up_scale(self) -> int:
+        return self.condition.up_scale
+
+    @property
+    def input_resolution(self) -> int:
+        return self.resolution // self.up_scale
+
+    def sample(self, rng: SeedGenerators, labels: torch.Tensor | None, inputs: torch.Tensor | None,
+               net_batch: int | None = DEFAULT_NET_BATCH, callback: Callback = None) -> torch.Tensor:
+        if inputs is None:
+            raise ValueError("a super-resolution stage needs input images (a previous stage's output or --indir)")
+        _, channels, _ = net_info(self.net)
+        latents = rng.randn([channels, self.resolution, self.resolution])
+        low = inputs.to(torch.float32)
+        level = torch.full([low.shape[0]], float(self.config.cond_level), device=low.device)
+        eps = rng.randn(low.shape[1:]).to(low.device) if self.config.cond_level > 0 else None
+        cond = condition_input(low, level, eps, self.up_scale)
+        denoiser = FixedBatchDenoiser(self.net, net_batch, extra={"cond": cond, "cond_level": level})
+        sampler = multistep_edm_sampler if self.config.solver == "multistep" else edm_sampler
+        return sampler(denoiser, latents, rng, labels, callback=callback, **self.config.sampler_kwargs())
+
+
+Stage = Union[EDMStage, RelayStage, SRStage]
+#: Display names of the stage kinds.
+KIND_NAMES = {"edm": "EDM", "relay": "relay", "sr": "super-resolution"}
+
+
+def stage_extras(stage: Stage) -> dict[str, Any]:
+    """What the stage's network was trained with, as files record it: ``{"process": ...}`` for a relay
+    stage, ``{"condition": ...}`` for a super-resolution stage, nothing for stage 1."""
+    if isinstance(stage, RelayStage):
+        return {"process": stage.process.to_dict()}
+    if isinstance(stage, SRStage):
+        return {"condition": stage.condition.to_dict()}
+    return {}
+
+
+def takes_input(stage: Stage) -> bool:
+    """Whether the stage refines a previous stage's output (relay and super-resolution stages)."""
+    return stage.kind in ("relay", "sr")
 
 
 def stage_name(i: int, stage: Stage) -> str:
     res = stage.resolution
     where = f", {stage.source}" if stage.source else ""
-    return f"stage {i + 1} ({'EDM' if stage.kind == 'edm' else 'relay'}, {res}x{res}{where})"
+    return f"stage {i + 1} ({KIND_NAMES[stage.kind]}, {res}x{res}{where})"
 
 
 def check_stages(stages: Sequence[Stage]) -> None:
@@ -181,18 +260,20 @@ def check_stages(stages: Sequence[Stage]) -> None:
             stage.config.validate()
             if isinstance(stage, RelayStage):
                 stage.process.validate()
+            if isinstance(stage, SRStage):
+                stage.condition.validate()
         except ValueError as exc:
             problems.append(f"{name}: {exc}")
-        if i > 0 and not isinstance(stage, RelayStage):
+        if i > 0 and not takes_input(stage):
             problems.append(f"{name}: only the first stage may be an EDM stage")
-        if isinstance(stage, RelayStage):
+        if takes_input(stage):
             p = stage.up_scale
             if res % p:
                 problems.append(f"{name}: resolution {res} is not divisible by up_scale {p}")
         if i == 0:
             continue
         prev_res, prev_channels, prev_labels = net_info(stages[i - 1].net)
-        if isinstance(stage, RelayStage) and prev_res * stage.up_scale != res:
+        if takes_input(stage) and prev_res * stage.up_scale != res:
             problems.append(f"{name}: resolution {res} != previous stage resolution {prev_res} x up_scale "
                             f"{stage.up_scale} = {prev_res * stage.up_scale}")
         if channels != prev_channels:

@@ -51,6 +51,7 @@ class _Precond(Initialisable):
         precond_kwargs: dict[str, Any],
         model_kwargs: dict[str, Any],
         out_channels: int | None = None,
+        in_channels: int | None = None,
     ) -> None:
         super().__init__()
         if model_type not in NETWORKS:
@@ -60,7 +61,7 @@ class _Precond(Initialisable):
         self.precision = resolve_precision(self.use_fp16, precision)
         self.model = NETWORKS[model_type](
             img_resolution=img_resolution,
-            in_channels=img_channels,
+            in_channels=in_channels if in_channels is not None else img_channels,
             out_channels=out_channels if out_channels is not None else img_channels,
             label_dim=label_dim,
             **model_kwargs,
@@ -109,6 +110,10 @@ class _Precond(Initialisable):
 
         ``class_labels [N, label_dim]``; None on a conditional network means "no label" (zeros).
         """
+        return self._denoise(x, sigma, class_labels, force_fp32, augment_labels)
+
+    def _denoise(self, x, sigma, class_labels, force_fp32, augment_labels, extra: torch.Tensor | None = None):
+        """:meth:`forward`, with ``extra [N, K, H, W]`` concatenated after the scaled input (conditioning)."""
         x = x.to(torch.float32)
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1)
         sigma = sigma.expand(x.shape[0]) if sigma.numel() == 1 else sigma
@@ -124,7 +129,10 @@ class _Precond(Initialisable):
 
         c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
         dtype = self.compute_dtype(x, force_fp32)
-        f_x = self.model((c_in * x).to(dtype), c_noise.flatten(), class_labels, augment_labels=augment_labels)
+        model_in = c_in * x
+        if extra is not None:
+            model_in = torch.cat([model_in, extra.to(torch.float32)], dim=1)
+        f_x = self.model(model_in.to(dtype), c_noise.flatten(), class_labels, augment_labels=augment_labels)
         if f_x.dtype != dtype:
             raise RuntimeError(f"network returned {f_x.dtype}, expected {dtype}")
         return c_skip * x + c_out * f_x[:, : self.img_channels].to(torch.float32)
@@ -158,6 +166,60 @@ class EDMPrecond(_Precond):
         c_in = 1 / (sd**2 + sigma**2).sqrt()
         c_noise = sigma.log() / 4
         return c_skip, c_out, c_in, c_noise
+
+
+class SRPrecond(EDMPrecond):
+    """A super-resolution stage (:mod:`relay_diffusion.core.sr`): EDM preconditioning of the noisy image, with
+    the conditioning image (the nearest-upsampled low-resolution input, ``cond_channels`` channels) and, when
+    ``level_channel``, a constant channel holding the noise-augmentation level concatenated to the scaled input."""
+
+    def __init__(
+        self,
+        img_resolution: int,
+        img_channels: int,
+        label_dim: int = 0,
+        use_fp16: bool = False,
+        sigma_min: float = 0.0,
+        sigma_max: float = float("inf"),
+        sigma_data: float = 0.5,
+        model_type: str = "DhariwalUNet",
+        precision: str | None = None,
+        cond_channels: int | None = None,
+        level_channel: bool = False,
+        **model_kwargs: Any,
+    ) -> None:
+        cond_channels = img_channels if cond_channels is None else int(cond_channels)
+        precond_kwargs = dict(sigma_min=float(sigma_min), sigma_max=float(sigma_max), sigma_data=float(sigma_data),
+                              cond_channels=cond_channels, level_channel=bool(level_channel))
+        _Precond.__init__(
+            self, img_resolution, img_channels, label_dim, use_fp16, precision, model_type, precond_kwargs,
+            model_kwargs, in_channels=img_channels + cond_channels + int(bool(level_channel)),
+        )
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        sigma: float | torch.Tensor,
+        class_labels: torch.Tensor | None = None,
+        force_fp32: bool = False,
+        augment_labels: torch.Tensor | None = None,
+        cond: torch.Tensor | None = None,
+        cond_level: float | torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """:meth:`EDMPrecond.forward` given ``cond [N, cond_channels, H, W]`` (required) and ``cond_level``
+        (scalar or ``[N]``, the augmentation level of ``cond``; 0 when not given)."""
+        if cond is None:
+            raise ValueError("a super-resolution network needs its conditioning image (cond=)")
+        n, _, h, w = x.shape
+        if tuple(cond.shape) != (n, self.cond_channels, h, w):
+            raise ValueError(f"cond must have shape {(n, self.cond_channels, h, w)}, got {tuple(cond.shape)}")
+        extra = cond.to(torch.float32)
+        if self.level_channel:
+            level = torch.as_tensor(0.0 if cond_level is None else cond_level, dtype=torch.float32,
+                                    device=x.device).reshape(-1)
+            level = level.expand(n) if level.numel() == 1 else level
+            extra = torch.cat([extra, level.reshape(-1, 1, 1, 1).expand(n, 1, h, w)], dim=1)
+        return self._denoise(x, sigma, class_labels, force_fp32, augment_labels, extra=extra.to(x.device))
 
 
 class VPPrecond(_Precond):
@@ -302,8 +364,9 @@ class iDDPMPrecond(_Precond):
 
 
 PRECONDS: dict[str, type[nn.Module]] = {
-    "EDMPrecond": EDMPrecond, "VPPrecond": VPPrecond, "VEPrecond": VEPrecond, "iDDPMPrecond": iDDPMPrecond,
-    "edm": EDMPrecond, "vp": VPPrecond, "ve": VEPrecond, "iddpm": iDDPMPrecond,
+    "EDMPrecond": EDMPrecond, "SRPrecond": SRPrecond, "VPPrecond": VPPrecond, "VEPrecond": VEPrecond,
+    "iDDPMPrecond": iDDPMPrecond,
+    "edm": EDMPrecond, "sr": SRPrecond, "vp": VPPrecond, "ve": VEPrecond, "iddpm": iDDPMPrecond,
 }
 
 

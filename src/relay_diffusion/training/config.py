@@ -15,10 +15,14 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 ARCHS = ("ddpmpp", "ncsnpp", "adm")
-PRECOND_CHOICES = ("vp", "ve", "edm", "blur")
+PRECOND_CHOICES = ("vp", "ve", "edm", "blur", "sr")
+#: The ``--precond`` choices that train a stage refining a smaller image (stage 2): relay and super-resolution.
+STAGE2_PRECONDS = ("blur", "sr")
 PRECISIONS = ("fp32", "fp16", "bf16")
-#: Network class behind each ``--precond``; stage 2 (``blur``) is an ordinary EDM-preconditioned network.
-PRECOND_NETWORKS = {"vp": "VPPrecond", "ve": "VEPrecond", "edm": "EDMPrecond", "blur": "EDMPrecond"}
+#: Network class behind each ``--precond``; stage 2 (``blur``) is an ordinary EDM-preconditioned network, a
+#: super-resolution stage (``sr``) one with the conditioning image as extra input channels.
+PRECOND_NETWORKS = {"vp": "VPPrecond", "ve": "VEPrecond", "edm": "EDMPrecond", "blur": "EDMPrecond",
+                    "sr": "SRPrecond"}
 #: Number of augmentation labels of EDM's ``--augment`` preset (see :mod:`relay_diffusion.training.augment`).
 AUGMENT_DIM = 9
 
@@ -39,7 +43,7 @@ class TrainingConfig:
     data: str                                   # EDM-format dataset: zip or folder
     cond: bool = False                          # train class-conditional (labels from dataset.json)
     arch: str = "adm"                           # ddpmpp | ncsnpp | adm
-    precond: str = "edm"                        # vp | ve | edm (stage 1) | blur (stage 2)
+    precond: str = "edm"                        # vp | ve | edm (stage 1) | blur (stage 2) | sr (super-resolution)
     duration: float = 200.0                     # training length, Mimg
     batch: int = 512                            # global batch size
     batch_gpu: Optional[int] = None             # per-process batch per accumulation round; None = batch / processes
@@ -73,10 +77,11 @@ class TrainingConfig:
     resume: Optional[str] = None                # a run folder (continue in it) or a training-state file
     device: Optional[str] = None                # None = cuda if available, else cpu
     grid: int = 64                              # images in the sample grid at every snapshot (0 = none)
-    up_scale: int = 4                           # stage 2: relay factor p
+    up_scale: int = 4                           # stage 2 (blur, sr): relay factor p
     block_scale: float = 0.15                   # stage 2: block-noise strength
     prob_length: float = 0.93                   # stage 2: part of the noise distribution covered (L)
     blur_sigma_max: float = 3.0                 # stage 2: strongest blur
+    noise_aug: float = 0.0                      # sr: largest noise-conditioning augmentation level (0 = off)
 
     # ----------------------------------------------------------------------------------------------
     def validate(self) -> "TrainingConfig":
@@ -117,9 +122,14 @@ class TrainingConfig:
             raise ConfigError("--grid", f"must be >= 0, got {self.grid}")
         if self.label_dropout > 0 and not self.cond:
             raise ConfigError("--label-dropout", "only applies to class-conditional training (--cond=1)")
+        if self.precond in STAGE2_PRECONDS and self.up_scale < 1:
+            raise ConfigError("--up-scale", f"must be >= 1, got {self.up_scale}")
+        if self.precond == "sr":
+            if not (math.isfinite(self.noise_aug) and 0 <= self.noise_aug <= 10):
+                raise ConfigError("--noise-aug", f"must be in [0, 10], got {self.noise_aug}")
+        elif self.noise_aug != 0:
+            raise ConfigError("--noise-aug", "only applies to super-resolution training (--precond sr)")
         if self.precond == "blur":
-            if self.up_scale < 1:
-                raise ConfigError("--up-scale", f"must be >= 1, got {self.up_scale}")
             _non_negative("--block-scale", self.block_scale)
             if not 0 < self.prob_length <= 1:
                 raise ConfigError("--prob-length", f"must be in (0, 1], got {self.prob_length}")
@@ -147,7 +157,7 @@ class TrainingConfig:
             raise ConfigError("--data", f"{self.data} holds no images")
         if self.cond and not has_labels:
             raise ConfigError("--cond", f"the dataset {self.data} has no labels (dataset.json) to condition on")
-        if self.precond == "blur" and resolution % self.up_scale:
+        if self.precond in STAGE2_PRECONDS and resolution % self.up_scale:
             raise ConfigError(
                 "--up-scale", f"the dataset resolution {resolution} is not divisible by --up-scale {self.up_scale}"
             )
@@ -158,6 +168,12 @@ class TrainingConfig:
 
         return BlurProcess(up_scale=self.up_scale, blur_sigma_max=self.blur_sigma_max, prob_length=self.prob_length,
                            block_scale=self.block_scale)
+
+    def condition(self):
+        """The super-resolution condition of these options (:class:`relay_diffusion.core.sr.SRCondition`)."""
+        from relay_diffusion.core.sr import SRCondition
+
+        return SRCondition(up_scale=self.up_scale, noise_aug=float(self.noise_aug))
 
     # ----------------------------------------------------------------------------------------------
     @property

@@ -3,7 +3,7 @@
 Both go through the same :class:`RelayPipeline` as ``rdm generate``:
 stage 1 samples seeds ``0..n-1`` (class ``seed % label_dim`` when conditional); stage 2 relays real images
 box-downsampled by the relay factor, i.e. exactly what a stage-1 sample looks like to stage 2, under the
-run's forward process.
+run's forward process (a super-resolution stage: conditioned on the same inputs).
 """
 
 from __future__ import annotations
@@ -13,11 +13,10 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
-
 from relay_diffusion.core.process import BlurProcess
+from relay_diffusion.core.sr import SRCondition, downsample, upsample
 from relay_diffusion.generation.pipeline import RelayPipeline
-from relay_diffusion.generation.stages import EDMStage, RelayStage
+from relay_diffusion.generation.stages import EDMStage, RelayStage, SRStage
 from relay_diffusion.utils import images as images_lib
 
 
@@ -30,12 +29,7 @@ def save_training_grid(images: torch.Tensor, path: Path, cols: Optional[int] = N
 
 def relay_inputs(images: torch.Tensor, up_scale: int) -> torch.Tensor:
     """Box-downsample by ``up_scale``: the stage-1-like low-resolution input of a relay stage."""
-    return F.avg_pool2d(images, up_scale)
-
-
-def upsample(images: torch.Tensor, up_scale: int) -> torch.Tensor:
-    """Nearest-neighbour upsampling, the relay stage's start image (for display)."""
-    return images.repeat_interleave(up_scale, dim=2).repeat_interleave(up_scale, dim=3)
+    return downsample(images, up_scale)
 
 
 def _batches(num: int, batch: int):
@@ -54,7 +48,17 @@ def stage1_samples(net, num: int, batch: int) -> torch.Tensor:
 def stage2_samples(net, inputs: torch.Tensor, labels: Optional[torch.Tensor], process: BlurProcess,
                    batch: int) -> torch.Tensor:
     """Relayed images of ``inputs [N, C, H/p, W/p]`` (see :func:`relay_inputs`) with seeds ``0..N-1``."""
-    pipeline = RelayPipeline([RelayStage(net, process=process)])
+    return _refined(RelayPipeline([RelayStage(net, process=process)]), inputs, labels, batch)
+
+
+@torch.no_grad()
+def sr_samples(net, inputs: torch.Tensor, labels: Optional[torch.Tensor], condition: SRCondition,
+               batch: int) -> torch.Tensor:
+    """Super-resolved images of ``inputs [N, C, H/p, W/p]`` with seeds ``0..N-1`` (default sampler settings)."""
+    return _refined(RelayPipeline([SRStage(net, condition=condition)]), inputs, labels, batch)
+
+
+def _refined(pipeline: RelayPipeline, inputs: torch.Tensor, labels: Optional[torch.Tensor], batch: int) -> torch.Tensor:
     out = []
     for seeds in _batches(len(inputs), batch):
         lab = labels[seeds[0]:seeds[-1] + 1] if labels is not None else None

@@ -282,20 +282,27 @@ class Trainer:
     def _snapshot_extra(self) -> dict[str, Any]:
         cfg = self.cfg
         extra: dict[str, Any] = {
-            "stage": self.plan.stage, "stage_kind": "relay" if self.plan.stage == 2 else "edm", "kimg": self.nimg / 1000, "step": self.step,
+            "stage": self.plan.stage, "stage_kind": self._stage_kind(), "kimg": self.nimg / 1000, "step": self.step,
             "training": {"precond": cfg.precond, "arch": cfg.arch, "dataset": self.plan.dataset.name,
                          "resolution": self.plan.dataset.resolution, "cond": cfg.cond,
                          "label_dropout": cfg.label_dropout, "augment": cfg.augment, "seed": self.seed},
         }
-        if self.plan.stage == 2:  # what generation needs to relay into this network
+        if cfg.precond == "blur":  # what generation needs to relay into this network
             extra["process"] = cfg.process().to_dict()
+        if cfg.precond == "sr":
+            extra["condition"] = cfg.condition().to_dict()
         return extra
+
+    def _stage_kind(self) -> str:
+        return {"blur": "relay", "sr": "sr"}.get(self.cfg.precond, "edm")
 
     def _grid_images(self) -> Optional[torch.Tensor]:
         batch = max(self.plan.batch_gpu, 1)
         if self.plan.stage == 2:
             if self.grid_starts is None:
                 return None
+            if self.cfg.precond == "sr":
+                return grids.sr_samples(self.ema, self.grid_starts, self.grid_labels, self.cfg.condition(), batch)
             return grids.stage2_samples(self.ema, self.grid_starts, self.grid_labels, self.cfg.process(), batch)
         return grids.stage1_samples(self.ema, self.cfg.grid, batch)
 

@@ -16,7 +16,9 @@ from typing import Any, Optional
 import torch
 
 from relay_diffusion.core.process import BlurProcess
-from relay_diffusion.training.config import AUGMENT_DIM, PRECOND_NETWORKS, ConfigError, TrainingConfig, resume_conflicts
+from relay_diffusion.core.sr import SRCondition
+from relay_diffusion.training.config import (AUGMENT_DIM, PRECOND_NETWORKS, STAGE2_PRECONDS, ConfigError, TrainingConfig,
+                                             resume_conflicts)
 from relay_diffusion.utils.distributed import env_world_size
 from relay_diffusion.training.rundir import run_files
 from relay_diffusion.training.state import check_state, latest_intact_state
@@ -48,21 +50,25 @@ class NetworkSpec:
         return build_network(self.precond, **self.init_kwargs)
 
 
-LOSS_NAMES = ("EDMLoss", "VPLoss", "VELoss", "BlurLoss")
+LOSS_NAMES = ("EDMLoss", "VPLoss", "VELoss", "BlurLoss", "SRLoss")
 
 
 @dataclass(frozen=True)
 class LossSpec:
-    """The loss: its name, the label dropout and, for the blur loss, the forward process."""
+    """The loss: its name, the label dropout and, for the blur loss, the forward process (for the
+    super-resolution loss, the condition)."""
 
     name: str
     label_dropout: float = 0.0
     process: Optional[BlurProcess] = None
+    condition: Optional[SRCondition] = None
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"name": self.name, "label_dropout": self.label_dropout}
         if self.process is not None:
             d["process"] = self.process.to_dict()
+        if self.condition is not None:
+            d["condition"] = self.condition.to_dict()
         return d
 
     @classmethod
@@ -70,13 +76,17 @@ class LossSpec:
         """Inverse of :meth:`to_dict` (as stored in ``training_options.json``)."""
         if not isinstance(d, dict) or d.get("name") not in LOSS_NAMES:
             raise ValueError(f"not a loss description: {d!r}")
-        process = d.get("process")
+        process, condition = d.get("process"), d.get("condition")
         return cls(d["name"], float(d.get("label_dropout", 0.0)),
-                   BlurProcess.from_dict(process) if process is not None else None)
+                   BlurProcess.from_dict(process) if process is not None else None,
+                   SRCondition.from_dict(condition) if condition is not None else None)
 
     def build(self):
         from relay_diffusion.core.losses import BlurLoss, BlurLossConfig, EDMLoss, VELoss, VPLoss
+        from relay_diffusion.core.sr import SRLoss
 
+        if self.name == "SRLoss":
+            return SRLoss(self.condition or SRCondition(), label_dropout=self.label_dropout)
         if self.name == "BlurLoss":
             return BlurLoss(BlurLossConfig(self.process or BlurProcess()), label_dropout=self.label_dropout)
         return {"VPLoss": VPLoss, "VELoss": VELoss, "EDMLoss": EDMLoss}[self.name](label_dropout=self.label_dropout)
@@ -99,7 +109,7 @@ class TrainingPlan:
 
     @property
     def stage(self) -> int:
-        return 2 if self.config.precond == "blur" else 1
+        return 2 if self.config.precond in STAGE2_PRECONDS else 1
 
     def options(self, run_dir: Optional[str] = None) -> dict[str, Any]:
         """The resolved options, as written to ``training_options.json`` and printed by ``--dry-run``."""
@@ -149,12 +159,16 @@ def network_spec(cfg: TrainingConfig, resolution: int, channels: int, label_dim:
     )
     if cfg.augment > 0:
         kwargs["augment_dim"] = AUGMENT_DIM
+    if cfg.precond == "sr":
+        kwargs.update(cond_channels=channels, level_channel=cfg.condition().level_channel)
     return NetworkSpec(PRECOND_NETWORKS[cfg.precond], kwargs)
 
 
 def loss_spec(cfg: TrainingConfig) -> LossSpec:
     if cfg.precond == "blur":
         return LossSpec("BlurLoss", cfg.label_dropout, cfg.process())
+    if cfg.precond == "sr":
+        return LossSpec("SRLoss", cfg.label_dropout, condition=cfg.condition())
     return LossSpec({"vp": "VPLoss", "ve": "VELoss", "edm": "EDMLoss"}[cfg.precond], cfg.label_dropout)
 
 
