@@ -172,6 +172,8 @@ def test_training_writes_a_self_describing_sr_snapshot(trained):
     assert file.net.level_channel and file.net.cond_channels == 3
     run = Path(trained["sr_dir"])
     assert (run / "reals-relay-start.png").is_file() and list(run.glob("samples-*.png"))
+    records = [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines()]
+    assert records and all(0 < r["cpu_sec_per_tick"] < 1e4 for r in records)  # the compute budget, per tick
     options = json.loads((run / "training_options.json").read_text())
     assert options["loss"] == {"name": "SRLoss", "label_dropout": 0.0,
                                "condition": {"up_scale": 2, "noise_aug": 0.3}}

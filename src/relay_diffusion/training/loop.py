@@ -338,6 +338,7 @@ class Trainer:
             return self.run_dir
         self.log(f"Training for {cfg.duration} Mimg...")
         tick, tick_nimg, tick_time, tick_losses = 0, self.nimg, time.time(), []
+        tick_cpu = time.process_time()
         memory_gb(self.device)  # reset the peak counters
         try:
             while True:
@@ -345,13 +346,14 @@ class Trainer:
                 done = self.nimg >= total
                 if not done and tick != 0 and self.nimg < tick_nimg + cfg.tick * 1000:
                     continue
-                elapsed = time.time() - tick_time
+                elapsed, cpu = time.time() - tick_time, time.process_time() - tick_cpu
                 sec_per_kimg = elapsed / max((self.nimg - tick_nimg) / 1000, 1e-12)
                 if self.ctx.is_main:
                     record = {
                         "tick": tick, "step": self.step, "kimg": self.nimg / 1000,
                         "loss": sum(tick_losses) / len(tick_losses), "loss_last": tick_losses[-1],
                         "lr": self.optimizer.param_groups[0]["lr"], "sec_per_tick": elapsed,
+                        "cpu_sec_per_tick": cpu,  # this process's CPU time (all threads): the compute budget
                         "sec_per_kimg": sec_per_kimg, "eta_sec": (total - self.nimg) / 1000 * sec_per_kimg,
                         "timestamp": time.time(), **memory_gb(self.device),
                     }
@@ -369,6 +371,7 @@ class Trainer:
                 tick += 1
                 tick_nimg, tick_losses = self.nimg, []
                 tick_time = time.time()  # snapshots, grids and states are not counted as training time
+                tick_cpu = time.process_time()
         except NonFiniteLossError as exc:
             self.log.record(f"Error: {exc}")  # raised to the caller, which reports it
             self.log.flush()

@@ -1,0 +1,137 @@
+#!/usr/bin/env bash
+# What relaying buys: the relay pair against a single-stage 64x64 model and a cascaded super-resolution stage,
+# at equal training compute, on emoji held out from training (docs/compare/README.md has the results).
+#
+#   bash recipes/compare.sh [STEP ...]   steps: data relay1 relay2 single sr noblock evaluate report
+#                                        (default: all, in order)
+#
+# Arms (every run on the same training split, one CPU thread each, options as the bundled models):
+#   relay    stage 1 (EDM 16x16, 200 kimg) + relay stage 2 (blur diffusion 64x64, 64 kimg)  = the budget
+#   single   EDM at 64x64 with the relay stage 2's network, trained for the whole budget (112 kimg)
+#   sr       cascaded super-resolution stage (the same network, + the conditioning channels), the relay
+#            stage 2's budget (64 kimg), noise-conditioning augmentation up to 0.5; after the same stage 1
+#   noblock  the relay stage 2 without block noise (--block-scale 0), same budget
+# Every training step resumes: re-running the script continues interrupted runs from their latest state.
+# The steps relay1 relay2 single sr noblock are independent (run them side by side, one core each).
+# Environment: WORK (default work-data/compare), EMOJI (the emoji recipe's folder, default work-data/emoji),
+# THREADS (torch threads per process, default 1), N (samples per arm, default 2000).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+WORK=${WORK:-work-data/compare}
+EMOJI=${EMOJI:-work-data/emoji}
+RDM=${RDM:-.venv/bin/rdm}
+PY=${PY:-.venv/bin/python}
+N=${N:-2000}
+export OMP_NUM_THREADS=${THREADS:-1}
+mkdir -p "$WORK"
+steps=("$@"); [ ${#steps[@]} -gt 0 ] || steps=(data relay1 relay2 single sr noblock evaluate report)
+
+latest_run() { ls -d "$WORK/runs/$1"/*/ 2>/dev/null | sort | tail -n 1 || true; }
+latest_snapshot() { ls "$(latest_run "$1")"network-snapshot-*.safetensors | sort | tail -n 1; }
+
+train() {  # name, then rdm train options; resumes the latest run of that name when there is one
+    local name=$1; shift
+    local run; run=$(latest_run "$name")
+    if [ -n "$run" ]; then
+        "$RDM" train --outdir "$WORK/runs/$name" "$@" --resume "$run"
+    else
+        "$RDM" train --outdir "$WORK/runs/$name" "$@"
+    fi
+}
+
+# The relay stage 2's network (3.7M parameters at 64x64), shared by the 64x64 arms.
+NET64=(--arch adm --cbase 32 --cres 1,2,2,4 --num-blocks 1 --attn 8 --dropout 0.1)
+COMMON=(--lr 2e-4 --lr-rampup 0.01 --ema 0.05 --device cpu --workers 0)
+
+act() {  # activations of images $1 -> $2, unless already there
+    [ -f "$2" ] || "$RDM" evaluate activations --data "$1" --dest "$2" --batch 64
+}
+
+calc() {  # FID, KID (subsets of 500: the held-out set has 820 images) and precision/recall of activations $1
+          # against $2 -> JSON $3, unless already there
+    [ -f "$3" ] || "$RDM" evaluate calc -m fid -m kid -m pr --kid-subset-size 500 --activations_sample "$1" \
+        --activations_ref "$2" --json "$3"
+}
+
+gen() {  # outdir, then rdm generate options (resumes: existing images are kept)
+    local out=$1; shift
+    "$RDM" generate --outdir "$out" --batch 64 "$@"
+}
+
+for step in "${steps[@]}"; do
+case $step in
+data)
+    src="$EMOJI/npm/node_modules/emoji-datasource-google/img/google/64"
+    [ -d "$src" ] || bash recipes/emoji.sh data
+    if [ ! -d "$WORK/src/train" ]; then
+        "$PY" recipes/holdout.py "$src" "$WORK/src/train.tmp" "$WORK/src/heldout.tmp"
+        mv "$WORK/src/heldout.tmp" "$WORK/src/heldout" && mv "$WORK/src/train.tmp" "$WORK/src/train"
+    fi
+    for part in train heldout; do
+        "$RDM" dataset --source "$WORK/src/$part" --dest "$WORK/$part-{res}.zip" --resolution 64x64 \
+            --resolution 16x16 --filter box --background white --overwrite
+    done
+    ;;
+relay1)
+    train relay1 --data "$WORK/train-16x16.zip" --arch adm --precond edm \
+        --cbase 64 --cres 1,2,2 --num-blocks 2 --attn 8 --dropout 0.1 \
+        --batch 64 --duration 0.2 --tick 5 --snap 4 --dump 2 --seed 1 "${COMMON[@]}"
+    ;;
+relay2)
+    train relay2 --data "$WORK/train-64x64.zip" --precond blur "${NET64[@]}" \
+        --up-scale 4 --block-scale 0.15 --prob-length 0.93 --blur-sigma-max 3.0 \
+        --batch 32 --duration 0.064 --tick 2 --snap 5 --dump 2 --seed 2 "${COMMON[@]}"
+    ;;
+single)
+    train single --data "$WORK/train-64x64.zip" --precond edm "${NET64[@]}" \
+        --batch 32 --duration 0.112 --tick 2 --snap 8 --dump 2 --seed 2 "${COMMON[@]}"
+    ;;
+sr)
+    train sr --data "$WORK/train-64x64.zip" --precond sr "${NET64[@]}" --up-scale 4 --noise-aug 0.5 \
+        --batch 32 --duration 0.064 --tick 2 --snap 5 --dump 2 --seed 2 "${COMMON[@]}"
+    ;;
+noblock)
+    train noblock --data "$WORK/train-64x64.zip" --precond blur "${NET64[@]}" \
+        --up-scale 4 --block-scale 0 --prob-length 0.93 --blur-sigma-max 3.0 \
+        --batch 32 --duration 0.064 --tick 2 --snap 5 --dump 2 --seed 2 "${COMMON[@]}"
+    ;;
+evaluate)
+    # Samples: seeds 0..N-1 for every arm (a second set N..2N-1 for the relay arm: FID's sampling error),
+    # default sampler settings (stage 1: 18 Heun steps = 35 NFE at 16x16; relay stage: 13 NFE; SR: 7 Heun
+    # steps = 13 NFE; single stage: 18 Heun steps = 35 NFE at 64x64), and each 64x64 stage fed the real
+    # 16x16 images of the held-out emoji (super-resolution of emoji no model saw).
+    E="$WORK/eval"; mkdir -p "$E"
+    s1=$(latest_snapshot relay1)
+    last=$((N - 1))
+    gen "$E/relay" --seeds "0-$last" --network_first "$s1" --network_second "$(latest_snapshot relay2)"
+    gen "$E/relay-b" --seeds "$N-$((2 * N - 1))" --network_first "$s1" --network_second "$(latest_snapshot relay2)"
+    gen "$E/single" --seeds "0-$last" --sampler_stages first --network_first "$(latest_snapshot single)"
+    gen "$E/sr" --seeds "0-$last" --network_first "$s1" --network_second "$(latest_snapshot sr)"
+    gen "$E/noblock" --seeds "0-$last" --network_first "$s1" --network_second "$(latest_snapshot noblock)"
+    gen "$E/stage1" --seeds "0-$last" --sampler_stages first --network_first "$s1"
+    # the held-out emoji's real 16x16 images as stage inputs (seed i = the i-th held-out image)
+    [ -d "$E/heldout16" ] || "$PY" recipes/compare_report.py inputs "$WORK/heldout-16x16.zip" "$E/heldout16"
+    H=$(($(ls "$E/heldout16" | wc -l) - 1))
+    for arm in relay2 sr noblock; do
+        gen "$E/sr-heldout-$arm" --seeds "0-$H" --sampler_stages second --indir "$E/heldout16" \
+            --network_second "$(latest_snapshot $arm)"
+    done
+    for ref in train heldout; do
+        act "$WORK/$ref-64x64.zip" "$E/act-$ref.npz"
+    done
+    for set in relay relay-b single sr noblock stage1 sr-heldout-relay2 sr-heldout-sr sr-heldout-noblock; do
+        act "$E/$set" "$E/act-$set.npz"
+        for ref in train heldout; do
+            calc "$E/act-$set.npz" "$E/act-$ref.npz" "$E/fid-$set-vs-$ref.json"
+        done
+    done
+    act "$WORK/heldout-16x16.zip" "$E/act-heldout16.npz"   # the real 16x16 images themselves, for scale
+    calc "$E/act-heldout16.npz" "$E/act-heldout.npz" "$E/fid-heldout16-vs-heldout.json"
+    ;;
+report)
+    # docs/compare/: results.json, README table, side-by-side grids, training budgets from the runs' stats
+    "$PY" recipes/compare_report.py report --work "$WORK" --out docs/compare
+    ;;
+*) echo "unknown step: $step (steps: data relay1 relay2 single sr noblock evaluate report)" >&2; exit 2 ;;
+esac
+done

@@ -1,0 +1,209 @@
+"""Helpers of recipes/compare.sh: the held-out stage inputs, and the report (tables, grids, budgets).
+
+    python recipes/compare_report.py inputs HELDOUT_16.zip OUTDIR     # {i:06d}.png, i-th image by name
+    python recipes/compare_report.py report --work WORK --out docs/compare
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+#: The arms: their runs (training budget) and their sample folders under WORK/eval.
+ARMS = {
+    "relay": dict(runs=["relay1", "relay2"], samples="relay",
+                  label="relay: stage 1 (16x16) + relay stage (64x64)"),
+    "single": dict(runs=["single"], samples="single", label="single-stage EDM at 64x64"),
+    "sr": dict(runs=["relay1", "sr"], samples="sr", label="cascade: stage 1 + super-resolution stage"),
+    "noblock": dict(runs=["relay1", "noblock"], samples="noblock", label="relay without block noise"),
+}
+#: The 64x64 stages fed the real 16x16 images of the held-out emoji.
+SR_ARMS = {"relay2": "relay stage", "sr": "super-resolution stage", "noblock": "relay stage, no block noise"}
+
+
+def zip_images(path: Path) -> list[np.ndarray]:
+    """The images of a dataset zip, sorted by name, as ``[H, W, 3]`` uint8."""
+    with zipfile.ZipFile(path) as z:
+        names = sorted(n for n in z.namelist() if n.endswith(".png"))
+        out = []
+        for name in names:
+            with z.open(name) as f:
+                out.append(np.asarray(Image.open(f).convert("RGB")))
+    return out
+
+
+def folder_images(folder: Path, count: int | None = None) -> list[np.ndarray]:
+    files = sorted(folder.glob("*.png"))[:count]
+    return [np.asarray(Image.open(p).convert("RGB")) for p in files]
+
+
+def cmd_inputs(args) -> int:
+    out = Path(args.outdir)
+    if out.exists() and any(out.iterdir()):
+        print(f"error: {out} is not empty", file=sys.stderr)
+        return 1
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    images = zip_images(Path(args.zip))
+    for i, a in enumerate(images):
+        Image.fromarray(a).save(tmp / f"{i:06d}.png")
+    if out.exists():
+        out.rmdir()
+    tmp.rename(out)
+    print(f"{len(images)} input images in {out}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+def run_budget(run_root: Path) -> dict:
+    """CPU seconds (this process's, all threads), wall seconds, kimg and steps of the latest run in ``run_root``."""
+    runs = sorted(p for p in run_root.iterdir() if p.is_dir()) if run_root.is_dir() else []
+    if not runs:
+        return {}
+    records = {}
+    stats = runs[-1] / "stats.jsonl"
+    for line in stats.read_text().splitlines() if stats.is_file() else []:
+        if line.strip():
+            r = json.loads(line)
+            records[r["tick"]] = r  # a resumed run rewrites the ticks after its state: keep the last
+    if not records:
+        return {}
+    last = records[max(records)]
+    cpu = sum(r.get("cpu_sec_per_tick", r["sec_per_tick"]) for r in records.values())
+    wall = sum(r["sec_per_tick"] for r in records.values())
+    done = (runs[-1] / "log.txt").is_file() and "Done:" in (runs[-1] / "log.txt").read_text()
+    return {"run": str(runs[-1]), "cpu_sec": cpu, "wall_sec": wall, "kimg": last["kimg"], "steps": last["step"],
+            "done": done}
+
+
+def metrics(path: Path) -> dict:
+    return json.loads(path.read_text())["metrics"] if path.is_file() else {}
+
+
+def grid(images: list[np.ndarray], cols: int = 8) -> Image.Image:
+    h, w, _ = images[0].shape
+    rows = math.ceil(len(images) / cols)
+    canvas = np.full((rows * h, cols * w, 3), 255, np.uint8)
+    for i, a in enumerate(images):
+        r, c = divmod(i, cols)
+        canvas[r * h:(r + 1) * h, c * w:(c + 1) * w] = a
+    return Image.fromarray(canvas)
+
+
+def heldout_figure(work: Path, count: int = 10) -> Image.Image | None:
+    """Rows: held-out emoji; columns: the 16x16 input (upsampled), each stage's output, the real 64x64 image."""
+    e = work / "eval"
+    if not (e / "heldout16").is_dir():
+        return None
+    truth = zip_images(work / "heldout-64x64.zip")
+    step = max(1, len(truth) // count)
+    picks = list(range(0, len(truth), step))[:count]
+    columns = [[np.asarray(Image.open(e / "heldout16" / f"{i:06d}.png").convert("RGB").resize((64, 64),
+                                                                                               Image.NEAREST))
+                for i in picks]]
+    for arm in SR_ARMS:
+        folder = e / f"sr-heldout-{arm}"
+        if not (folder / f"{picks[-1]:06d}.png").is_file():
+            return None
+        columns.append([np.asarray(Image.open(folder / f"{i:06d}.png").convert("RGB")) for i in picks])
+    columns.append([truth[i] for i in picks])
+    cells = [columns[c][r] for r in range(len(picks)) for c in range(len(columns))]
+    return grid(cells, cols=len(columns))
+
+
+def sr_fidelity(work: Path, arm: str) -> dict:
+    """Per-image agreement of a stage's outputs for the held-out inputs: PSNR against the real 64x64 images and
+    the RMS difference between the box-downsampled output and its 16x16 input (consistency), in grey levels."""
+    e = work / "eval"
+    folder = e / f"sr-heldout-{arm}"
+    truth = zip_images(work / "heldout-64x64.zip")
+    inputs = zip_images(work / "heldout-16x16.zip")
+    if not (folder / f"{len(truth) - 1:06d}.png").is_file():
+        return {}
+    out = np.stack(folder_images(folder)).astype(np.float64)
+    t, low = np.stack(truth).astype(np.float64), np.stack(inputs).astype(np.float64)
+    mse = ((out - t) ** 2).reshape(len(t), -1).mean(1)
+    psnr = float(np.mean(10 * np.log10(255.0**2 / np.maximum(mse, 1e-10))))
+    down = out.reshape(len(out), 16, 4, 16, 4, 3).mean((2, 4))
+    return {"psnr_db": psnr, "consistency_rms": float(np.sqrt(((down - low) ** 2).mean()))}
+
+
+def fmt(v, digits=1, scale=1.0) -> str:
+    return "-" if v is None else f"{v * scale:.{digits}f}"
+
+
+def cmd_report(args) -> int:
+    work, out = Path(args.work), Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    e = work / "eval"
+    budgets = {name: run_budget(work / "runs" / name) for name in ("relay1", "relay2", "single", "sr", "noblock")}
+    results: dict = {"budgets": budgets, "arms": {}, "heldout_sr": {}}
+    for arm, spec in ARMS.items():
+        parts = [budgets.get(r, {}) for r in spec["runs"]]
+        cpu = sum(p.get("cpu_sec", 0.0) for p in parts) if all(parts) else None
+        results["arms"][arm] = {
+            "label": spec["label"], "cpu_sec": cpu,
+            "vs_train": metrics(e / f"fid-{spec['samples']}-vs-train.json"),
+            "vs_heldout": metrics(e / f"fid-{spec['samples']}-vs-heldout.json"),
+        }
+    results["relay_second_set"] = {"vs_train": metrics(e / "fid-relay-b-vs-train.json"),
+                                   "vs_heldout": metrics(e / "fid-relay-b-vs-heldout.json")}
+    results["stage1"] = {"vs_train": metrics(e / "fid-stage1-vs-train.json"),
+                         "vs_heldout": metrics(e / "fid-stage1-vs-heldout.json")}
+    results["heldout16"] = metrics(e / "fid-heldout16-vs-heldout.json")
+    for arm, label in SR_ARMS.items():
+        results["heldout_sr"][arm] = {"label": label, "vs_heldout": metrics(e / f"fid-sr-heldout-{arm}-vs-heldout.json"),
+                                      **sr_fidelity(work, arm)}
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+
+    lines = ["| arm | training CPU-hours | FID vs train | FID vs held-out | KID x1e3 vs held-out | precision | recall |",
+             "|---|---|---|---|---|---|---|"]
+    rows = [(a["label"], a["cpu_sec"], a["vs_train"], a["vs_heldout"]) for a in results["arms"].values()]
+    rows.append(("relay, second sample set (seeds 2000-3999)", None, results["relay_second_set"]["vs_train"],
+                 results["relay_second_set"]["vs_heldout"]))
+    rows.append(("stage 1 alone (16x16 samples)", (budgets.get("relay1") or {}).get("cpu_sec"),
+                 results["stage1"]["vs_train"], results["stage1"]["vs_heldout"]))
+    for label, cpu, tr, ho in rows:
+        lines.append(f"| {label} | {fmt(cpu and cpu / 3600, 2)} | {fmt(tr.get('fid'))} | {fmt(ho.get('fid'))} | "
+                     f"{fmt(ho.get('kid'), 1, 1e3)} | {fmt(ho.get('precision'), 3)} | {fmt(ho.get('recall'), 3)} |")
+    lines += ["", "| 64x64 stage, fed the real 16x16 held-out images | FID vs held-out | KID x1e3 | PSNR (dB) | "
+                  "consistency RMS (grey levels) |", "|---|---|---|---|---|"]
+    for arm, r in results["heldout_sr"].items():
+        m = r["vs_heldout"]
+        lines.append(f"| {r['label']} | {fmt(m.get('fid'))} | {fmt(m.get('kid'), 1, 1e3)} | "
+                     f"{fmt(r.get('psnr_db'), 2)} | {fmt(r.get('consistency_rms'), 2)} |")
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+    for arm, spec in ARMS.items():
+        folder = e / spec["samples"]
+        if (folder / "000063.png").is_file():
+            grid(folder_images(folder, 64)).save(out / f"grid-{arm}.png")
+    fig = heldout_figure(work)
+    if fig is not None:
+        fig.save(out / "heldout-sr.png")
+    return 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("inputs")
+    p.add_argument("zip")
+    p.add_argument("outdir")
+    p = sub.add_parser("report")
+    p.add_argument("--work", default="work-data/compare")
+    p.add_argument("--out", default="docs/compare")
+    args = ap.parse_args()
+    return cmd_inputs(args) if args.cmd == "inputs" else cmd_report(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
