@@ -26,31 +26,23 @@ export OMP_NUM_THREADS=${THREADS:-1}
 mkdir -p "$WORK"
 steps=("$@"); [ ${#steps[@]} -gt 0 ] || steps=(data relay1 relay2 single sr noblock evaluate report)
 
-latest_run() { ls -d "$WORK/runs/$1"/*/ 2>/dev/null | sort | tail -n 1 || true; }
+source recipes/lib.sh
 latest_snapshot() { ls "$(latest_run "$1")"network-snapshot-*.safetensors | sort | tail -n 1; }
-
-train() {  # name, then rdm train options; resumes the latest run of that name when there is one
-    local name=$1; shift
-    local run; run=$(latest_run "$name")
-    if [ -n "$run" ]; then
-        "$RDM" train --outdir "$WORK/runs/$name" "$@" --resume "$run"
-    else
-        "$RDM" train --outdir "$WORK/runs/$name" "$@"
-    fi
-}
 
 # The relay stage 2's network (3.7M parameters at 64x64), shared by the 64x64 arms.
 NET64=(--arch adm --cbase 32 --cres 1,2,2,4 --num-blocks 1 --attn 8 --dropout 0.1)
 COMMON=(--lr 2e-4 --lr-rampup 0.01 --ema 0.05 --device cpu --workers 0)
 
-act() {  # activations of images $1 -> $2, unless already there
-    [ -f "$2" ] || "$RDM" evaluate activations --data "$1" --dest "$2" --batch 64
-}
-
 calc() {  # FID, KID (subsets of 500: the held-out set has 820 images) and precision/recall of activations $1
           # against $2 -> JSON $3, unless already there
     [ -f "$3" ] || "$RDM" evaluate calc -m fid -m kid -m pr --kid-subset-size 500 --activations_sample "$1" \
         --activations_ref "$2" --json "$3"
+}
+
+relay_stage() {  # name, block scale: the bundled relay stage 2's options on the training split
+    train "$1" --data "$WORK/train-64x64.zip" --precond blur "${NET64[@]}" \
+        --up-scale 4 --block-scale "$2" --prob-length 0.93 --blur-sigma-max 3.0 \
+        --batch 32 --duration 0.064 --tick 2 --snap 5 --dump 2 --seed 2 "${COMMON[@]}"
 }
 
 gen() {  # outdir, then rdm generate options (resumes: existing images are kept)
@@ -77,11 +69,7 @@ relay1)
         --cbase 64 --cres 1,2,2 --num-blocks 2 --attn 8 --dropout 0.1 \
         --batch 64 --duration 0.2 --tick 5 --snap 4 --dump 2 --seed 1 "${COMMON[@]}"
     ;;
-relay2)
-    train relay2 --data "$WORK/train-64x64.zip" --precond blur "${NET64[@]}" \
-        --up-scale 4 --block-scale 0.15 --prob-length 0.93 --blur-sigma-max 3.0 \
-        --batch 32 --duration 0.064 --tick 2 --snap 5 --dump 2 --seed 2 "${COMMON[@]}"
-    ;;
+relay2) relay_stage relay2 0.15 ;;
 single)
     train single --data "$WORK/train-64x64.zip" --precond edm "${NET64[@]}" \
         --batch 32 --duration 0.112 --tick 2 --snap 8 --dump 2 --seed 2 "${COMMON[@]}"
@@ -90,11 +78,7 @@ sr)
     train sr --data "$WORK/train-64x64.zip" --precond sr "${NET64[@]}" --up-scale 4 --noise-aug 0.5 \
         --batch 32 --duration 0.064 --tick 2 --snap 5 --dump 2 --seed 2 "${COMMON[@]}"
     ;;
-noblock)
-    train noblock --data "$WORK/train-64x64.zip" --precond blur "${NET64[@]}" \
-        --up-scale 4 --block-scale 0 --prob-length 0.93 --blur-sigma-max 3.0 \
-        --batch 32 --duration 0.064 --tick 2 --snap 5 --dump 2 --seed 2 "${COMMON[@]}"
-    ;;
+noblock) relay_stage noblock 0 ;;
 evaluate)
     # Samples: seeds 0..N-1 for every arm (a second set N..2N-1 for the relay arm: FID's sampling error),
     # default sampler settings (stage 1: 18 Heun steps = 35 NFE at 16x16; relay stage: 13 NFE; SR: 7 Heun

@@ -121,8 +121,24 @@ def net_info(net: Any) -> tuple[int, int, int]:
     return int(net.img_resolution), int(net.img_channels), int(getattr(net, "label_dim", 0))
 
 
+class _StageBase:
+    """What every stage derives from its network: the resolution it samples at."""
+
+    @property
+    def resolution(self) -> int:
+        return net_info(self.net)[0]
+
+
+class _RefiningStage(_StageBase):
+    """A stage that refines a previous stage's output, ``up_scale`` times smaller."""
+
+    @property
+    def input_resolution(self) -> int:
+        return self.resolution // self.up_scale
+
+
 @dataclass
-class EDMStage:
+class EDMStage(_StageBase):
     """Stage 1: samples ``[N, C, R, R]`` from per-seed latents (docs/math.md §6a / §6b)."""
 
     net: Any
@@ -130,10 +146,6 @@ class EDMStage:
     source: str | None = None                   # the network's file, for messages
 
     kind = "edm"
-
-    @property
-    def resolution(self) -> int:
-        return net_info(self.net)[0]
 
     def sample(self, rng: SeedGenerators, labels: torch.Tensor | None, inputs: torch.Tensor | None,
                net_batch: int | None = DEFAULT_NET_BATCH, callback: Callback = None) -> torch.Tensor:
@@ -147,7 +159,7 @@ class EDMStage:
 
 
 @dataclass
-class RelayStage:
+class RelayStage(_RefiningStage):
     """A relay stage: refines the nearest-upsampled ``[N, C, R/p, R/p]`` input into ``[N, C, R, R]``
     (docs/math.md §6c) under the forward process ``process`` its network was trained on."""
 
@@ -159,16 +171,8 @@ class RelayStage:
     kind = "relay"
 
     @property
-    def resolution(self) -> int:
-        return net_info(self.net)[0]
-
-    @property
     def up_scale(self) -> int:
         return self.process.up_scale
-
-    @property
-    def input_resolution(self) -> int:
-        return self.resolution // self.up_scale
 
     def sample(self, rng: SeedGenerators, labels: torch.Tensor | None, inputs: torch.Tensor | None,
                net_batch: int | None = DEFAULT_NET_BATCH, callback: Callback = None) -> torch.Tensor:
@@ -181,7 +185,7 @@ class RelayStage:
 
 
 @dataclass
-class SRStage:
+class SRStage(_RefiningStage):
     """A cascaded super-resolution stage (:mod:`relay_diffusion.core.sr`): EDM sampling from pure noise at
     ``[N, C, R, R]``, conditioned on the nearest-upsampled ``[N, C, R/p, R/p]`` input (plus, with
     ``config.cond_level > 0``, noise of that level added to the input and the level told to the network).
@@ -196,16 +200,8 @@ class SRStage:
     kind = "sr"
 
     @property
-    def resolution(self) -> int:
-        return net_info(self.net)[0]
-
-    @property
     def up_scale(self) -> int:
         return self.condition.up_scale
-
-    @property
-    def input_resolution(self) -> int:
-        return self.resolution // self.up_scale
 
     def sample(self, rng: SeedGenerators, labels: torch.Tensor | None, inputs: torch.Tensor | None,
                net_batch: int | None = DEFAULT_NET_BATCH, callback: Callback = None) -> torch.Tensor:

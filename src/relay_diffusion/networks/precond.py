@@ -51,7 +51,6 @@ class _Precond(Initialisable):
         precond_kwargs: dict[str, Any],
         model_kwargs: dict[str, Any],
         out_channels: int | None = None,
-        in_channels: int | None = None,
     ) -> None:
         super().__init__()
         if model_type not in NETWORKS:
@@ -61,7 +60,7 @@ class _Precond(Initialisable):
         self.precision = resolve_precision(self.use_fp16, precision)
         self.model = NETWORKS[model_type](
             img_resolution=img_resolution,
-            in_channels=in_channels if in_channels is not None else img_channels,
+            in_channels=self.input_channels(img_channels),
             out_channels=out_channels if out_channels is not None else img_channels,
             label_dim=label_dim,
             **model_kwargs,
@@ -75,6 +74,10 @@ class _Precond(Initialisable):
         )
         for name, value in precond_kwargs.items():  # sigma_min, sigma_max, ... as attributes
             setattr(self, name, value)
+
+    def input_channels(self, img_channels: int) -> int:
+        """Channels of the backbone's input: the image's (conditional wrappers add theirs)."""
+        return img_channels
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """Nothing of its own to draw; ``layers.init_weights`` resets the backbone."""
@@ -170,31 +173,20 @@ class EDMPrecond(_Precond):
 
 class SRPrecond(EDMPrecond):
     """A super-resolution stage (:mod:`relay_diffusion.core.sr`): EDM preconditioning of the noisy image, with
-    the conditioning image (the nearest-upsampled low-resolution input, ``cond_channels`` channels) and, when
-    ``level_channel``, a constant channel holding the noise-augmentation level concatenated to the scaled input."""
+    the conditioning image (the nearest-upsampled low-resolution input, ``cond_channels`` channels, default
+    ``img_channels``) and, when ``level_channel``, a constant channel holding the noise-augmentation level
+    concatenated to the scaled input. Every other argument is :class:`EDMPrecond`'s."""
 
-    def __init__(
-        self,
-        img_resolution: int,
-        img_channels: int,
-        label_dim: int = 0,
-        use_fp16: bool = False,
-        sigma_min: float = 0.0,
-        sigma_max: float = float("inf"),
-        sigma_data: float = 0.5,
-        model_type: str = "DhariwalUNet",
-        precision: str | None = None,
-        cond_channels: int | None = None,
-        level_channel: bool = False,
-        **model_kwargs: Any,
-    ) -> None:
-        cond_channels = img_channels if cond_channels is None else int(cond_channels)
-        precond_kwargs = dict(sigma_min=float(sigma_min), sigma_max=float(sigma_max), sigma_data=float(sigma_data),
-                              cond_channels=cond_channels, level_channel=bool(level_channel))
-        _Precond.__init__(
-            self, img_resolution, img_channels, label_dim, use_fp16, precision, model_type, precond_kwargs,
-            model_kwargs, in_channels=img_channels + cond_channels + int(bool(level_channel)),
-        )
+    def __init__(self, img_resolution: int, img_channels: int, label_dim: int = 0, cond_channels: int | None = None,
+                 level_channel: bool = False, **kwargs: Any) -> None:
+        self._extra_inputs = (img_channels if cond_channels is None else int(cond_channels), bool(level_channel))
+        super().__init__(img_resolution, img_channels, label_dim, **kwargs)
+        self.cond_channels, self.level_channel = self._extra_inputs
+        self.init_kwargs.update(cond_channels=self.cond_channels, level_channel=self.level_channel)
+
+    def input_channels(self, img_channels: int) -> int:
+        cond_channels, level_channel = self._extra_inputs
+        return img_channels + cond_channels + int(level_channel)
 
     def forward(
         self,
