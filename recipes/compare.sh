@@ -81,15 +81,17 @@ sr)
 noblock) relay_stage noblock 0 ;;
 evaluate)
     # Samples: seeds 0..N-1 for every arm (a second set N..2N-1 for the relay arm: FID's sampling error),
-    # default sampler settings (stage 1: 18 Heun steps = 35 NFE at 16x16; relay stage: 13 NFE; SR: 7 Heun
-    # steps = 13 NFE; single stage: 18 Heun steps = 35 NFE at 64x64), and each 64x64 stage fed the real
-    # 16x16 images of the held-out emoji (super-resolution of emoji no model saw).
+    # the same number of network evaluations per image: relay and cascade 35 + 13 = 48 (stage 1: the default
+    # 18 Heun steps at 16x16; relay stage: the default grid, 13 NFE after truncation; SR: 7 Heun steps), the
+    # single stage 24 Heun steps = 47 at 64x64. And each 64x64 stage fed the real 16x16 images of the
+    # held-out emoji (super-resolution of emoji no model saw).
     E="$WORK/eval"; mkdir -p "$E"
     s1=$(latest_snapshot relay1)
     last=$((N - 1))
     gen "$E/relay" --seeds "0-$last" --network_first "$s1" --network_second "$(latest_snapshot relay2)"
     gen "$E/relay-b" --seeds "$N-$((2 * N - 1))" --network_first "$s1" --network_second "$(latest_snapshot relay2)"
-    gen "$E/single" --seeds "0-$last" --sampler_stages first --network_first "$(latest_snapshot single)"
+    gen "$E/single" --seeds "0-$last" --sampler_stages first --network_first "$(latest_snapshot single)" \
+        --num_steps_first 24
     gen "$E/sr" --seeds "0-$last" --network_first "$s1" --network_second "$(latest_snapshot sr)"
     gen "$E/noblock" --seeds "0-$last" --network_first "$s1" --network_second "$(latest_snapshot noblock)"
     gen "$E/stage1" --seeds "0-$last" --sampler_stages first --network_first "$s1"
