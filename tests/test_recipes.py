@@ -1,0 +1,65 @@
+"""The helpers of recipes/compare.sh: the held-out split and the training-budget sums of the report."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+sys.path.insert(0, str(RECIPES))
+
+import compare_report  # noqa: E402
+import holdout  # noqa: E402
+
+
+def emoji_names() -> list[str]:
+    """Groups of variants sharing their first code point, like the emoji files."""
+    names = []
+    for i in range(300):
+        base = f"1f{i:03x}"
+        names.append(f"{base}.png")
+        names += [f"{base}-1f3f{t}.png" for t in "bcdef"[: i % 4]]
+    return names
+
+
+def run_split(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(RECIPES / "holdout.py"), str(tmp_path / "src"), str(tmp_path / "train"),
+                           str(tmp_path / "held"), *extra], capture_output=True, text=True)
+
+
+def test_split_holds_out_whole_groups(tmp_path):
+    (tmp_path / "src").mkdir()
+    names = emoji_names()
+    for n in names:
+        (tmp_path / "src" / n).write_bytes(n.encode())
+    result = run_split(tmp_path)
+    assert result.returncode == 0, result.stderr
+    train = {p.name for p in (tmp_path / "train").iterdir()}
+    held = {p.name for p in (tmp_path / "held").iterdir()}
+    assert train | held == set(names) and not train & held
+    group = lambda n: n.split(".")[0].split("-")[0]  # noqa: E731
+    assert not {group(n) for n in train} & {group(n) for n in held}     # no emoji on both sides
+    share = len({group(n) for n in held}) / 300
+    assert 0.12 < share < 0.28                                          # about 20% of the groups
+    assert (tmp_path / "held" / sorted(held)[0]).read_bytes() == sorted(held)[0].encode()
+    # the split is a function of the names only, and a non-empty destination is refused
+    assert all(holdout.held_out(n, 20) for n in held) and not any(holdout.held_out(n, 20) for n in train)
+    again = run_split(tmp_path)
+    assert again.returncode == 1 and "is not empty" in again.stderr
+
+
+def test_budget_sums_the_cpu_seconds_of_each_tick_once(tmp_path):
+    run = tmp_path / "runs" / "relay2" / "00000-x"
+    run.mkdir(parents=True)
+    ticks = [dict(tick=0, step=1, kimg=0.032, sec_per_tick=2.0, cpu_sec_per_tick=1.5),
+             dict(tick=1, step=60, kimg=2.0, sec_per_tick=100.0, cpu_sec_per_tick=90.0),
+             dict(tick=1, step=60, kimg=2.0, sec_per_tick=110.0, cpu_sec_per_tick=95.0),  # rewritten after a resume
+             dict(tick=2, step=120, kimg=4.0, sec_per_tick=100.0)]                        # older record: wall time
+    (run / "stats.jsonl").write_text("".join(json.dumps(t) + "\n" for t in ticks))
+    (run / "log.txt").write_text("Done: 4.000 kimg in 120 steps\n")
+    b = compare_report.run_budget(tmp_path / "runs" / "relay2")
+    assert b["cpu_sec"] == 1.5 + 95.0 + 100.0 and b["wall_sec"] == 2.0 + 110.0 + 100.0
+    assert b["kimg"] == 4.0 and b["steps"] == 120 and b["done"]
+    assert compare_report.run_budget(tmp_path / "runs" / "missing") == {}
