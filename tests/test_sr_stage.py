@@ -130,8 +130,10 @@ def test_stage_results_depend_on_the_seed_only_and_on_the_input():
     low = torch.rand(2, 3, 4, 4) * 2 - 1
     a = sr_only(seeds=[0, 1], inputs=low).samples
     assert not torch.equal(a, sr_only(seeds=[0, 1], inputs=-low).samples)
-    noisy = RelayPipeline([SRStage(tiny_sr(8), SRStageConfig(num_steps=3, cond_level=0.2), SRCondition(2))])
-    assert not torch.equal(a, noisy(seeds=[0, 1], inputs=low).samples)
+    aug = tiny_sr(8, level_channel=True)
+    clean = RelayPipeline([SRStage(aug, SRStageConfig(num_steps=3), SRCondition(2, 0.5))])
+    noisy = RelayPipeline([SRStage(aug, SRStageConfig(num_steps=3, cond_level=0.2), SRCondition(2, 0.5))])
+    assert not torch.equal(clean(seeds=[0, 1], inputs=low).samples, noisy(seeds=[0, 1], inputs=low).samples)
 
 
 def test_chain_checks_the_relay_factor():
@@ -215,3 +217,29 @@ def test_bad_sr_options_and_swapped_files_are_one_line(trained, tmp_path):
                                        f"--network_second={trained['first']}"])
     assert swapped.exit_code != 0 and "super-resolution network; it cannot be stage 1" in swapped.output
     assert not (tmp_path / "o").exists()
+
+
+def test_second_stage_only_from_pngs_and_options_that_do_not_apply(trained, tmp_path):
+    from PIL import Image
+
+    indir = tmp_path / "in"
+    indir.mkdir()
+    rng = np.random.default_rng(0)
+    for s in range(3):
+        Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)).save(indir / f"{s:06d}.png")
+    base = ["generate", "--seeds=0-2", "--device=cpu", "--sampler_stages=second", f"--indir={indir}",
+            f"--network_second={trained['sr']}", "--num_steps_sr=2"]
+    ok = CliRunner().invoke(rdm, [*base, f"--outdir={tmp_path / 'o'}"])
+    assert ok.exit_code == 0, ok.output
+    assert len(list((tmp_path / "o").glob("*.png"))) == 3
+    relay_flag = CliRunner().invoke(rdm, [*base, f"--outdir={tmp_path / 'p'}", "--num_steps_second=5"])
+    assert relay_flag.exit_code != 0 and "--num_steps_second applies to relay stages" in relay_flag.output
+    assert "*_sr" in relay_flag.output and not (tmp_path / "p").exists()
+    process_flag = CliRunner().invoke(rdm, [*base, f"--outdir={tmp_path / 'p'}", "--block_scale_second=0"])
+    assert process_flag.exit_code != 0 and "--block_scale_second applies to relay stages" in process_flag.output
+
+
+def test_sampling_noise_level_needs_a_level_input():
+    stage = SRStage(tiny_sr(8, level_channel=False), SRStageConfig(num_steps=2, cond_level=0.1), SRCondition(2))
+    with pytest.raises(ValueError, match="needs a network trained with noise augmentation"):
+        check_stages([stage])

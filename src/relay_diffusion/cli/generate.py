@@ -127,6 +127,7 @@ def generate(**opts: Any) -> None:
         built = build(paths, first, second, process_overrides, preset, enhancement, opts, device,
                       first_is_relay=stages_kind == "second", sr=sr)
         pipeline = built.pipeline
+        check_options_apply(pipeline, opts)
         if rank == 0:
             for note in built.notes:
                 click.echo(f"Note: {note}")
@@ -169,6 +170,21 @@ def stage_settings(preset: Any, opts: dict[str, Any]) -> tuple[EDMStageConfig, R
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
     return first_cfg, second_cfg, overrides
+
+
+def check_options_apply(pipeline: Any, opts: dict[str, Any]) -> None:
+    """Refuse options given for the kind of second stage the chain does not have (they would do nothing):
+    relay options with a super-resolution stage and the reverse. A stage-1-only run ignores them all."""
+    kinds = {stage.kind for stage in pipeline.stages}
+    if kinds == {"edm"}:
+        return
+    for options, kind, what in ((SECOND, "relay", "relay stages"), (PROCESS, "relay", "relay stages"),
+                                (SR, "sr", "super-resolution stages")):
+        given = sorted(options.given(opts))
+        if given and kind not in kinds:
+            flag = options.names()[given[0]]
+            hint = " (use the *_sr options)" if kind == "relay" and "sr" in kinds else ""
+            raise click.UsageError(f"{flag} applies to {what}; this chain has none{hint}")
 
 
 def sr_settings(opts: dict[str, Any]) -> SRStageConfig:

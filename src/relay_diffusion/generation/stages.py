@@ -258,6 +258,9 @@ def check_stages(stages: Sequence[Stage]) -> None:
                 stage.process.validate()
             if isinstance(stage, SRStage):
                 stage.condition.validate()
+                if stage.config.cond_level > 0 and not getattr(stage.net, "level_channel", True):
+                    raise ValueError(f"cond_level {stage.config.cond_level} needs a network trained with noise "
+                                     "augmentation (--noise-aug); this one has no input for the level")
         except ValueError as exc:
             problems.append(f"{name}: {exc}")
         if i > 0 and not takes_input(stage):
