@@ -80,7 +80,8 @@ sr)
     ;;
 noblock) relay_stage noblock 0 ;;
 evaluate)
-    # Samples: seeds 0..N-1 for every arm (a second set N..2N-1 for the relay arm: FID's sampling error),
+    # Samples: seeds 0..N-1 for every arm (FID's sampling error: from disjoint halves and a bootstrap, in the
+    # report),
     # the same number of network evaluations per image: relay and cascade 35 + 13 = 48 (stage 1: the default
     # 18 Heun steps at 16x16; relay stage: the default grid, 13 NFE after truncation; SR: 7 Heun steps), the
     # single stage 24 Heun steps = 47 at 64x64. And each 64x64 stage fed the real 16x16 images of the
@@ -89,7 +90,6 @@ evaluate)
     s1=$(latest_snapshot relay1)
     last=$((N - 1))
     gen "$E/relay" --seeds "0-$last" --network_first "$s1" --network_second "$(latest_snapshot relay2)"
-    gen "$E/relay-b" --seeds "$N-$((2 * N - 1))" --network_first "$s1" --network_second "$(latest_snapshot relay2)"
     gen "$E/single" --seeds "0-$last" --sampler_stages first --network_first "$(latest_snapshot single)" \
         --num_steps_first 24
     gen "$E/sr" --seeds "0-$last" --network_first "$s1" --network_second "$(latest_snapshot sr)"
@@ -105,7 +105,7 @@ evaluate)
     for ref in train heldout; do
         act "$WORK/$ref-64x64.zip" "$E/act-$ref.npz"
     done
-    for set in relay relay-b single sr noblock stage1 sr-heldout-relay2 sr-heldout-sr sr-heldout-noblock; do
+    for set in relay single sr noblock stage1 sr-heldout-relay2 sr-heldout-sr sr-heldout-noblock; do
         act "$E/$set" "$E/act-$set.npz"
         for ref in train heldout; do
             calc "$E/act-$set.npz" "$E/act-$ref.npz" "$E/fid-$set-vs-$ref.json"

@@ -135,6 +135,22 @@ def sr_fidelity(work: Path, arm: str) -> dict:
     return {"psnr_db": psnr, "consistency_rms": float(np.sqrt(((down - low) ** 2).mean()))}
 
 
+def fid_sampling_error(sample: Path, ref: Path, boots: int = 10, seed: int = 0) -> dict:
+    """FID of the two disjoint halves of the samples (even and odd seeds), and the standard deviation of FID
+    over bootstrap resamples of all of them, both against ``ref``."""
+    if not (sample.is_file() and ref.is_file()):
+        return {}
+    from relay_diffusion.metrics.scores import feature_statistics, frechet_distance
+
+    f, r = np.load(sample)["feat"].astype(np.float64), np.load(ref)["feat"].astype(np.float64)
+    mu_r, sig_r = feature_statistics(r)
+    fid = lambda x: float(frechet_distance(*feature_statistics(x), mu_r, sig_r))  # noqa: E731
+    rng = np.random.default_rng(seed)
+    boot = [fid(f[rng.integers(0, len(f), len(f))]) for _ in range(boots)]
+    return {"size": len(f), "half_size": len(f) // 2, "halves": [fid(f[0::2]), fid(f[1::2])],
+            "boot_n": boots, "boot_sd": float(np.std(boot, ddof=1))}
+
+
 def fmt(v, digits=1, scale=1.0) -> str:
     return "-" if v is None else f"{v * scale:.{digits}f}"
 
@@ -153,8 +169,8 @@ def cmd_report(args) -> int:
             "vs_train": metrics(e / f"fid-{spec['samples']}-vs-train.json"),
             "vs_heldout": metrics(e / f"fid-{spec['samples']}-vs-heldout.json"),
         }
-    results["relay_second_set"] = {"vs_train": metrics(e / "fid-relay-b-vs-train.json"),
-                                   "vs_heldout": metrics(e / "fid-relay-b-vs-heldout.json")}
+    results["fid_sampling_error"] = {ref: fid_sampling_error(e / "act-relay.npz", e / f"act-{ref}.npz")
+                                     for ref in ("train", "heldout")}
     results["stage1"] = {"vs_train": metrics(e / "fid-stage1-vs-train.json"),
                          "vs_heldout": metrics(e / "fid-stage1-vs-heldout.json")}
     results["heldout16"] = metrics(e / "fid-heldout16-vs-heldout.json")
@@ -166,13 +182,17 @@ def cmd_report(args) -> int:
     lines = ["| arm | training CPU-hours | FID vs train | FID vs held-out | KID x1e3 vs held-out | precision | recall |",
              "|---|---|---|---|---|---|---|"]
     rows = [(a["label"], a["cpu_sec"], a["vs_train"], a["vs_heldout"]) for a in results["arms"].values()]
-    rows.append(("relay, second sample set (seeds 2000-3999)", None, results["relay_second_set"]["vs_train"],
-                 results["relay_second_set"]["vs_heldout"]))
     rows.append(("stage 1 alone (16x16 samples)", (budgets.get("relay1") or {}).get("cpu_sec"),
                  results["stage1"]["vs_train"], results["stage1"]["vs_heldout"]))
     for label, cpu, tr, ho in rows:
         lines.append(f"| {label} | {fmt(cpu and cpu / 3600, 2)} | {fmt(tr.get('fid'))} | {fmt(ho.get('fid'))} | "
                      f"{fmt(ho.get('kid'), 1, 1e3)} | {fmt(ho.get('precision'), 3)} | {fmt(ho.get('recall'), 3)} |")
+    err = results["fid_sampling_error"]
+    if all(err.values()):
+        lines += ["", "FID's sampling error at this size (relay arm): "
+                  + "; ".join(f"against {ref}: halves of {v['half_size']} samples {v['halves'][0]:.1f} / "
+                              f"{v['halves'][1]:.1f}, bootstrap sd over {v['boot_n']} resamples of "
+                              f"{v['size']} {v['boot_sd']:.2f}" for ref, v in err.items())]
     lines += ["", "| 64x64 stage, fed the real 16x16 held-out images | FID vs held-out | KID x1e3 | PSNR (dB) | "
                   "consistency RMS (grey levels) |", "|---|---|---|---|---|"]
     for arm, r in results["heldout_sr"].items():

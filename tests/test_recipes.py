@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 sys.path.insert(0, str(RECIPES))
 
@@ -63,3 +65,14 @@ def test_budget_sums_the_cpu_seconds_of_each_tick_once(tmp_path):
     assert b["cpu_sec"] == 1.5 + 95.0 + 100.0 and b["wall_sec"] == 2.0 + 110.0 + 100.0
     assert b["kimg"] == 4.0 and b["steps"] == 120 and b["done"]
     assert compare_report.run_budget(tmp_path / "runs" / "missing") == {}
+
+
+def test_fid_sampling_error_from_halves_and_bootstrap(tmp_path):
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "s.npz", feat=rng.normal(size=(400, 8)).astype(np.float32))
+    np.savez(tmp_path / "r.npz", feat=rng.normal(0.5, 1.0, size=(300, 8)).astype(np.float32))
+    err = compare_report.fid_sampling_error(tmp_path / "s.npz", tmp_path / "r.npz", boots=5)
+    assert err["size"] == 400 and err["half_size"] == 200 and err["boot_n"] == 5
+    # the means differ by 0.5 in 8 dimensions: FID about 8 x 0.25 = 2, each half near it, the spread small
+    assert all(1.0 < h < 3.5 for h in err["halves"]) and 0 < err["boot_sd"] < 1.0
+    assert compare_report.fid_sampling_error(tmp_path / "missing.npz", tmp_path / "r.npz") == {}
