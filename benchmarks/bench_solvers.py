@@ -249,20 +249,25 @@ def run_plot(args) -> None:
                     for q in range(4)]
         kid_se = float(np.std(quarters, ddof=1) / 2)
         fid = frechet_distance(*feature_statistics(f[:common]), mu_r, sig_r)
-        kid_common = kernel_inception_distance(f[:common], ref, subsets=100, subset_size=common)[0]
+        kid_common = kernel_inception_distance(f[:common], ref, subsets=100,
+                                               subset_size=min(common, len(ref), 1000))[0]
+        halves = [frechet_distance(*feature_statistics(h), mu_r, sig_r) for h in (f[0::2], f[1::2])]
         rows.append(dict(name=name, solver_first=s1, num_steps_first=n1, solver_second=s2, num_steps_second=n2,
                          nfe_first=nfe_first(s1, n1), nfe_second=nfe_second(s2, n2),
                          nfe=nfe_first(s1, n1) + nfe_second(s2, n2), kid=kid, kid_sd=kid_sd, kid_se=kid_se,
-                         kid_common=kid_common, fid_common=fid, common=common, images=len(f)))
+                         kid_common=kid_common, fid_common=fid, fid_halves=halves, common=common, images=len(f)))
     (args.out / "quality.json").write_text(json.dumps(dict(ref_images=len(ref), rows=rows), indent=1))
+    same = all(r["images"] == common for r in rows)  # every configuration on the same seeds: one FID column
+    fid_head = "FID" if same else f"FID, seeds 0-{common - 1}"
     lines = ["| config | stage 1 | stage 2 | NFE (1+2) | images | KID x1e3 | +- SE (samples) | sd (ref subsets) "
-             f"| KID x1e3, seeds 0-{common - 1} | FID, seeds 0-{common - 1} (biased at this n) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             + ("" if same else f"| KID x1e3, seeds 0-{common - 1} ") + f"| {fid_head} | FID of the two halves |",
+             "|---|---|---|---|---|---|---|---|---|---|" + ("" if same else "---|")]
     for r in sorted(rows, key=lambda r: (r["solver_first"], r["nfe"])):
         lines.append(f"| {r['name']} | {r['solver_first']} {r['num_steps_first']} | {r['solver_second']} "
                      f"{r['num_steps_second']} | {r['nfe']} ({r['nfe_first']}+{r['nfe_second']}) | {r['images']} | "
                      f"{1e3 * r['kid']:.1f} | {1e3 * r['kid_se']:.1f} | {1e3 * r['kid_sd']:.1f} | "
-                     f"{1e3 * r['kid_common']:.1f} | {r['fid_common']:.1f} |")
+                     + ("" if same else f"{1e3 * r['kid_common']:.1f} | ")
+                     + f"{r['fid_common']:.1f} | {r['fid_halves'][0]:.1f}, {r['fid_halves'][1]:.1f} |")
     table = "\n".join(lines)
     (args.out / "quality.md").write_text(table + "\n")
     print(table)
