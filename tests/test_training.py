@@ -112,6 +112,7 @@ STEPS = 40
     ("vp", "adm", {}),
     ("ve", "adm", {}),
     ("blur", "adm", dict(up_scale=2)),
+    ("sr", "adm", dict(up_scale=2, noise_aug=0.3, cond=True, label_dropout=0.1)),
     ("edm", "ddpmpp", {}),
     ("edm", "ncsnpp", {}),
 ])
@@ -290,6 +291,8 @@ def test_dry_run_prints_resolved_options(tmp_path, data):
     (["--data", "/no/such/dataset.zip"], "--data"),
     (["--cond=1"], "--cond"),
     (["--precond=blur", "--up-scale=3"], "--up-scale"),
+    (["--precond=sr", "--up-scale=3"], "--up-scale"),
+    (["--precond=edm", "--noise-aug=0.2"], "--noise-aug"),
     (["--batch=10", "--batch-gpu=4"], "--batch-gpu"),
     (["--arch=unet"], "--arch"),
     (["--precond=ddim"], "--precond"),
