@@ -50,6 +50,15 @@ def _noise_level_loss(net, images, rng, labels, augment_pipe, label_dropout, sig
     return weight * (_denoise(net, y + n, sigma, labels, aug) - y).square()
 
 
+def edm_noise_level(rng: SeedGenerators, images: torch.Tensor, P_mean: float, P_std: float,
+                    sigma_data: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """EDM's training noise level and weight, ``[N, 1, 1, 1]``: ``ln sigma ~ N(P_mean, P_std^2)`` (one draw per
+    sample), weight ``(sigma^2 + sigma_data^2) / (sigma sigma_data)^2``."""
+    n_level = rng.randn([1, 1, 1], dtype=images.dtype).to(images.device)
+    sigma = (n_level * P_std + P_mean).exp()
+    return sigma, (sigma.square() + sigma_data**2) / (sigma * sigma_data).square()
+
+
 @dataclass
 class VPLoss:
     """EDM's VP loss: ``t = 1 + u (epsilon_t - 1)``, ``sigma = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1)``."""
@@ -95,9 +104,7 @@ class EDMLoss:
     label_dropout: float = 0.0
 
     def __call__(self, net, images, rng: SeedGenerators, labels=None, augment_pipe: AugmentPipe = None):
-        n_level = rng.randn([1, 1, 1], dtype=images.dtype).to(images.device)
-        sigma = (n_level * self.P_std + self.P_mean).exp()
-        weight = (sigma.square() + self.sigma_data**2) / (sigma * self.sigma_data).square()
+        sigma, weight = edm_noise_level(rng, images, self.P_mean, self.P_std, self.sigma_data)
         return _noise_level_loss(net, images, rng, labels, augment_pipe, self.label_dropout, sigma, weight)
 
 

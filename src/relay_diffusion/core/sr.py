@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from relay_diffusion.core.blur import P_MEAN, P_STD
+from relay_diffusion.core.losses import _prepare, edm_noise_level
 from relay_diffusion.core.rng import SeedGenerators
 
 
@@ -98,14 +99,10 @@ class SRLoss:
     label_dropout: float = 0.0
 
     def __call__(self, net, images, rng: SeedGenerators, labels=None, augment_pipe=None):
-        from relay_diffusion.core.losses import _prepare
-
         p = self.condition.up_scale
         if images.shape[-1] % p or images.shape[-2] % p:
             raise ValueError(f"image size {tuple(images.shape[-2:])} is not divisible by up_scale={p}")
-        n_level = rng.randn([1, 1, 1], dtype=images.dtype).to(images.device)
-        sigma = (n_level * self.P_std + self.P_mean).exp()
-        weight = (sigma.square() + self.sigma_data**2) / (sigma * self.sigma_data).square()
+        sigma, weight = edm_noise_level(rng, images, self.P_mean, self.P_std, self.sigma_data)
         y, labels, aug = _prepare(images, rng, labels, augment_pipe, self.label_dropout)
         noise = rng.randn_like(y).to(y.device) * sigma
         low = downsample(y, p)

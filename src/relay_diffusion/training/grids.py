@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+
 from relay_diffusion.core.process import BlurProcess
 from relay_diffusion.core.sr import SRCondition, downsample, upsample
 from relay_diffusion.generation.pipeline import RelayPipeline
