@@ -97,12 +97,11 @@ def grid(images: list[np.ndarray], cols: int = 8) -> Image.Image:
     return Image.fromarray(canvas)
 
 
-def heldout_figure(work: Path, count: int = 10) -> Image.Image | None:
+def heldout_figure(work: Path, truth: list[np.ndarray], count: int = 10) -> Image.Image | None:
     """Rows: held-out emoji; columns: the 16x16 input (upsampled), each stage's output, the real 64x64 image."""
     e = work / "eval"
     if not (e / "heldout16").is_dir():
         return None
-    truth = zip_images(work / "heldout-64x64.zip")
     step = max(1, len(truth) // count)
     picks = list(range(0, len(truth), step))[:count]
     columns = [[np.asarray(Image.open(e / "heldout16" / f"{i:06d}.png").convert("RGB").resize((64, 64),
@@ -118,13 +117,11 @@ def heldout_figure(work: Path, count: int = 10) -> Image.Image | None:
     return grid(cells, cols=len(columns))
 
 
-def sr_fidelity(work: Path, arm: str) -> dict:
+def sr_fidelity(work: Path, arm: str, truth: list[np.ndarray], inputs: list[np.ndarray]) -> dict:
     """Per-image agreement of a stage's outputs for the held-out inputs: PSNR against the real 64x64 images and
     the RMS difference between the box-downsampled output and its 16x16 input (consistency), in grey levels."""
     e = work / "eval"
     folder = e / f"sr-heldout-{arm}"
-    truth = zip_images(work / "heldout-64x64.zip")
-    inputs = zip_images(work / "heldout-16x16.zip")
     if not (folder / f"{len(truth) - 1:06d}.png").is_file():
         return {}
     out = np.stack(folder_images(folder)).astype(np.float64)
@@ -174,9 +171,11 @@ def cmd_report(args) -> int:
     results["stage1"] = {"vs_train": metrics(e / "fid-stage1-vs-train.json"),
                          "vs_heldout": metrics(e / "fid-stage1-vs-heldout.json")}
     results["heldout16"] = metrics(e / "fid-heldout16-vs-heldout.json")
+    truth = zip_images(work / "heldout-64x64.zip")   # the held-out emoji: real 64x64 images and 16x16 inputs
+    inputs = zip_images(work / "heldout-16x16.zip")
     for arm, label in SR_ARMS.items():
         results["heldout_sr"][arm] = {"label": label, "vs_heldout": metrics(e / f"fid-sr-heldout-{arm}-vs-heldout.json"),
-                                      **sr_fidelity(work, arm)}
+                                      **sr_fidelity(work, arm, truth, inputs)}
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
 
     lines = ["| arm | training CPU-hours | FID vs train | FID vs held-out | KID x1e3 vs held-out | precision | recall |",
@@ -206,7 +205,7 @@ def cmd_report(args) -> int:
         folder = e / spec["samples"]
         if (folder / "000063.png").is_file():
             grid(folder_images(folder, 64)).save(out / f"grid-{arm}.png")
-    fig = heldout_figure(work)
+    fig = heldout_figure(work, truth)
     if fig is not None:
         fig.save(out / "heldout-sr.png")
     return 0
