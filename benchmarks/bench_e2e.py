@@ -1,6 +1,6 @@
 """End-to-end ``rdm train`` and ``rdm generate`` throughput against the network's own time at the same batch.
 
-    .venv/bin/python benchmarks/bench_e2e.py [--what train,generate,compile] [--batch 16] [--repeats 5]
+    .venv/bin/python benchmarks/bench_e2e.py [--what train,generate,compile,compile-train] [--batch 16] [--repeats 5]
         [--threads 1] [--device cpu] [--precision fp32|bf16] [--compile] [--channels-last] [--json FILE]
 
 The networks are the bundled emoji stages (stage 1: ADM cbase 64, channel_mult 1,2,2, 2 blocks, attention at
@@ -16,6 +16,9 @@ change of machine load hits both alike.
   of the bundled pipeline against ``calls x`` the time of one network forward at the same batch.
 - compile: 10 forwards of the bundled stage-1 network (eval mode, the given batch), eager against
   ``torch.compile`` (after its warm-up; compile time reported separately).
+- compile-train: the training step of an eager and a compiled trainer of the same stage in one process,
+  alternated block by block (and their forward + backward alone), after the compiled one's warm-up;
+  ``--fallback-random`` compiles with inductor's ``fallback_random`` (dropout draws from eager's generator).
 """
 
 from __future__ import annotations
@@ -244,6 +247,39 @@ def bench_compile(args) -> list[dict]:
     return [row]
 
 
+def bench_compile_train(args, root: Path) -> list[dict]:
+    """Eager against compiled training steps, alternated in one process (a load change hits both alike)."""
+    if args.fallback_random:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.fallback_random = True
+    rows = []
+    for name, stage in STAGES.items():
+        if name not in args.stages.split(","):
+            continue
+        eager = make_trainer(root / f"{name}-eager", stage, argparse.Namespace(**{**vars(args), "compile": False}))
+        t0 = time.perf_counter()
+        compiled = make_trainer(root / f"{name}-compiled", stage, argparse.Namespace(**{**vars(args), "compile": True}))
+        warm_up = time.perf_counter() - t0
+        dev = eager.device
+        (fb_eager, _), (fb_comp, _) = network_only(eager), network_only(compiled)
+        fb_eager(), fb_comp()
+        se, sc, fe, fc = [], [], [], []
+        for _ in range(args.repeats):
+            se.append(clock(eager._train_step, dev, args.steps))
+            sc.append(clock(compiled._train_step, dev, args.steps))
+            fe.append(clock(fb_eager, dev, args.steps))
+            fc.append(clock(fb_comp, dev, args.steps))
+        med = statistics.median
+        rows.append(dict(kind="compile-train", stage=name, batch=args.batch, fallback_random=args.fallback_random,
+                         warm_up_s=warm_up, step_eager_s=med(se), step_compiled_s=med(sc),
+                         step_speedup=med(e / c for e, c in zip(se, sc)), fwd_bwd_eager_s=med(fe),
+                         fwd_bwd_compiled_s=med(fc), fwd_bwd_speedup=med(e / c for e, c in zip(fe, fc)),
+                         step_pairs=[e / c for e, c in zip(se, sc)]))
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--what", default="train,generate")
@@ -257,6 +293,8 @@ def main() -> None:
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--channels-last", dest="channels_last", action="store_true")
+    ap.add_argument("--fallback-random", dest="fallback_random", action="store_true",
+                    help="compile-train: inductor draws random numbers (dropout) with eager's generator")
     ap.add_argument("--net_batch", type=int)
     ap.add_argument("--json", help="append the rows (with the settings) to this JSON-lines file")
     ap.add_argument("--tag", default="", help="a name for these settings, written into the rows")
@@ -275,6 +313,8 @@ def main() -> None:
                 rows += bench_generate(args)
             elif what == "compile":
                 rows += bench_compile(args)
+            elif what == "compile-train":
+                rows += bench_compile_train(args, Path(tmp))
             else:
                 raise SystemExit(f"unknown --what {what!r}")
     print(json.dumps({"load_average_end": os.getloadavg()}))
