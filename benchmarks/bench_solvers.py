@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import time
 import zipfile
 from pathlib import Path
@@ -226,6 +227,24 @@ def grid(images: list[np.ndarray], path: Path, cols: int = 8) -> None:
     Image.fromarray(canvas).save(path)
 
 
+def seed_ranges(feats: Path, name: str) -> list[Path]:
+    """The feature files of configuration ``name`` (``NAME-N.npy``: seeds 0..N-1, ``NAME-N@S.npy``: seeds
+    S..S+N-1) sorted by first seed; they must continue each other from seed 0 (no gap, no seed twice)."""
+    found = []
+    for path in feats.glob(f"{name}-*.npy"):
+        m = re.fullmatch(re.escape(name) + r"-(\d+)(?:@(\d+))?\.npy", path.name)
+        if m:
+            found.append((int(m.group(2) or 0), int(m.group(1)), path))
+    found.sort()
+    nxt = 0
+    for start, n, path in found:
+        if start != nxt:
+            raise SystemExit(f"error: {path} starts at seed {start}, but the files of {name} before it end at "
+                             f"seed {nxt - 1} (a gap or an overlap of seed ranges); remove one of them")
+        nxt = start + n
+    return [path for *_, path in found]
+
+
 def run_plot(args) -> None:
     from relay_diffusion.metrics.scores import feature_statistics, frechet_distance, kernel_inception_distance
 
@@ -234,8 +253,8 @@ def run_plot(args) -> None:
     mu_r, sig_r = feature_statistics(ref)
     rows, loaded = [], {}
     for name, *_ in QUALITY:
-        paths = sorted(feats.glob(f"{name}-*.npy"))  # every seed range computed (disjoint by --first-seed)
-        if paths:  # the seeds-from-0 file sorts first, so f[:n] are seeds 0..n-1
+        paths = seed_ranges(feats, name)  # every seed range computed (by --first-seed), in seed order
+        if paths:
             loaded[name] = np.concatenate([np.load(p) for p in paths])
     common = min((len(f) for f in loaded.values()), default=0)  # FID and KID@common on the same seeds
     for name, s1, n1, s2, n2 in QUALITY:
@@ -278,6 +297,15 @@ def run_plot(args) -> None:
     plot(series, args.out / "kid_vs_nfe.png", "total NFE (stage 1 + stage 2, log scale)",
          f"KID x 1e3, bars +-1 SE ({'/'.join(sorted({str(r['images']) for r in rows}))} relayed images vs "
          f"{len(ref)} real)")
+    if same:  # FID is comparable across configurations only on the same number of images
+        fid_series = {}
+        for r in rows:
+            # the FID's standard error at n from its two halves (n/2 each): sd(h1 - h2) ~ 2 sd(FID_n)
+            gap = abs(r["fid_halves"][0] - r["fid_halves"][1]) / 2
+            fid_series.setdefault("Heun + reference" if r["solver_first"] == "heun" else "multistep + multistep",
+                                  []).append((r["nfe"], r["fid_common"], gap))
+        plot(fid_series, args.out / "fid_vs_nfe.png", "total NFE (stage 1 + stage 2, log scale)",
+             f"FID ({common} relayed images vs {len(ref)} real; bars: half the gap between its two halves' FIDs)")
 
 
 def plot(series: dict[str, list[tuple[float, float, float]]], path: Path, xlabel: str, ylabel: str,
