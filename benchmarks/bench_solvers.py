@@ -290,21 +290,19 @@ def run_plot(args) -> None:
     table = "\n".join(lines)
     (args.out / "quality.md").write_text(table + "\n")
     print(table)
-    series = {}
+    kid_series, fid_series = {}, {}
     for r in rows:
-        series.setdefault("Heun + reference" if r["solver_first"] == "heun" else "multistep + multistep", []).append(
-            (r["nfe"], 1e3 * r["kid"], 1e3 * r["kid_se"]))
-    plot(series, args.out / "kid_vs_nfe.png", "total NFE (stage 1 + stage 2, log scale)",
+        label = "Heun + reference" if r["solver_first"] == "heun" else "multistep + multistep"
+        kid_series.setdefault(label, []).append((r["nfe"], 1e3 * r["kid"], 1e3 * r["kid_se"]))
+        # the FID's standard error at n from its two halves (n/2 each): sd(h1 - h2) ~ 2 sd(FID_n)
+        gap = abs(r["fid_halves"][0] - r["fid_halves"][1]) / 2
+        fid_series.setdefault(label, []).append((r["nfe"], r["fid_common"], gap))
+    xlabel = "total NFE (stage 1 + stage 2, log scale)"
+    plot(kid_series, args.out / "kid_vs_nfe.png", xlabel,
          f"KID x 1e3, bars +-1 SE ({'/'.join(sorted({str(r['images']) for r in rows}))} relayed images vs "
          f"{len(ref)} real)")
     if same:  # FID is comparable across configurations only on the same number of images
-        fid_series = {}
-        for r in rows:
-            # the FID's standard error at n from its two halves (n/2 each): sd(h1 - h2) ~ 2 sd(FID_n)
-            gap = abs(r["fid_halves"][0] - r["fid_halves"][1]) / 2
-            fid_series.setdefault("Heun + reference" if r["solver_first"] == "heun" else "multistep + multistep",
-                                  []).append((r["nfe"], r["fid_common"], gap))
-        plot(fid_series, args.out / "fid_vs_nfe.png", "total NFE (stage 1 + stage 2, log scale)",
+        plot(fid_series, args.out / "fid_vs_nfe.png", xlabel,
              f"FID ({common} relayed images vs {len(ref)} real; bars: half the gap between its two halves' FIDs)")
 
 
