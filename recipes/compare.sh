@@ -5,19 +5,34 @@
 #   bash recipes/compare.sh [STEP ...]   steps: data relay1 relay2 single sr noblock evaluate report
 #                                        (default: all, in order)
 #
-# Arms (every run on the same training split, one CPU thread each, options as the bundled models):
-#   relay    stage 1 (EDM 16x16, 200 kimg) + relay stage 2 (blur diffusion 64x64, 64 kimg)  = the budget
-#   single   EDM at 64x64 with the relay stage 2's network, trained for the whole budget (112 kimg)
+# Arms (every run on the same training split, one CPU thread each):
+#   relay    stage 1 (EDM 16x16) + relay stage 2 (blur diffusion 64x64)  = the budget
+#   single   EDM at 64x64 with the relay stage 2's network, trained for the whole budget
 #   sr       cascaded super-resolution stage (the same network, + the conditioning channels), the relay
-#            stage 2's budget (64 kimg), noise-conditioning augmentation up to 0.5; after the same stage 1
+#            stage 2's budget, noise-conditioning augmentation up to 0.5; after the same stage 1
 #   noblock  the relay stage 2 without block noise (--block-scale 0), same budget
+# SIZE picks the networks and durations (kimg); measured on one thread of the 2-core CPU:
+#   session  (default) stage 1 ADM cbase 32 (10 s/kimg at batch 64) for 150 kimg, the 64x64 stages ADM
+#            cbase 16 (43 s/kimg at batch 32) for 35 kimg, single 70 kimg: about 9,000 CPU-s of training
+#            and 6,600 of evaluation, which fits one 3-hour session on 2 cores
+#   bundled  the bundled models' options: stage 1 ADM cbase 64 (30 s/kimg) for 200 kimg, the 64x64 stages
+#            ADM cbase 32 (129 s/kimg) for 64 kimg, single 112 kimg: about 45,000 CPU-s of training
 # Every training step resumes: re-running the script continues interrupted runs from their latest state.
 # The steps relay1 relay2 single sr noblock are independent (run them side by side, one core each).
-# Environment: WORK (default work-data/compare), EMOJI (the emoji recipe's folder, default work-data/emoji),
-# THREADS (torch threads per process, default 1), N (samples per arm, default 2000).
+# Environment: SIZE (session or bundled, above), WORK (default work-data/compare/$SIZE), EMOJI (the emoji
+# recipe's folder, default work-data/emoji), THREADS (torch threads per process, default 1), N (samples per arm, default 2000).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-WORK=${WORK:-work-data/compare}
+# NET16: stage 1's network; NET64: the relay stage 2's network, shared by the 64x64 arms; K1, K2, KS: the
+# durations (Mimg) of stage 1, of each 64x64 stage, of the single stage (K1 + K2 converted at the 64x64 rate).
+case ${SIZE:-session} in
+session) NET16=(--cbase 32 --cres 1,2,2 --num-blocks 2); NET64=(--cbase 16 --cres 1,2,2,4 --num-blocks 1)
+         K1=0.15; K2=0.035; KS=0.07 ;;
+bundled) NET16=(--cbase 64 --cres 1,2,2 --num-blocks 2); NET64=(--cbase 32 --cres 1,2,2,4 --num-blocks 1)
+         K1=0.2; K2=0.064; KS=0.112 ;;
+*) echo "unknown SIZE: ${SIZE} (session or bundled)" >&2; exit 2 ;;
+esac
+WORK=${WORK:-work-data/compare/${SIZE:-session}}  # one folder per SIZE: runs of two sizes never mix
 EMOJI=${EMOJI:-work-data/emoji}
 RDM=${RDM:-.venv/bin/rdm}
 PY=${PY:-.venv/bin/python}
@@ -29,8 +44,8 @@ steps=("$@"); [ ${#steps[@]} -gt 0 ] || steps=(data relay1 relay2 single sr nobl
 source recipes/lib.sh
 latest_snapshot() { ls "$(latest_run "$1")"network-snapshot-*.safetensors | sort | tail -n 1; }
 
-# The relay stage 2's network (3.7M parameters at 64x64), shared by the 64x64 arms.
-NET64=(--arch adm --cbase 32 --cres 1,2,2,4 --num-blocks 1 --attn 8 --dropout 0.1)
+NET16=(--arch adm "${NET16[@]}" --attn 8 --dropout 0.1)
+NET64=(--arch adm "${NET64[@]}" --attn 8 --dropout 0.1)
 COMMON=(--lr 2e-4 --lr-rampup 0.01 --ema 0.05 --device cpu --workers 0)
 
 calc() {  # FID, KID (subsets of 500: the held-out set has 820 images) and precision/recall of activations $1
@@ -42,7 +57,7 @@ calc() {  # FID, KID (subsets of 500: the held-out set has 820 images) and preci
 relay_stage() {  # name, block scale: the bundled relay stage 2's options on the training split
     train "$1" --data "$WORK/train-64x64.zip" --precond blur "${NET64[@]}" \
         --up-scale 4 --block-scale "$2" --prob-length 0.93 --blur-sigma-max 3.0 \
-        --batch 32 --duration 0.064 --tick 2 --snap 5 --dump 2 --seed 2 "${COMMON[@]}"
+        --batch 32 --duration "$K2" --tick 2 --snap 5 --dump 2 --seed 2 "${COMMON[@]}"
 }
 
 gen() {  # outdir, then rdm generate options (resumes: existing images are kept)
@@ -65,18 +80,17 @@ data)
     done
     ;;
 relay1)
-    train relay1 --data "$WORK/train-16x16.zip" --arch adm --precond edm \
-        --cbase 64 --cres 1,2,2 --num-blocks 2 --attn 8 --dropout 0.1 \
-        --batch 64 --duration 0.2 --tick 5 --snap 4 --dump 2 --seed 1 "${COMMON[@]}"
+    train relay1 --data "$WORK/train-16x16.zip" --precond edm "${NET16[@]}" \
+        --batch 64 --duration "$K1" --tick 5 --snap 4 --dump 2 --seed 1 "${COMMON[@]}"
     ;;
 relay2) relay_stage relay2 0.15 ;;
 single)
     train single --data "$WORK/train-64x64.zip" --precond edm "${NET64[@]}" \
-        --batch 32 --duration 0.112 --tick 2 --snap 8 --dump 2 --seed 2 "${COMMON[@]}"
+        --batch 32 --duration "$KS" --tick 2 --snap 8 --dump 2 --seed 2 "${COMMON[@]}"
     ;;
 sr)
     train sr --data "$WORK/train-64x64.zip" --precond sr "${NET64[@]}" --up-scale 4 --noise-aug 0.5 \
-        --batch 32 --duration 0.064 --tick 2 --snap 5 --dump 2 --seed 2 "${COMMON[@]}"
+        --batch 32 --duration "$K2" --tick 2 --snap 5 --dump 2 --seed 2 "${COMMON[@]}"
     ;;
 noblock) relay_stage noblock 0 ;;
 evaluate)

@@ -218,7 +218,7 @@ def main() -> int:
     p.add_argument("zip")
     p.add_argument("outdir")
     p = sub.add_parser("report")
-    p.add_argument("--work", default="work-data/compare")
+    p.add_argument("--work", default="work-data/compare/session")
     p.add_argument("--out", default="docs/compare")
     args = ap.parse_args()
     return cmd_inputs(args) if args.cmd == "inputs" else cmd_report(args)
