@@ -20,19 +20,23 @@
 # Every training step resumes: re-running the script continues interrupted runs from their latest state.
 # The steps relay1 relay2 single sr noblock are independent (run them side by side, one core each).
 # Environment: SIZE (session or bundled, above), WORK (default work-data/compare/$SIZE), EMOJI (the emoji
-# recipe's folder, default work-data/emoji), THREADS (torch threads per process, default 1), N (samples per arm, default 2000).
+# recipe's folder, default work-data/emoji), THREADS (torch threads per process, default 1), N (samples per
+# arm, default 2000).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # NET16: stage 1's network; NET64: the relay stage 2's network, shared by the 64x64 arms; K1, K2, KS: the
 # durations (Mimg) of stage 1, of each 64x64 stage, of the single stage (K1 + K2 converted at the 64x64 rate).
-case ${SIZE:-session} in
+SIZE=${SIZE:-session}
+case $SIZE in
 session) NET16=(--cbase 32 --cres 1,2,2 --num-blocks 2); NET64=(--cbase 16 --cres 1,2,2,4 --num-blocks 1)
          K1=0.15; K2=0.035; KS=0.07 ;;
 bundled) NET16=(--cbase 64 --cres 1,2,2 --num-blocks 2); NET64=(--cbase 32 --cres 1,2,2,4 --num-blocks 1)
          K1=0.2; K2=0.064; KS=0.112 ;;
-*) echo "unknown SIZE: ${SIZE} (session or bundled)" >&2; exit 2 ;;
+*) echo "unknown SIZE: $SIZE (session or bundled)" >&2; exit 2 ;;
 esac
-WORK=${WORK:-work-data/compare/${SIZE:-session}}  # one folder per SIZE: runs of two sizes never mix
+NET16=(--arch adm "${NET16[@]}" --attn 8 --dropout 0.1)
+NET64=(--arch adm "${NET64[@]}" --attn 8 --dropout 0.1)
+WORK=${WORK:-work-data/compare/$SIZE}  # one folder per SIZE: runs of two sizes never mix
 EMOJI=${EMOJI:-work-data/emoji}
 RDM=${RDM:-.venv/bin/rdm}
 PY=${PY:-.venv/bin/python}
@@ -44,8 +48,6 @@ steps=("$@"); [ ${#steps[@]} -gt 0 ] || steps=(data relay1 relay2 single sr nobl
 source recipes/lib.sh
 latest_snapshot() { ls "$(latest_run "$1")"network-snapshot-*.safetensors | sort | tail -n 1; }
 
-NET16=(--arch adm "${NET16[@]}" --attn 8 --dropout 0.1)
-NET64=(--arch adm "${NET64[@]}" --attn 8 --dropout 0.1)
 COMMON=(--lr 2e-4 --lr-rampup 0.01 --ema 0.05 --device cpu --workers 0)
 
 calc() {  # FID, KID (subsets of 500: the held-out set has 820 images) and precision/recall of activations $1
