@@ -72,7 +72,8 @@ def run_budget(run_root: Path) -> dict:
     for line in stats.read_text().splitlines() if stats.is_file() else []:
         if line.strip():
             r = json.loads(line)
-            records[r["tick"]] = r  # a resumed run rewrites the ticks after its state: keep the last
+            # keyed by step: a resumed run numbers its ticks from 0 again, and drops the records after its state
+            records[r["step"]] = r
     if not records:
         return {}
     last = records[max(records)]

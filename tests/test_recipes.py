@@ -58,12 +58,15 @@ def test_budget_sums_the_cpu_seconds_of_each_tick_once(tmp_path):
     ticks = [dict(tick=0, step=1, kimg=0.032, sec_per_tick=2.0, cpu_sec_per_tick=1.5),
              dict(tick=1, step=60, kimg=2.0, sec_per_tick=100.0, cpu_sec_per_tick=90.0),
              dict(tick=1, step=60, kimg=2.0, sec_per_tick=110.0, cpu_sec_per_tick=95.0),  # rewritten after a resume
-             dict(tick=2, step=120, kimg=4.0, sec_per_tick=100.0)]                        # older record: wall time
+             dict(tick=2, step=120, kimg=4.0, sec_per_tick=100.0),                        # older record: wall time
+             # a resumed run numbers its ticks from 0 again: its records count as well
+             dict(tick=0, step=121, kimg=4.032, sec_per_tick=1.0, cpu_sec_per_tick=0.5),
+             dict(tick=1, step=180, kimg=6.0, sec_per_tick=80.0, cpu_sec_per_tick=70.0)]
     (run / "stats.jsonl").write_text("".join(json.dumps(t) + "\n" for t in ticks))
-    (run / "log.txt").write_text("Done: 4.000 kimg in 120 steps\n")
+    (run / "log.txt").write_text("Done: 6.000 kimg in 180 steps\n")
     b = compare_report.run_budget(tmp_path / "runs" / "relay2")
-    assert b["cpu_sec"] == 1.5 + 95.0 + 100.0 and b["wall_sec"] == 2.0 + 110.0 + 100.0
-    assert b["kimg"] == 4.0 and b["steps"] == 120 and b["done"]
+    assert b["cpu_sec"] == 1.5 + 95.0 + 100.0 + 0.5 + 70.0 and b["wall_sec"] == 2.0 + 110.0 + 100.0 + 1.0 + 80.0
+    assert b["kimg"] == 6.0 and b["steps"] == 180 and b["done"]
     assert compare_report.run_budget(tmp_path / "runs" / "missing") == {}
 
 
