@@ -20,8 +20,9 @@
 # Every training step resumes: re-running the script continues interrupted runs from their latest state.
 # The steps relay1 relay2 single sr noblock are independent (run them side by side, one core each).
 # Environment: SIZE (session or bundled, above), WORK (default work-data/compare/$SIZE), EMOJI (the emoji
-# recipe's folder, default work-data/emoji), THREADS (torch threads per process, default 1), N (samples per
-# arm, default 2000).
+# recipe's folder, default work-data/emoji), THREADS (torch threads per process, default 1), JOBS (how many
+# of the evaluate step's sampling and activation commands run at once, default 1; JOBS=2 on 2 cores), N
+# (samples per arm, default 2000).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # NET16: stage 1's network; NET64: the relay stage 2's network, shared by the 64x64 arms; K1, K2, KS: the
@@ -41,6 +42,7 @@ EMOJI=${EMOJI:-work-data/emoji}
 RDM=${RDM:-.venv/bin/rdm}
 PY=${PY:-.venv/bin/python}
 N=${N:-2000}
+JOBS=${JOBS:-1}
 export OMP_NUM_THREADS=${THREADS:-1}
 mkdir -p "$WORK"
 steps=("$@"); [ ${#steps[@]} -gt 0 ] || steps=(data relay1 relay2 single sr noblock evaluate report)
@@ -65,6 +67,14 @@ relay_stage() {  # name, block scale: the bundled relay stage 2's options on the
 gen() {  # outdir, then rdm generate options (resumes: existing images are kept)
     local out=$1; shift
     "$RDM" generate --outdir "$out" --batch 64 "$@"
+}
+
+# The evaluate step's commands are independent: at most $JOBS at a time. A failed one stops the recipe once
+# the others that are running have finished (each resumes where it stopped when the step is run again).
+join() { local pid rc=0; for pid in $(jobs -p); do wait "$pid" || rc=$?; done; return $rc; }
+spawn() {
+    while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n || { join || true; return 1; }; done
+    "$@" &
 }
 
 for step in "${steps[@]}"; do
@@ -105,29 +115,30 @@ evaluate)
     E="$WORK/eval"; mkdir -p "$E"
     s1=$(latest_snapshot relay1)
     last=$((N - 1))
-    gen "$E/relay" --seeds "0-$last" --network_first "$s1" --network_second "$(latest_snapshot relay2)"
-    gen "$E/single" --seeds "0-$last" --sampler_stages first --network_first "$(latest_snapshot single)" \
-        --num_steps_first 24
-    gen "$E/sr" --seeds "0-$last" --network_first "$s1" --network_second "$(latest_snapshot sr)"
-    gen "$E/noblock" --seeds "0-$last" --network_first "$s1" --network_second "$(latest_snapshot noblock)"
-    gen "$E/stage1" --seeds "0-$last" --sampler_stages first --network_first "$s1"
     # the held-out emoji's real 16x16 images as stage inputs (seed i = the i-th held-out image)
     [ -d "$E/heldout16" ] || "$PY" recipes/compare_report.py inputs "$WORK/heldout-16x16.zip" "$E/heldout16"
     H=$(($(ls "$E/heldout16" | wc -l) - 1))
+    spawn gen "$E/relay" --seeds "0-$last" --network_first "$s1" --network_second "$(latest_snapshot relay2)"
+    spawn gen "$E/single" --seeds "0-$last" --sampler_stages first --network_first "$(latest_snapshot single)" \
+        --num_steps_first 24
+    spawn gen "$E/sr" --seeds "0-$last" --network_first "$s1" --network_second "$(latest_snapshot sr)"
+    spawn gen "$E/noblock" --seeds "0-$last" --network_first "$s1" --network_second "$(latest_snapshot noblock)"
+    spawn gen "$E/stage1" --seeds "0-$last" --sampler_stages first --network_first "$s1"
     for arm in relay2 sr noblock; do
-        gen "$E/sr-heldout-$arm" --seeds "0-$H" --sampler_stages second --indir "$E/heldout16" \
+        spawn gen "$E/sr-heldout-$arm" --seeds "0-$H" --sampler_stages second --indir "$E/heldout16" \
             --network_second "$(latest_snapshot $arm)"
     done
-    for ref in train heldout; do
-        act "$WORK/$ref-64x64.zip" "$E/act-$ref.npz"
-    done
-    for set in relay single sr noblock stage1 sr-heldout-relay2 sr-heldout-sr sr-heldout-noblock; do
-        act "$E/$set" "$E/act-$set.npz"
+    join
+    sets=(relay single sr noblock stage1 sr-heldout-relay2 sr-heldout-sr sr-heldout-noblock)
+    for ref in train heldout; do spawn act "$WORK/$ref-64x64.zip" "$E/act-$ref.npz"; done
+    for set in "${sets[@]}"; do spawn act "$E/$set" "$E/act-$set.npz"; done
+    spawn act "$WORK/heldout-16x16.zip" "$E/act-heldout16.npz"   # the real 16x16 images themselves, for scale
+    join
+    for set in "${sets[@]}"; do
         for ref in train heldout; do
             calc "$E/act-$set.npz" "$E/act-$ref.npz" "$E/fid-$set-vs-$ref.json"
         done
     done
-    act "$WORK/heldout-16x16.zip" "$E/act-heldout16.npz"   # the real 16x16 images themselves, for scale
     calc "$E/act-heldout16.npz" "$E/act-heldout.npz" "$E/fid-heldout16-vs-heldout.json"
     ;;
 report)

@@ -79,3 +79,73 @@ def test_fid_sampling_error_from_halves_and_bootstrap(tmp_path):
     # the means differ by 0.5 in 8 dimensions: FID about 8 x 0.25 = 2, each half near it, the spread small
     assert all(1.0 < h < 3.5 for h in err["halves"]) and 0 < err["boot_sd"] < 1.0
     assert compare_report.fid_sampling_error(tmp_path / "missing.npz", tmp_path / "r.npz") == {}
+
+
+
+FAKE_RDM = """#!/usr/bin/env bash
+# Stands in for rdm: logs its command, writes what the real one would, fails for the outdir in $FAIL_ON.
+set -e
+echo "$*" >> "$CALLS"
+case "$1 $2" in
+generate*) out=$3; [ "$out" != "$FAIL_ON" ] || exit 7; mkdir -p "$out"; sleep 0.2; touch "$out/000000.png" ;;
+"evaluate activations") touch "${@: -3:1}" ;;
+"evaluate calc") echo '{"metrics": {}}' > "${@: -1}" ;;
+esac
+"""
+
+
+def fake_work(tmp_path: Path) -> None:
+    """Runs with a snapshot each, three held-out 16x16 images, and the fake rdm."""
+    import zipfile
+
+    from PIL import Image
+
+    work = tmp_path / "work"
+    for arm in ("relay1", "relay2", "single", "sr", "noblock"):
+        run = work / "runs" / arm / "00000-x"
+        run.mkdir(parents=True)
+        (run / "network-snapshot-000010.safetensors").touch()
+    with zipfile.ZipFile(work / "heldout-16x16.zip", "w") as z:
+        for i in range(3):
+            path = tmp_path / f"{i}.png"
+            Image.new("RGB", (16, 16), (i, 0, 0)).save(path)
+            z.write(path, f"{i:05d}.png")
+    fake = tmp_path / "rdm"
+    fake.write_text(FAKE_RDM)
+    fake.chmod(0o755)
+
+
+def run_evaluate(tmp_path: Path, fail_on: str = "") -> tuple[subprocess.CompletedProcess, list[str]]:
+    """``JOBS=2 compare.sh evaluate`` with the fake rdm; the commands it ran this time."""
+    log = tmp_path / "calls"
+    before = log.read_text().splitlines() if log.is_file() else []
+    env = {"PATH": "/usr/bin:/bin", "WORK": str(tmp_path / "work"), "RDM": str(tmp_path / "rdm"), "PY": sys.executable,
+           "JOBS": "2", "CALLS": str(log), "FAIL_ON": fail_on and str(tmp_path / "work" / "eval" / fail_on)}
+    result = subprocess.run(["bash", str(RECIPES / "compare.sh"), "evaluate"], env=env, capture_output=True,
+                            text=True)
+    return result, (log.read_text().splitlines() if log.is_file() else [])[len(before):]
+
+
+def test_evaluate_runs_every_command_two_at_a_time(tmp_path):
+    fake_work(tmp_path)
+    result, calls = run_evaluate(tmp_path)
+    assert result.returncode == 0, result.stderr
+    kinds = [c.split()[0] if c.startswith("generate") else c.split()[1] for c in calls]
+    gens = [c for c in calls if c.startswith("generate")]
+    assert len(gens) == 5 + 3                                   # five sample sets, three stages on held-out inputs
+    assert sum("--sampler_stages second --indir" in c and "--seeds 0-2" in c for c in gens) == 3
+    assert kinds.count("activations") == 2 + 8 + 1 and kinds.count("calc") == 8 * 2 + 1
+    # every sampling command before any activation, every activation before any metric
+    assert kinds == sorted(kinds, key=["generate", "activations", "calc"].index)
+    # run again: the activations and metrics that are there are kept (sampling resumes inside rdm generate)
+    again, calls = run_evaluate(tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert len(calls) == 8 and all(c.startswith("generate") for c in calls)
+
+
+def test_evaluate_stops_on_a_failed_command_before_any_metric(tmp_path):
+    fake_work(tmp_path)
+    result, calls = run_evaluate(tmp_path, fail_on="sr")
+    assert result.returncode != 0
+    assert any(c.startswith("generate --outdir") and "/eval/sr " in c for c in calls)
+    assert not any(c.startswith("evaluate") for c in calls)
