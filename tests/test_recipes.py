@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 sys.path.insert(0, str(RECIPES))
@@ -80,14 +82,14 @@ def test_fid_sampling_error_from_halves_and_bootstrap(tmp_path):
     assert all(1.0 < h < 3.5 for h in err["halves"]) and 0 < err["boot_sd"] < 1.0
     assert compare_report.fid_sampling_error(tmp_path / "missing.npz", tmp_path / "r.npz") == {}
 
-
-
 FAKE_RDM = """#!/usr/bin/env bash
-# Stands in for rdm: logs its command, writes what the real one would, fails for the outdir in $FAIL_ON.
+# Stands in for rdm: logs its command, writes what the real one would, fails for the outdir in $FAIL_ON;
+# sampling also logs its start and end (to $CALLS.spans), to show how many ran at once.
 set -e
 echo "$*" >> "$CALLS"
 case "$1 $2" in
-generate*) out=$3; [ "$out" != "$FAIL_ON" ] || exit 7; mkdir -p "$out"; sleep 0.2; touch "$out/000000.png" ;;
+generate*) out=$3; [ "$out" != "$FAIL_ON" ] || exit 7; echo "begin $out" >> "$CALLS.spans"; mkdir -p "$out"
+           sleep 0.5; touch "$out/000000.png"; echo "end $out" >> "$CALLS.spans" ;;
 "evaluate activations") touch "${@: -3:1}" ;;
 "evaluate calc") echo '{"metrics": {}}' > "${@: -1}" ;;
 esac
@@ -96,10 +98,6 @@ esac
 
 def fake_work(tmp_path: Path) -> None:
     """Runs with a snapshot each, three held-out 16x16 images, and the fake rdm."""
-    import zipfile
-
-    from PIL import Image
-
     work = tmp_path / "work"
     for arm in ("relay1", "relay2", "single", "sr", "noblock"):
         run = work / "runs" / arm / "00000-x"
@@ -137,6 +135,10 @@ def test_evaluate_runs_every_command_two_at_a_time(tmp_path):
     assert kinds.count("activations") == 2 + 8 + 1 and kinds.count("calc") == 8 * 2 + 1
     # every sampling command before any activation, every activation before any metric
     assert kinds == sorted(kinds, key=["generate", "activations", "calc"].index)
+    # sampling ran side by side, never more than JOBS=2 at once
+    spans = (tmp_path / "calls.spans").read_text().splitlines()
+    open_at = np.cumsum([1 if line.startswith("begin") else -1 for line in spans])
+    assert open_at.max() == 2 and open_at[-1] == 0
     # run again: the activations and metrics that are there are kept (sampling resumes inside rdm generate)
     again, calls = run_evaluate(tmp_path)
     assert again.returncode == 0, again.stderr
