@@ -43,6 +43,7 @@ RDM=${RDM:-.venv/bin/rdm}
 PY=${PY:-.venv/bin/python}
 N=${N:-2000}
 JOBS=${JOBS:-1}
+[[ $JOBS =~ ^[1-9][0-9]*$ ]] || { echo "JOBS must be a positive whole number, got: $JOBS" >&2; exit 2; }
 export OMP_NUM_THREADS=${THREADS:-1}
 mkdir -p "$WORK"
 steps=("$@"); [ ${#steps[@]} -gt 0 ] || steps=(data relay1 relay2 single sr noblock evaluate report)

@@ -151,3 +151,13 @@ def test_evaluate_stops_on_a_failed_command_before_any_metric(tmp_path):
     assert result.returncode != 0
     assert any(c.startswith("generate --outdir") and "/eval/sr " in c for c in calls)
     assert not any(c.startswith("evaluate") for c in calls)
+
+
+def test_a_bad_jobs_count_is_refused_before_any_folder(tmp_path):
+    for jobs in ("0", "two", "-1"):
+        env = {"PATH": "/usr/bin:/bin", "WORK": str(tmp_path / "work"), "JOBS": jobs}
+        result = subprocess.run(["bash", str(RECIPES / "compare.sh"), "evaluate"], env=env, capture_output=True,
+                                text=True)
+        assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+            f"JOBS must be a positive whole number, got: {jobs}"]
+        assert not (tmp_path / "work").exists()
