@@ -2,6 +2,7 @@
 against the previous defaults (network calls of 8 samples), written as one Markdown table.
 
     python benchmarks/bench_cuda.py [--device cuda] [--batch 64] [--repeats 5] [--out benchmarks/cuda.md]
+        [--budget SECONDS]
     python benchmarks/bench_cuda.py --device cpu --batch 16 --configs fp32,bf16   # the same table on the CPU
 
 Every configuration runs in its own process (``bench_e2e.py --json``), so compile caches and allocator state
@@ -9,6 +10,12 @@ do not carry over; the table is written from the JSON lines (kept beside it as `
 images/s of ``rdm train`` (the loop's own step) for the two bundled stage sizes and of ``rdm generate``
 (the bundled 16 -> 64 relay, PNGs included), each with the network-only rate at the same batch (forward +
 backward + Adam for training, the forward calls for generation) and the ratio to the first configuration.
+
+The configurations run in the order given (cheapest and most telling first), and the table is rewritten after
+each one, so a run stopped early keeps what it measured. ``--budget`` bounds the whole run in seconds: a
+configuration is not started with less than ``--reserve`` seconds left (default 60; the compiled ones need
+more, see ``COST``), and one still running when the budget is spent is stopped (its rows are lost, the
+table says so). ``benchmarks/cuda_session.sh`` is the one prepared script for a lent GPU.
 """
 
 from __future__ import annotations
@@ -17,37 +24,50 @@ import argparse
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 
-#: name -> extra bench_e2e.py options. The first is the baseline of the "x" columns.
+#: name -> extra bench_e2e.py options, in the order they run. The first is the baseline of the "x" columns.
 CONFIGS = {
     "fp32-chunk8": ["--precision", "fp32", "--net_batch", "8"],   # the previous defaults
     "fp32": ["--precision", "fp32"],
-    "fp32-compile": ["--precision", "fp32", "--compile"],
     "bf16": ["--precision", "bf16"],
     "bf16-compile": ["--precision", "bf16", "--compile"],
+    "fp32-compile": ["--precision", "fp32", "--compile"],
     "bf16-compile-cl": ["--precision", "bf16", "--compile", "--channels-last"],
 }
 
 
-def run(name: str, extra: list[str], args, jsonl: Path) -> None:
+#: Seconds a configuration needs at least before it is started (compilation dominates the compiled ones).
+COST = {"fp32-compile": 150, "bf16-compile": 150, "bf16-compile-cl": 150}
+
+
+def run(name: str, extra: list[str], args, jsonl: Path, timeout: float | None = None) -> str:
+    """Run one configuration; returns ``'ok'``, ``'failed (exit N)'`` or ``'stopped at the budget'``."""
     cmd = [sys.executable, str(HERE / "bench_e2e.py"), "--what", args.what, "--device", args.device,
            "--batch", str(args.batch), "--repeats", str(args.repeats), "--threads", str(args.threads),
            "--json", str(jsonl), "--tag", name, *extra]
     if "--net_batch" in extra and "train" in args.what.split(","):  # net_batch is a generation setting only
         cmd[cmd.index("--what") + 1] = "generate"
     print(f"== {name}: {' '.join(cmd)}", flush=True)
-    subprocess.run(cmd, check=True)
+    try:
+        rc = subprocess.run(cmd, timeout=timeout).returncode
+    except subprocess.TimeoutExpired:
+        return "stopped at the budget"
+    return "ok" if rc == 0 else f"failed (exit {rc})"
 
 
-def table(rows: list[dict], device: str) -> str:
+def table(rows: list[dict], device: str, notes: dict[str, str] | None = None) -> str:
     by = {}
     for r in rows:
         key = (r["kind"], r.get("stage", "relay"))
         by.setdefault(r["config"], {})[key] = r
     names = list(by)
+    if not rows:
+        return f"Device: {device}: no configuration finished.\n" + "".join(
+            f"- {n}: {v}\n" for n, v in (notes or {}).items())
     cols = [("train", "stage1"), ("train", "stage2"), ("generate", "relay")]
     base = {c: next((by[n][c]["img_s"] for n in names if c in by[n]), None) for c in cols}
     head = ("| config | train 16x16 img/s (network only) | train 64x64 img/s (network only) "
@@ -64,6 +84,9 @@ def table(rows: list[dict], device: str) -> str:
             rel = f", {r['img_s'] / base[c]:.2f}x" if base[c] else ""
             cells.append(f"{r['img_s']:.3g} ({limit:.3g}){rel}")
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    missing = {n: v for n, v in (notes or {}).items() if v != "ok"}
+    if missing:
+        lines += [""] + [f"- {n}: {v}" for n, v in missing.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -76,14 +99,27 @@ def main() -> None:
     ap.add_argument("--what", default="train,generate")
     ap.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, of {', '.join(CONFIGS)}")
     ap.add_argument("--out", default=str(HERE / "cuda.md"))
+    ap.add_argument("--budget", type=float, help="seconds for the whole run (default: no limit)")
+    ap.add_argument("--reserve", type=float, default=60.0, help="seconds a configuration needs to be started")
     args = ap.parse_args()
+    names = args.configs.split(",")
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown:
+        raise SystemExit(f"error: --configs: unknown {', '.join(unknown)} (known: {', '.join(CONFIGS)})")
     out = Path(args.out)
     jsonl = out.with_suffix(".jsonl")
     jsonl.unlink(missing_ok=True)
-    for name in args.configs.split(","):
-        run(name, CONFIGS[name], args, jsonl)
-    rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
-    out.write_text(table(rows, args.device))
+    start, notes = time.monotonic(), {}
+    for name in names:
+        left = None if args.budget is None else args.budget - (time.monotonic() - start)
+        if left is not None and left < max(args.reserve, COST.get(name, 0)):
+            notes[name] = f"not started ({left:.0f} s of the budget left)"
+            continue
+        notes[name] = run(name, CONFIGS[name], args, jsonl, timeout=left)
+        rows = [json.loads(line) for line in jsonl.read_text().splitlines()] if jsonl.exists() else []
+        out.write_text(table(rows, args.device, notes))
+    rows = [json.loads(line) for line in jsonl.read_text().splitlines()] if jsonl.exists() else []
+    out.write_text(table(rows, args.device, notes))
     print(out.read_text())
 
 

@@ -150,6 +150,10 @@ class Trainer:
             transfer_weights(self.net, cfg.transfer, self.log)
             self.ema.load_state_dict(self.net.state_dict())
         accel.prepare_training(self.net, self.ema, cfg, self.device)
+        # The parameter lists, made once (``Module.parameters()`` walks every submodule: 0.26 ms for the bundled
+        # stage 1, three times a step). Loading a state, DDP and ``--compile`` keep these tensor objects.
+        self.params = list(self.net.parameters())
+        self.ema_params = list(self.ema.parameters())
         self.ddp = self.net
         if self.ctx.distributed:
             self.ddp = torch.nn.parallel.DistributedDataParallel(
@@ -251,10 +255,9 @@ class Trainer:
             raise NonFiniteLossError(self._non_finite_message())
         for g in self.optimizer.param_groups:
             g["lr"] = learning_rate(cfg.lr, self.nimg, cfg.lr_rampup)
-        accel.clamp_gradients(self.net.parameters())  # EDM's nan_to_num(nan=0, posinf=1e5, neginf=-1e5)
+        accel.clamp_gradients(self.params)  # EDM's nan_to_num(nan=0, posinf=1e5, neginf=-1e5)
         self.optimizer.step()
-        accel.ema_update(self.ema.parameters(), self.net.parameters(), ema_beta(self.nimg, cfg.batch, cfg.ema,
-                                                                                cfg.ema_rampup))
+        accel.ema_update(self.ema_params, self.params, ema_beta(self.nimg, cfg.batch, cfg.ema, cfg.ema_rampup))
         if self.phema is not None:
             self.phema.update(self.net, self.nimg + cfg.batch, cfg.batch)
         self.nimg += cfg.batch

