@@ -262,15 +262,21 @@ def fake_params(*grads: torch.Tensor) -> list[torch.nn.Parameter]:
     return params
 
 
-def test_clamp_gradients_replaces_non_finite_entries_like_edm():
+@pytest.mark.parametrize("multi_tensor", [False, True])  # the CPU's per-tensor sums, the accelerators' foreach
+def test_clamp_gradients_replaces_non_finite_entries_like_edm(multi_tensor):
     finite = fake_params(torch.randn(5, 3), torch.randn(7))
     before = [p.grad.clone() for p in finite]
-    assert accel.clamp_gradients(finite) == 0
+    assert accel.clamp_gradients(finite, multi_tensor) == 0
     assert all(torch.equal(p.grad, b) for p, b in zip(finite, before))
+    huge = fake_params(torch.full((4,), 3e38), torch.full((3,), -3e38))  # finite, but their sums overflow
+    assert accel.clamp_gradients(huge, multi_tensor) == 0 and all(torch.isfinite(p.grad).all() for p in huge)
     bad = torch.tensor([1.0, float("nan"), float("inf"), -float("inf"), 65504.0, -2.0])
+    for one_bad in (torch.tensor([0.0, float("nan")]), torch.tensor([-float("inf")])):  # each kind alone
+        alone = fake_params(torch.ones(3), one_bad)
+        assert accel.clamp_gradients(alone, multi_tensor) == 1 and torch.isfinite(alone[1].grad).all()
     params = fake_params(bad, torch.ones(3), bad.reshape(2, 3))
     params.append(torch.nn.Parameter(torch.zeros(2)))  # no gradient: skipped
-    assert accel.clamp_gradients(params) == 2
+    assert accel.clamp_gradients(params, multi_tensor) == 2
     expected = torch.tensor([1.0, 0.0, 1e5, -1e5, 65504.0, -2.0])
     assert torch.equal(params[0].grad, expected) and torch.equal(params[2].grad, expected.reshape(2, 3))
     assert torch.equal(params[1].grad, torch.ones(3)) and params[3].grad is None
@@ -309,13 +315,18 @@ def test_loss_scaling_leaves_the_adam_step_unchanged(tmp_path):
     assert sum(float((da - db).abs().sum()) for da, db in steps) < 1e-3 * sum(float(da.abs().sum()) for da, _ in steps)
 
 
-def test_fused_ema_update_is_bit_identical():
+@pytest.mark.parametrize("multi_tensor", [False, True])
+@pytest.mark.parametrize("beta", [0.9993, 0.3])  # lerp computes differently for weights below and above 0.5
+def test_fused_ema_update_is_bit_identical(multi_tensor, beta):
     g = torch.Generator().manual_seed(0)
     net = [torch.randn(s, generator=g) for s in ((64, 3, 3, 3), (64,), (7, 5))]
     ema = [torch.randn(t.shape, generator=g) for t in net]
-    expected = [p.lerp(e, 0.9993) for p, e in zip(net, ema)]
-    accel.ema_update(ema, net, 0.9993)
+    expected = [e.clone().copy_(p.lerp(e, beta)) for p, e in zip(net, ema)]  # EDM's ema.copy_(net.lerp(ema, beta))
+    ema_ids = [id(e) for e in ema]
+    accel.ema_update(ema, net, beta, multi_tensor)
+    assert [id(e) for e in ema] == ema_ids  # in place
     assert all(torch.equal(e, x) for e, x in zip(ema, expected))
+    assert not any(torch.equal(e, p) for e, p in zip(ema, net))
 
 
 # --- the command line ------------------------------------------------------------------------------------
