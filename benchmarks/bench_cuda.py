@@ -9,7 +9,9 @@ Every configuration runs in its own process (``bench_e2e.py --json``), so compil
 do not carry over; the table is written from the JSON lines (kept beside it as ``<out>.jsonl``). The columns:
 images/s of ``rdm train`` (the loop's own step) for the two bundled stage sizes and of ``rdm generate``
 (the bundled 16 -> 64 relay, PNGs included), each with the network-only rate at the same batch (forward +
-backward + Adam for training, the forward calls for generation) and the ratio to the first configuration.
+backward + Adam for training, the forward calls for generation) and the ratio to ``fp32``: eager fp32 with one
+network call per batch, the reference implementation's path on CUDA (where ``fp32`` did not run, the first
+configuration that did).
 
 The configurations run in the order given (cheapest and most telling first), and the table is rewritten after
 each one, so a run stopped early keeps what it measured. ``--budget`` bounds the whole run in seconds: a
@@ -29,7 +31,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 
-#: name -> extra bench_e2e.py options, in the order they run. The first is the baseline of the "x" columns.
+#: name -> extra bench_e2e.py options, in the order they run. ``fp32`` is the baseline of the "x" columns.
 CONFIGS = {
     "fp32-chunk8": ["--precision", "fp32", "--net_batch", "8"],   # the previous defaults
     "fp32": ["--precision", "fp32"],
@@ -69,7 +71,8 @@ def table(rows: list[dict], device: str, notes: dict[str, str] | None = None) ->
         return f"Device: {device}: no configuration finished.\n" + "".join(
             f"- {n}: {v}\n" for n, v in (notes or {}).items())
     cols = [("train", "stage1"), ("train", "stage2"), ("generate", "relay")]
-    base = {c: next((by[n][c]["img_s"] for n in names if c in by[n]), None) for c in cols}
+    order = (["fp32"] if "fp32" in by else []) + names
+    base = {c: next((by[n][c]["img_s"] for n in order if c in by[n]), None) for c in cols}
     head = ("| config | train 16x16 img/s (network only) | train 64x64 img/s (network only) "
             "| generate 16->64 img/s (network only) |")
     lines = [f"Device: {device}, batch {rows[0]['batch']}, torch {rows[0]['torch']}.", "", head, "|---|---|---|---|"]
@@ -121,6 +124,9 @@ def main() -> None:
     rows = [json.loads(line) for line in jsonl.read_text().splitlines()] if jsonl.exists() else []
     out.write_text(table(rows, args.device, notes))
     print(out.read_text())
+    failed = [n for n, v in notes.items() if v.startswith("failed")]
+    if failed:
+        raise SystemExit(f"error: configuration(s) failed: {', '.join(failed)} (their output is above)")
 
 
 if __name__ == "__main__":
