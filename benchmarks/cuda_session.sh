@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every CUDA check of the project in one run that fits a short GPU lease (about 8 minutes on one H100/H200),
 # from the repository root, with the machine's own python3 that holds a CUDA torch (the package is used from
-# src/, nothing is installed):
+# src/, nothing is installed; it needs torch, numpy, scipy, pillow, click, tqdm, safetensors and pytest):
 #
 #     bash benchmarks/cuda_session.sh [OUTDIR]        # OUTDIR defaults to $OUT, else benchmarks/cuda-out
 #
