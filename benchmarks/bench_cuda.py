@@ -117,12 +117,10 @@ def main() -> None:
         left = None if args.budget is None else args.budget - (time.monotonic() - start)
         if left is not None and left < max(args.reserve, COST.get(name, 0)):
             notes[name] = f"not started ({left:.0f} s of the budget left)"
-            continue
-        notes[name] = run(name, CONFIGS[name], args, jsonl, timeout=left)
+        else:
+            notes[name] = run(name, CONFIGS[name], args, jsonl, timeout=left)
         rows = [json.loads(line) for line in jsonl.read_text().splitlines()] if jsonl.exists() else []
         out.write_text(table(rows, args.device, notes))
-    rows = [json.loads(line) for line in jsonl.read_text().splitlines()] if jsonl.exists() else []
-    out.write_text(table(rows, args.device, notes))
     print(out.read_text())
     failed = [n for n, v in notes.items() if v.startswith("failed")]
     if failed:

@@ -167,18 +167,27 @@ def bench_train(args, root: Path) -> list[dict]:
 
 
 # --- generation ------------------------------------------------------------------------------------------
-def bench_generate(args) -> list[dict]:
-    from relay_diffusion.generation import RelayPipeline, generate_images
+def bundled_pipeline(args, dev: torch.device, compile: bool):
+    """The bundled relay pipeline with the run's network batch, precision and speed options."""
+    from relay_diffusion.generation import RelayPipeline
 
-    dev = torch.device(args.device)
     pipe = RelayPipeline.from_bundled(dev)
     if args.net_batch is not None:
         pipe.net_batch = args.net_batch
-    nets = []
     for stage in pipe.stages:
         stage.net.precision = args.precision if args.precision != "fp32" else stage.net.precision
-        accel.prepare_network(stage.net, compile=args.compile, channels_last=args.channels_last,
+        accel.prepare_network(stage.net, compile=compile, channels_last=args.channels_last,
                               cpu_bf16=args.precision == "bf16" and dev.type == "cpu")
+    return pipe
+
+
+def bench_generate(args) -> list[dict]:
+    from relay_diffusion.generation import generate_images
+
+    dev = torch.device(args.device)
+    pipe = bundled_pipeline(args, dev, args.compile)
+    nets = []
+    for stage in pipe.stages:
         stage.net = TimedNet(stage.net)
         nets.append(stage.net)
     seeds = list(range(args.batch * args.gen_batches))
@@ -289,18 +298,11 @@ def bench_compile_train(args, root: Path) -> list[dict]:
 
 def bench_compile_generate(args) -> list[dict]:
     """``rdm generate`` end to end, eager against ``--compile``, alternated in one process."""
-    from relay_diffusion.generation import RelayPipeline, generate_images
+    from relay_diffusion.generation import generate_images
     from relay_diffusion.generation.files import load_images
 
     dev = torch.device(args.device)
-    pipes = {}
-    for name in ("eager", "compiled"):
-        pipe = RelayPipeline.from_bundled(dev)
-        if args.net_batch is not None:
-            pipe.net_batch = args.net_batch
-        for stage in pipe.stages:
-            accel.prepare_network(stage.net, compile=name == "compiled", channels_last=args.channels_last)
-        pipes[name] = pipe
+    pipes = {name: bundled_pipeline(args, dev, compile=name == "compiled") for name in ("eager", "compiled")}
     seeds = list(range(args.batch * args.gen_batches))
     with tempfile.TemporaryDirectory() as tmp:
         outs = {name: Path(tmp) / name for name in pipes}

@@ -82,6 +82,7 @@ def test_fid_sampling_error_from_halves_and_bootstrap(tmp_path):
     assert all(1.0 < h < 3.5 for h in err["halves"]) and 0 < err["boot_sd"] < 1.0
     assert compare_report.fid_sampling_error(tmp_path / "missing.npz", tmp_path / "r.npz") == {}
 
+
 FAKE_RDM = """#!/usr/bin/env bash
 # Stands in for rdm: logs its command, writes what the real one would, fails for the outdir in $FAIL_ON;
 # sampling also logs its start and end (to $CALLS.spans), to show how many ran at once.
