@@ -80,7 +80,7 @@ def make_trainer(root: Path, stage: dict, args) -> Trainer:
     cfg = TrainingConfig(
         outdir=str(root / "runs"), data=str(data), precond=stage["precond"], arch="adm", batch=args.batch,
         duration=1.0, cbase=stage["cbase"], cres=stage["cres"], num_blocks=stage["num_blocks"], attn=stage["attn"],
-        dropout=0.1, lr_rampup=0.0, grid=0, workers=0, seed=0, up_scale=4, tick=1e9, precision=args.precision,
+        dropout=args.dropout, lr_rampup=0.0, grid=0, workers=0, seed=0, up_scale=4, tick=1e9, precision=args.precision,
         compile=args.compile, channels_last=args.channels_last, device=args.device,
     )
     trainer = Trainer(plan_training(cfg, world_size=1), init(args.device))
@@ -342,6 +342,7 @@ def main() -> None:
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--channels-last", dest="channels_last", action="store_true")
+    ap.add_argument("--dropout", type=float, default=0.1, help="training: the networks' dropout (the bundled 0.1)")
     ap.add_argument("--fallback-random", dest="fallback_random", action="store_true",
                     help="compile-train: inductor draws random numbers (dropout) with eager's generator")
     ap.add_argument("--net_batch", type=int)
