@@ -89,3 +89,33 @@ def test_unknown_configuration_is_refused_before_anything_runs(monkeypatch, tmp_
     with pytest.raises(SystemExit, match="--configs: unknown fp64"):
         bench_cuda.main()
     assert started == [] and not out.exists()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_cuda_session_refuses_a_machine_without_cuda(tmp_path):
+    import os
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "session"
+    res = subprocess.run(["bash", "benchmarks/cuda_session.sh", str(out)], cwd=root, capture_output=True, text=True,
+                         env=dict(os.environ, PYTHON=sys.executable), timeout=120)
+    assert res.returncode == 3, res.stdout + res.stderr
+    assert "no CUDA device" in res.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["env.txt"]  # no test or benchmark ran
+
+
+def test_adm256_table_names_kernels_and_rows_not_run():
+    import bench_adm256
+
+    class Args:
+        device, precision, cbase = "cpu", "bf16", 256
+
+    rows = [dict(kind="step", config="bf16", batch=8, img_s=40.0, step_s=0.2, fwd_bwd_s=0.19, vs_fwd_bwd=1.05,
+                 peak_gb=30.0, sdpa="flash"),
+            dict(kind="layout", batch=16, strided_s=0.6, contiguous_s=0.3, strided_peak_gb=50.0,
+                 contiguous_peak_gb=30.0, strided_sdpa="math", contiguous_sdpa="flash", speedup=2.0)]
+    text = bench_adm256.table(rows, ["not run (10 s of the budget left): bf16-compile at batch 16"], Args)
+    assert "| bf16 | 8 | 40.0 | 200 | 190 | 1.050 | 30.0 | flash |" in text
+    assert "strided q/k/v (math) 600 ms" in text and "**2.00x**" in text
+    assert "- not run (10 s of the budget left): bf16-compile at batch 16" in text

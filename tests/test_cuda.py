@@ -5,7 +5,9 @@ same code paths on the CPU). Run by ``benchmarks/cuda_session.sh``:
 - an image depends on its seed, and on the batch it was computed in only in the last float bits: the largest
   difference between batch 8 and batches of 3 is reported and must stay within a few grey levels;
 - training steps run in fp32, bf16 and fp16 (fused Adam on CUDA, loss scaling, the non-finite clamp) with
-  finite losses close to each other from the same weights.
+  finite losses close to each other from the same weights;
+- attention runs on the fused kernels (flash and memory-efficient) in bf16 and fp16: each is forced alone, so a
+  refused kernel fails the test instead of falling back to the math kernel.
 """
 
 from __future__ import annotations
@@ -16,11 +18,15 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
 from relay_diffusion.cli import main as rdm
 from relay_diffusion.generation import RelayPipeline, generate_images
+from relay_diffusion.networks.layers import UNetBlock, self_attention
 from relay_diffusion.training import TrainingConfig, plan_training
 from relay_diffusion.training.loop import Trainer
 from relay_diffusion.utils.distributed import init
+from test_attention import strided_attention
 from test_training import TINY, write_dataset
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -90,3 +96,29 @@ def test_training_steps_on_cuda(tmp_path, precision):
     assert all(np.isfinite(losses)), losses
     assert all(torch.isfinite(p).all() for p in t.ema.parameters())
     print(f"{precision}: losses {losses}")
+
+
+@pytest.mark.parametrize("backend", [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_attention_runs_on_the_fused_kernels(backend, dtype):
+    """ADM-256's attention shapes (64 channels per head at 32x32, 16x16, 8x8), forward and backward."""
+    g = torch.Generator().manual_seed(0)
+    for res, channels in [(32, 512), (16, 1024), (8, 1024)]:
+        qkv = torch.randn(4, 3 * channels, res, res, generator=g).to("cuda", dtype).requires_grad_(True)
+        with torch.no_grad():
+            exact = self_attention(qkv.double(), channels // 64)
+        with sdpa_kernel(backend):
+            out = self_attention(qkv, channels // 64)
+            out.float().square().sum().backward()
+            with pytest.raises(RuntimeError):  # the earlier strided layout: refused by the fused kernels
+                strided_attention(qkv.detach(), channels // 64)
+        assert out.dtype == dtype and torch.isfinite(qkv.grad).all()
+        assert (out.double() - exact).abs().max() < 0.05, (res, channels)
+
+
+def test_unet_block_attention_takes_the_flash_kernel_in_bf16():
+    block = UNetBlock(256, 256, 512, attention=True, channels_per_head=64).cuda()
+    x, emb = torch.randn(2, 256, 16, 16, device="cuda"), torch.randn(2, 512, device="cuda")
+    with torch.autocast("cuda", torch.bfloat16), sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        out = block(x, emb)
+    assert torch.isfinite(out).all()

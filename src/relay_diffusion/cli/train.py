@@ -81,7 +81,8 @@ def _bad(exc: ConfigError) -> click.BadParameter:
 @click.option("--workers", metavar="INT", type=int, default=1, show_default=True, help="DataLoader worker processes")
 @click.option("--compile", type=bool, default=False, show_default=True, help="torch.compile the network")
 @click.option("--channels-last", type=bool, default=False, show_default=True, help="Channels-last memory format")
-@click.option("--eff-attn", type=bool, default=False, help="Accepted for compatibility; attention always uses SDPA")
+@click.option("--eff-attn", type=bool, default=False, help="Accepted for compatibility: attention always runs through SDPA with q/k/v laid out "
+              "for the fused kernels (flash / memory-efficient on CUDA)")
 @click.option("--device", metavar="STR", type=str, help="cpu, cuda, cuda:N, mps  [default: cuda if available]")
 # I/O-related.
 @click.option("--desc", metavar="STR", type=str, help="String to include in result dir name")
@@ -122,7 +123,7 @@ def train(ctx: click.Context, config_file: str | None, fp16: bool, precision: st
     """
     from relay_diffusion.training import NonFiniteLossError, plan_training, preview_run_dir, run_training
 
-    del eff_attn  # attention always runs through scaled_dot_product_attention
+    del eff_attn  # attention always runs through scaled_dot_product_attention, laid out for the fused kernels
     if precision is not None and fp16 and precision != "fp16":
         raise click.BadParameter(f"{precision} contradicts --fp16=1", param_hint="'--precision'")
     opts["precision"] = precision or ("fp16" if fp16 else "fp32")

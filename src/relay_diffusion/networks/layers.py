@@ -221,12 +221,21 @@ def self_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
     The channels of ``qkv`` are laid out as ``[head, C / num_heads, (q, k, v)]`` (the reference's
     split), and the logits are ``q . k / sqrt(C / num_heads)``, the default scale of
     ``scaled_dot_product_attention``.
+
+    q, k and v are laid out as ``[N, heads, HW, C']`` with a contiguous last dimension (one copy of ``qkv``):
+    the fused CUDA kernels (flash, memory-efficient) accept nothing else, and without them the call falls back
+    to the math kernel, which keeps the ``HW x HW`` logits of every head in memory. On other devices the same
+    tensors go in as ``[N * heads, HW, C']``, which keeps the math kernel there and with it the images of
+    earlier releases bit for bit (the CPU's fused kernel sums in another order).
     """
     n, c3, h, w = qkv.shape
     c = c3 // 3
-    q, k, v = qkv.reshape(n * num_heads, c // num_heads, 3, h * w).unbind(2)  # each [N*heads, C', HW]
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-    return out.transpose(1, 2).reshape(n, c, h, w)
+    # [N, heads, C', 3, HW] -> [3, N, heads, HW, C'], made contiguous once so that each of q, k, v is too.
+    q, k, v = qkv.reshape(n, num_heads, c // num_heads, 3, h * w).permute(3, 0, 1, 4, 2).contiguous().unbind(0)
+    if qkv.device.type != "cuda":
+        q, k, v = q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1)
+    out = F.scaled_dot_product_attention(q, k, v)  # [N, heads, HW, C'] (or [N * heads, HW, C'])
+    return out.reshape(n, num_heads, h * w, c // num_heads).transpose(2, 3).reshape(n, c, h, w)
 
 
 class UNetBlock(nn.Module):
