@@ -81,8 +81,9 @@ def _bad(exc: ConfigError) -> click.BadParameter:
 @click.option("--workers", metavar="INT", type=int, default=1, show_default=True, help="DataLoader worker processes")
 @click.option("--compile", type=bool, default=False, show_default=True, help="torch.compile the network")
 @click.option("--channels-last", type=bool, default=False, show_default=True, help="Channels-last memory format")
-@click.option("--eff-attn", type=bool, default=False, help="Accepted for compatibility: attention always runs through SDPA with q/k/v laid out "
-              "for the fused kernels (flash / memory-efficient on CUDA)")
+@click.option("--eff-attn", type=bool, default=False,
+              help="Accepted for compatibility: attention always runs through SDPA, laid out for the fused kernels "
+                   "(flash / memory-efficient on CUDA)")
 @click.option("--device", metavar="STR", type=str, help="cpu, cuda, cuda:N, mps  [default: cuda if available]")
 # I/O-related.
 @click.option("--desc", metavar="STR", type=str, help="String to include in result dir name")
