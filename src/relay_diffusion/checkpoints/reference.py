@@ -27,6 +27,7 @@ from relay_diffusion.checkpoints.unpickle import (
     Stub,
     UnpicklePolicy,
     UnsafePickleError,
+    looks_like_torchscript,
     numpy_dtype_class,
     pickle_module,
     restricted_load,
@@ -78,6 +79,11 @@ def load_reference_checkpoint(path: str | os.PathLike) -> Any:
     with open(path, "rb") as f:
         is_zip = f.read(4).startswith(b"PK")
         f.seek(0)
+        if is_zip and looks_like_torchscript(path):
+            # torch.load hands such an archive to torch.jit.load, whatever pickle module it is given, and that
+            # runs the archive's own code (its classes' __setstate__).
+            raise UnsafeCheckpointError(f"{path} is a TorchScript archive, not a checkpoint of network weights; "
+                                        "refused without loading it (loading TorchScript runs code from the file)")
         if is_zip or path.suffix in (".pt", ".pth"):  # torch.save: zip container or the legacy stream
             return torch.load(f, map_location="cpu", weights_only=False, pickle_module=restricted_pickle)
         return restricted_load(f, REFERENCE_POLICY)

@@ -266,3 +266,122 @@ def any_class_stub(module: str, name: str) -> type[Stub] | None:
     (lower-case names such as ``os.system``, ``builtins.eval``) are left to be refused. Safe because the stub
     is never the class itself: it only records what the pickle hands it."""
     return stub_class(module, name) if name[:1].isupper() and name.isidentifier() else None
+
+
+# ----------------------------------------------------------------------------------------------
+# TorchScript archives: their tensors, without TorchScript.
+
+#: ``torch.<Name>Storage`` (how a pickle names a storage's element type) -> dtype name.
+STORAGE_DTYPES = {"FloatStorage": "float32", "DoubleStorage": "float64", "HalfStorage": "float16",
+                  "BFloat16Storage": "bfloat16", "LongStorage": "int64", "IntStorage": "int32",
+                  "ShortStorage": "int16", "CharStorage": "int8", "ByteStorage": "uint8", "BoolStorage": "bool"}
+
+
+@dataclass(frozen=True)
+class StorageType:
+    """Stand-in for ``torch.FloatStorage`` and its kind in a persistent id: only the element type is read."""
+
+    dtype_name: str
+
+
+def storage_type(module: str, name: str) -> StorageType | None:
+    return StorageType(STORAGE_DTYPES[name]) if module == "torch" and name in STORAGE_DTYPES else None
+
+
+def _identity_list(values: Any, *_ignored: Any) -> Any:
+    """``torch.jit._pickle.build_intlist`` and the like: the list itself."""
+    if not isinstance(values, list):
+        raise UnsafePickleError(f"refusing torch.jit._pickle list builder on {type(values).__name__}")
+    return values
+
+
+def _restore_type_tag(value: Any, _type: Any = None) -> Any:
+    return value
+
+
+def torchscript_policy() -> UnpicklePolicy:
+    """What a TorchScript archive's ``data.pkl`` may name: tensors and storages, TorchScript's list builders,
+    and the archive's own module classes (``__torch__.*``), which become inert stubs holding their attributes.
+    (A function: the tensor globals import torch, which the dataset tool does without.)"""
+    allowed = {("torch.jit._pickle", name): _identity_list
+               for name in ("build_intlist", "build_doublelist", "build_boollist", "build_tensorlist")}
+    allowed[("torch.jit._pickle", "restore_type_tag")] = _restore_type_tag
+    return UnpicklePolicy(what="a TorchScript archive", needed_for="its tensors",
+                          allowed={**tensor_globals(), **allowed}, resolvers=(storage_type, torchscript_class))
+
+
+def torchscript_class(module: str, name: str) -> type[Stub] | None:
+    """An inert stub for a class the archive defines itself (``__torch__.<module> <Class>``)."""
+    return stub_class(module, name) if module.split(".")[0] == "__torch__" and name.isidentifier() else None
+
+
+def looks_like_torchscript(path: Any) -> bool:
+    """Whether the zip at ``path`` is (or poses as) a TorchScript archive: a ``constants.pkl`` record or a
+    ``code/`` folder, which is what makes ``torch.load`` hand it to ``torch.jit.load``."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return False
+    return any(n.rsplit("/", 1)[-1] == "constants.pkl" or "/code/" in f"/{n}" for n in names)
+
+
+def torchscript_prefix(names: list[str]) -> str | None:
+    """The folder of a TorchScript archive's records (``'name/'``), or None when the zip is not TorchScript
+    (it has ``constants.pkl`` or a ``code/`` folder beside its ``data.pkl``)."""
+    for name in names:
+        if name.endswith("/data.pkl") and name.count("/") == 1:
+            prefix = name[: -len("data.pkl")]
+            if f"{prefix}constants.pkl" in names or any(n.startswith(f"{prefix}code/") for n in names):
+                return prefix
+    return None
+
+
+def torchscript_tensors(archive: Any, prefix: str, max_bytes: int) -> dict[str, Any]:
+    """Every tensor attribute of the module tree pickled in a TorchScript archive (an open
+    :class:`zipfile.ZipFile`), by dotted attribute name, read from its ``data.pkl`` under
+    :func:`torchscript_policy` and its ``data/`` records: no TorchScript is loaded, no code in the archive runs
+    (``torch.jit.load`` would run its classes' ``__setstate__``). Storages whose record is larger than their
+    element count says, or that add up to more than ``max_bytes``, are refused."""
+    import torch
+
+    budget = {"left": max_bytes}
+
+    def persistent_load(pid: Any) -> Any:
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], StorageType)
+                and isinstance(pid[2], str) and isinstance(pid[4], int)):
+            raise UnsafePickleError(f"unsupported persistent id in {prefix}data.pkl")
+        dtype = getattr(torch, pid[1].dtype_name)
+        size = pid[4] * torch.empty((), dtype=dtype).element_size()
+        name = f"{prefix}data/{pid[2]}"
+        info = archive.getinfo(name)
+        if info.file_size != size or size > budget["left"]:
+            raise UnsafePickleError(f"{name}: {info.file_size} bytes where its header says {size}, "
+                                    f"or more than the {max_bytes}-byte limit in all")
+        budget["left"] -= size
+        data = bytearray(archive.read(name))
+        untyped = torch.UntypedStorage.from_buffer(data, dtype=torch.uint8) if data else torch.UntypedStorage(0)
+        return torch.storage.TypedStorage(wrap_storage=untyped, dtype=dtype, _internal=True)
+
+    info = archive.getinfo(f"{prefix}data.pkl")
+    if info.file_size > 64 << 20:
+        raise UnsafePickleError(f"{prefix}data.pkl: {info.file_size} bytes, more than a module tree needs")
+    unpickler = RestrictedUnpickler(io.BytesIO(archive.read(info)), torchscript_policy())
+    unpickler.persistent_load = persistent_load
+    root = unpickler.load()
+
+    out: dict[str, Any] = {}
+
+    def walk(obj: Any, path: str, depth: int) -> None:
+        if depth > 64:
+            raise UnsafePickleError("module tree nested more than 64 levels deep")
+        if isinstance(obj, torch.Tensor):
+            out[path.rstrip(".")] = obj
+        elif isinstance(obj, Stub) and isinstance(obj.state, dict):
+            for key, value in obj.state.items():
+                walk(value, f"{path}{key}.", depth + 1)
+
+    walk(root, "", 0)
+    return out

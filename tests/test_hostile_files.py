@@ -1,0 +1,107 @@
+"""Files from strangers: loading them runs none of their code, and each refusal is one line naming the file."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Tuple
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+#: Printed by the hostile archive's ``__setstate__`` if anything ever runs it.
+MARKER = "HOSTILE-SETSTATE-RAN"
+
+
+class Hostile(torch.nn.Module):
+    """A TorchScript module whose ``__setstate__`` (run by ``torch.jit.load``) prints :data:`MARKER`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.weight
+
+    @torch.jit.export
+    def __getstate__(self) -> Tuple[torch.Tensor, bool]:
+        return (self.weight, self.training)
+
+    @torch.jit.export
+    def __setstate__(self, state: Tuple[torch.Tensor, bool]) -> None:
+        self.weight = state[0]
+        self.training = state[1]
+        print("HOSTILE-SETSTATE-RAN")
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("hostile")
+    path = folder / "network.pt"
+    torch.jit.script(Hostile()).save(str(path))
+    return path
+
+
+def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "relay_diffusion", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_the_hostile_archive_really_runs_code_when_loaded_as_torchscript(hostile):
+    res = subprocess.run([sys.executable, "-c", f"import torch; torch.jit.load({str(hostile)!r})"],
+                         capture_output=True, text=True, timeout=120)
+    assert MARKER in res.stdout + res.stderr  # what every loader below must never do
+
+
+def one_error_line(res: subprocess.CompletedProcess, path: Path) -> str:
+    assert res.returncode != 0
+    assert MARKER not in res.stdout + res.stderr
+    assert "Traceback" not in res.stderr
+    lines = [line for line in res.stderr.splitlines()  # click's usage lines around an option's error aside
+             if line.strip() and not line.startswith(("Usage: ", "Try '"))]
+    assert len(lines) == 1 and str(path) in lines[0], res.stderr
+    return lines[0]
+
+
+def test_convert_refuses_torchscript_without_running_it(hostile, tmp_path):
+    res = run("convert", str(hostile), str(tmp_path / "out"), cwd=tmp_path)
+    assert "TorchScript" in one_error_line(res, hostile)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_generate_refuses_a_torchscript_network_without_running_it(hostile, tmp_path):
+    res = run("generate", f"--outdir={tmp_path / 'out'}", "--seeds=0", "--device=cpu", "--sampler_stages=first",
+              f"--network_first={hostile}", cwd=tmp_path)
+    assert "TorchScript" in one_error_line(res, hostile)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_a_torchscript_detector_is_read_without_running_it(hostile, tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(2):
+        Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(folder / f"{i}.png")
+    res = run("evaluate", "activations", f"--data={folder}", f"--dest={tmp_path / 'act.npz'}", "--device=cpu",
+              "--workers=0", f"--detector={hostile}", cwd=tmp_path)
+    assert "Inception" in one_error_line(res, hostile)  # its tensors were read: they are not Inception's
+    assert not (tmp_path / "act.npz").exists()
+
+
+def test_torchscript_tensors_match_what_torchscript_itself_holds(tmp_path):
+    import zipfile
+
+    from relay_diffusion.checkpoints.unpickle import torchscript_prefix, torchscript_tensors
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Linear(5, 2))
+    path = tmp_path / "ts.pt"
+    torch.jit.script(net).save(str(path))
+    with zipfile.ZipFile(path) as archive:
+        tensors = torchscript_tensors(archive, torchscript_prefix(archive.namelist()), max_bytes=1 << 20)
+    expected = net.state_dict()
+    assert set(tensors) == set(expected)
+    assert all(torch.equal(tensors[k], expected[k]) for k in expected)
+    with zipfile.ZipFile(path) as archive, pytest.raises(Exception, match="limit"):
+        torchscript_tensors(archive, torchscript_prefix(archive.namelist()), max_bytes=64)
