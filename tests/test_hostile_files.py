@@ -105,3 +105,36 @@ def test_torchscript_tensors_match_what_torchscript_itself_holds(tmp_path):
     assert all(torch.equal(tensors[k], expected[k]) for k in expected)
     with zipfile.ZipFile(path) as archive, pytest.raises(Exception, match="limit"):
         torchscript_tensors(archive, torchscript_prefix(archive.namelist()), max_bytes=64)
+
+
+def peak_rss_of_loading(path: Path) -> tuple[str, float]:
+    """The error of loading ``path`` as a network in a fresh process, and that process's peak RSS in GB."""
+    code = ("import resource, sys\nfrom relay_diffusion.checkpoints.loading import load_network_file\n"
+            "try:\n    load_network_file(sys.argv[1])\n    print('loaded')\nexcept ValueError as exc:\n    print(exc)\n"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6)")
+    res = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120)
+    message, rss = res.stdout.strip().rsplit("\n", 1)
+    return message, float(rss)
+
+
+@pytest.mark.parametrize("change, needle", [({"model_channels": 8192}, "do not match"),
+                                            ({"num_blocks": 10**7}, "blocks")])
+def test_a_small_file_asking_for_a_huge_network_is_refused_before_allocating(tmp_path, change, needle):
+    import json
+
+    from relay_diffusion.checkpoints.snapshot import read_config, save_network
+    from relay_diffusion.networks.precond import build_network
+
+    net = build_network("EDMPrecond", img_resolution=8, img_channels=3, model_type="DhariwalUNet",
+                        model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4])
+    path = save_network(net, tmp_path / "net.safetensors")
+    config = read_config(path)
+    config["init_kwargs"].update(change)
+    path.with_suffix(".json").write_text(json.dumps(config))
+    from safetensors.torch import load_file, save_file  # the metadata copy says the same
+
+    save_file(load_file(str(path)), str(path), metadata={"relay_diffusion": json.dumps(config)})
+    assert path.stat().st_size < 1 << 20
+    message, rss_gb = peak_rss_of_loading(path)
+    assert str(path) in message and needle in message, message
+    assert rss_gb < 1.0

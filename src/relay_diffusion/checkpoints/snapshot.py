@@ -71,13 +71,49 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
     raise ValueError(f"{path}: no relay-diffusion config in its metadata and no {sidecar.name} beside it")
 
 
+def file_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor in a safetensors file, from its header (no tensor is read)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+
+
+def check_shapes(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]]) -> None:
+    """A ``ValueError`` listing what differs between the tensors a network needs and those a file holds."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(found) if expected[k] != found[k])
+    if missing or unexpected or wrong:
+        shown = [f"{k} {found[k]} where its config needs {expected[k]}" for k in wrong[:3]]
+        raise ValueError(f"its weights do not match the network its config describes: {len(missing)} missing "
+                         f"{missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}, {len(wrong)} of another "
+                         f"shape{': ' + '; '.join(shown) if shown else ''}")
+
+
 def load_safetensors_network(path: str | os.PathLike, device: torch.device | str = "cpu") -> torch.nn.Module:
-    """Rebuild a network from a snapshot written by :func:`save_network` (float32, eval mode)."""
+    """Rebuild a network from a snapshot written by :func:`save_network` (float32, eval mode).
+
+    The network its config describes is first built on the meta device (no memory) and its tensor shapes are
+    checked against the file's header, so a small file whose config asks for a huge network is refused
+    before anything is allocated."""
     from safetensors.torch import load_file
 
     from relay_diffusion.networks.precond import build_network
 
     config = read_config(path)
+    shapes = file_shapes(path)
+    kwargs = config["init_kwargs"]
+    blocks, levels = kwargs.get("num_blocks", 1), kwargs.get("channel_mult", [1])
+    if isinstance(blocks, int) and isinstance(levels, list) and blocks * len(levels) > len(shapes):
+        # every residual block holds several tensors: such a config cannot match, and building even its
+        # skeleton would take the time and memory of millions of modules
+        raise ValueError(f"its config asks for {blocks} blocks at each of {len(levels)} resolutions, more than "
+                         f"the {len(shapes)} tensors it holds")
+    with torch.device("meta"):
+        skeleton = build_network(config["precond"], **config["init_kwargs"])
+    check_shapes({k: tuple(v.shape) for k, v in skeleton.state_dict().items()}, shapes)
+    del skeleton
     net = build_network(config["precond"], **config["init_kwargs"])
     state = load_file(str(path))
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
