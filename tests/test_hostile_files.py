@@ -138,3 +138,72 @@ def test_a_small_file_asking_for_a_huge_network_is_refused_before_allocating(tmp
     message, rss_gb = peak_rss_of_loading(path)
     assert str(path) in message and needle in message, message
     assert rss_gb < 1.0
+
+
+@pytest.fixture(scope="module")
+def pipeline_folder(tmp_path_factory) -> Path:
+    from relay_diffusion.generation import RelayPipeline
+
+    folder = tmp_path_factory.mktemp("pipeline") / "pipe"
+    RelayPipeline.from_bundled("cpu").save_pretrained(folder)
+    return folder
+
+
+def edited_pipeline(source: Path, tmp_path: Path, edit) -> Path:
+    import json
+    import shutil
+
+    folder = tmp_path / "pipe"
+    shutil.copytree(source, folder)
+    doc = json.loads((folder / "pipeline.json").read_text())
+    edit(doc, folder)
+    (folder / "pipeline.json").write_text(json.dumps(doc))
+    return folder
+
+
+def _outside(doc, folder, how):
+    outside = folder.parent / "elsewhere.safetensors"
+    (folder / doc["stages"][0]["network"]).rename(outside)
+    folder.joinpath(doc["stages"][0]["network"]).with_suffix(".json").rename(outside.with_suffix(".json"))
+    if how == "absolute":
+        doc["stages"][0]["network"] = str(outside)
+    elif how == "dotdot":
+        doc["stages"][0]["network"] = "../elsewhere.safetensors"
+    else:  # a link inside the folder to a file outside it
+        (folder / "link.safetensors").symlink_to(outside)
+        (folder / "link.json").symlink_to(outside.with_suffix(".json"))
+        doc["stages"][0]["network"] = "link.safetensors"
+
+
+@pytest.mark.parametrize("how", ["absolute", "dotdot", "symlink"])
+def test_pipeline_folder_never_reads_outside_itself(pipeline_folder, tmp_path, how):
+    from relay_diffusion.generation import RelayPipeline
+
+    folder = edited_pipeline(pipeline_folder, tmp_path, lambda doc, folder: _outside(doc, folder, how))
+    with pytest.raises(ValueError, match="outside the pipeline folder"):
+        RelayPipeline.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda doc, folder: doc.update(net_batch=100_000_000), "net_batch must be an integer from 1 to"),
+    (lambda doc, folder: doc.update(net_bacth=8), "unknown keys ['net_bacth']"),
+    (lambda doc, folder: doc["stages"][1].update(proces={}), "stage 2: unknown keys ['proces']"),
+    (lambda doc, folder: doc.update(stages=doc["stages"] * 5), "10 stages"),
+])
+def test_pipeline_file_values_are_bounded_and_keys_checked(pipeline_folder, tmp_path, edit, needle):
+    from relay_diffusion.generation import RelayPipeline
+
+    folder = edited_pipeline(pipeline_folder, tmp_path, edit)
+    with pytest.raises(ValueError) as info:
+        RelayPipeline.from_pretrained(folder)
+    assert needle in str(info.value) and str(folder) in str(info.value)
+
+
+def test_deeply_nested_pipeline_file_is_one_error(pipeline_folder, tmp_path):
+    from relay_diffusion.generation import RelayPipeline
+
+    folder = tmp_path / "pipe"
+    folder.mkdir()
+    (folder / "pipeline.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ValueError, match="nested too deeply"):
+        RelayPipeline.from_pretrained(folder)

@@ -22,6 +22,14 @@ from relay_diffusion.utils.jsonio import dumps_strict, restore_non_finite
 
 FORMAT = "relay-diffusion/pipeline-1"
 FILE = "pipeline.json"
+#: Bounds on what a pipeline folder from elsewhere may ask for: the size of pipeline.json, the number of
+#: stages, and the samples per network call (every call is padded to it, so it sizes the first allocation).
+MAX_FILE_BYTES = 1 << 20
+MAX_STAGES = 8
+MAX_NET_BATCH = 4096
+#: The keys pipeline.json and each of its stages may hold (a misspelt key is an error, not a silent default).
+TOP_KEYS = frozenset({"format", "stages", "enhancement", "net_batch"})
+STAGE_KEYS = frozenset({"kind", "network", "sampler", "process", "condition"})
 
 
 def _decode_config(cls: type, d: Any, where: str) -> Any:
@@ -100,18 +108,25 @@ def load_pretrained(folder: str | os.PathLike, device: torch.device | str = "cpu
     path = folder / FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found (a pipeline folder is written by `rdm export`)")
+    if path.stat().st_size > MAX_FILE_BYTES:
+        raise ValueError(f"{path}: {path.stat().st_size} bytes, more than a pipeline file holds ({MAX_FILE_BYTES})")
     try:
         doc = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise ValueError(f"{path}: not valid JSON ({reason})") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT or not isinstance(doc.get("stages"), list):
         raise ValueError(f"{path}: not a relay-diffusion pipeline file (format {FORMAT!r} with a list of stages)")
+    _known_keys(doc, TOP_KEYS, str(path))
+    if not 1 <= len(doc["stages"]) <= MAX_STAGES:
+        raise ValueError(f"{path}: {len(doc['stages'])} stages; a pipeline has 1 to {MAX_STAGES}")
     stages = []
     for i, entry in enumerate(doc["stages"]):
         where = f"{path}: stage {i + 1}"
         if not isinstance(entry, dict) or entry.get("kind") not in ("edm", "relay", "sr") or "network" not in entry:
             raise ValueError(f"{where}: expected kind 'edm', 'relay' or 'sr' and a network file")
-        file = load_network_file(folder / str(entry["network"]), device)
+        _known_keys(entry, STAGE_KEYS, where)
+        file = load_network_file(_inside(folder, entry["network"], where), device)
         if file.kind is not None and file.kind != entry["kind"]:
             raise ValueError(f"{where}: {file.path} is a {file.kind} network, not {entry['kind']}")
         if entry["kind"] == "edm":
@@ -131,9 +146,29 @@ def load_pretrained(folder: str | os.PathLike, device: torch.device | str = "cpu
 
 
 def _net_batch(value: Any, path: Path) -> int | None:
-    """``net_batch`` of ``pipeline.json``: a positive integer, or null / absent for the automatic choice."""
+    """``net_batch`` of ``pipeline.json``: an integer from 1 to :data:`MAX_NET_BATCH`, or null / absent for the
+    automatic choice."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{path}: net_batch must be a positive integer or null, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_NET_BATCH:
+        raise ValueError(f"{path}: net_batch must be an integer from 1 to {MAX_NET_BATCH} or null, got {value!r}")
     return value
+
+
+def _known_keys(entry: dict, known: frozenset[str], where: str) -> None:
+    unknown = sorted(set(entry) - known)
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {unknown}; expected some of {sorted(known)}")
+
+
+def _inside(folder: Path, name: Any, where: str) -> Path:
+    """The stage file ``name`` of a pipeline folder: a relative path that stays inside the folder (after
+    following links), never an absolute path or one that leaves it with ``..``."""
+    if not isinstance(name, str) or not name or "\x00" in name:
+        raise ValueError(f"{where}: the network must be a file name in the pipeline folder, got {name!r}")
+    path = folder / name
+    root = folder.resolve()
+    if Path(name).is_absolute() or not path.resolve().is_relative_to(root):
+        raise ValueError(f"{where}: the network {name!r} is outside the pipeline folder {folder}; a pipeline "
+                         "folder only reads its own files")
+    return path
