@@ -207,3 +207,98 @@ def test_deeply_nested_pipeline_file_is_one_error(pipeline_folder, tmp_path):
     (folder / "pipeline.json").write_text("[" * 100_000 + "]" * 100_000)
     with pytest.raises(ValueError, match="nested too deeply"):
         RelayPipeline.from_pretrained(folder)
+
+
+# --- decompression bombs -----------------------------------------------------------------------------------
+
+def run_measured(*args: str, cwd: Path) -> tuple[subprocess.CompletedProcess, float]:
+    """``rdm args`` in a child process, and that child's peak RSS in GB."""
+    wrapper = ("import resource, subprocess, sys\n"
+               "r = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
+               "sys.stdout.write(r.stdout); sys.stderr.write(r.stderr)\n"
+               "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1e6, file=sys.stderr)\n"
+               "sys.exit(r.returncode)")
+    res = subprocess.run([sys.executable, "-c", wrapper, sys.executable, "-m", "relay_diffusion", *args], cwd=cwd,
+                         capture_output=True, text=True, timeout=300)
+    head, rss = res.stderr.rstrip("\n").rsplit("\n", 1) if "\n" in res.stderr.strip() else ("", res.stderr)
+    return subprocess.CompletedProcess(res.args, res.returncode, res.stdout, head + "\n"), float(rss)
+
+
+def zip_with_member(path: Path, name: str, size: int, fill: bytes = b"\0") -> Path:
+    """A zip holding one small PNG and member ``name`` of ``size`` bytes of ``fill``, deflated (a few hundred KB)."""
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(buf, format="PNG")
+    chunk = fill * (8 << 20)
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
+        zf.writestr("ok.png", buf.getvalue())
+        with zf.open(name, "w", force_zip64=True) as f:
+            for start in range(0, size, len(chunk)):
+                f.write(chunk[: size - start])
+    return path
+
+
+@pytest.mark.parametrize("member, size", [("dataset.json", 136 << 20), ("big.png", 260 << 20)])
+def test_dataset_source_zip_bomb_is_refused_by_the_member_size(tmp_path, member, size):
+    source = zip_with_member(tmp_path / "source.zip", member, size, b" " if member.endswith("json") else b"\0")
+    assert source.stat().st_size < 2 << 20
+    res, rss = run_measured("dataset", f"--source={source}", f"--dest={tmp_path / 'out.zip'}",
+                            "--resolution=8x8", cwd=tmp_path)
+    assert "Traceback" not in res.stderr and rss < 1.0
+    if member == "dataset.json":  # the labels are needed: the run stops, naming the member
+        assert res.returncode != 0 and member in res.stderr and "MiB" in res.stderr, res.stderr
+        assert not (tmp_path / "out.zip").exists()
+    else:  # an image: skipped and listed with its reason in the report, as any unreadable image
+        report = (tmp_path / "out.zip.report.json").read_text()
+        assert res.returncode == 0 and member in res.stderr and member in report and "MiB" in report, report
+
+
+def test_mnist_gzip_bomb_is_refused_after_its_header(tmp_path):
+    import gzip
+
+    folder = tmp_path / "mnist"
+    folder.mkdir()
+    with gzip.open(folder / "train-images-idx3-ubyte.gz", "wb", compresslevel=1) as f:
+        f.write(b"\0\0\x08\x03" + (2).to_bytes(4, "big") + (28).to_bytes(4, "big") * 2)
+        zeros = bytes(8 << 20)
+        for _ in range(1536 // 8):  # 1.5 GB where the header promises 2 images of 28 x 28
+            f.write(zeros)
+    with gzip.open(folder / "train-labels-idx1-ubyte.gz", "wb") as f:
+        f.write(b"\0\0\x08\x01" + (2).to_bytes(4, "big") + b"\x01\x02")
+    res, rss = run_measured("dataset", f"--source={folder}", f"--dest={tmp_path / 'out.zip'}", cwd=tmp_path)
+    assert res.returncode != 0 and "train-images-idx3-ubyte.gz" in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr
+    assert rss < 1.0
+    assert not (tmp_path / "out.zip").exists()
+
+
+def png_bomb(path: Path, side: int) -> Path:
+    """A grey PNG of ``side`` x ``side`` zero pixels: a few hundred KB that decode to ``side**2`` bytes."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    comp, row, parts = zlib.compressobj(9), bytes(side + 1), []
+    for _ in range(side):
+        parts.append(comp.compress(row))
+    parts.append(comp.flush())
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0))
+                     + chunk(b"IDAT", b"".join(parts)) + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.mark.parametrize("side", [9000, 20000])  # past our bound; past Pillow's own (which raises its own error)
+def test_decompression_bomb_png_in_indir_is_one_error_line(tmp_path, side):
+    indir = tmp_path / "in"
+    indir.mkdir()
+    bomb = png_bomb(indir / "000000.png", side)
+    assert bomb.stat().st_size < 2 << 20
+    res, rss = run_measured("generate", f"--indir={indir}", f"--outdir={tmp_path / 'out'}", "--seeds=0",
+                            "--device=cpu", "--sampler_stages=second", cwd=tmp_path)
+    assert res.returncode != 0 and str(bomb) in res.stderr and "decompression bomb" in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr
+    assert rss < 1.0

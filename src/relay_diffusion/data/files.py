@@ -14,6 +14,8 @@ import zlib
 from collections.abc import Iterator
 from typing import Any
 
+from relay_diffusion.utils.limits import MAX_IMAGE_BYTES, MAX_JSON_BYTES, TooLargeError, read_file, read_member
+
 # Extensions read as images (lower case). Files with other extensions are not images of the dataset.
 IMAGE_EXTENSIONS = frozenset(
     {".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".pbm",
@@ -87,12 +89,11 @@ def iter_image_files(path: str | os.PathLike) -> Iterator[tuple[str, bytes]]:
     path = os.fspath(path)
     if os.path.isdir(path):
         for name in names:
-            with open(os.path.join(path, name), "rb") as f:
-                yield name, f.read()
+            yield name, read_file(os.path.join(path, name), MAX_IMAGE_BYTES)
         return
     with zipfile.ZipFile(path) as zf:
         for name in names:
-            yield name, zf.read(name)
+            yield name, read_member(zf, name, MAX_IMAGE_BYTES)
 
 
 def _read_labels_bytes(path: str) -> bytes | None:
@@ -100,13 +101,14 @@ def _read_labels_bytes(path: str) -> bytes | None:
         full = os.path.join(path, LABELS_FILE)
         if not os.path.isfile(full):
             return None
-        with open(full, "rb") as f:
-            return f.read()
+        return read_file(full, MAX_JSON_BYTES)
     try:
         with zipfile.ZipFile(path) as zf:
             if LABELS_FILE not in zf.namelist():
                 return None
-            return zf.read(LABELS_FILE)
+            return read_member(zf, LABELS_FILE, MAX_JSON_BYTES)
+    except TooLargeError as exc:
+        raise ValueError(f"{path!r}: {exc}") from None
     except ZIP_ERRORS as exc:
         raise ValueError(f"cannot read {LABELS_FILE} in {path!r}: {exc}") from None
 

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from relay_diffusion.checkpoints.unpickle import UnpicklePolicy, encode_text, restricted_load
+from relay_diffusion.utils.limits import MAX_IMAGE_BYTES, TooLargeError, read_file, read_member, read_stream
 from relay_diffusion.data.files import (
     LABELS_FILE,
     is_hidden_name,
@@ -99,15 +100,16 @@ class FileSource(Source):
         if self.kind == "image-folder":
             for name, label in zip(self.names, labels):
                 try:
-                    with open(os.path.join(self.path, name), "rb") as f:
-                        yield SourceItem(name, label, f.read())
-                except OSError as exc:
+                    data = read_file(os.path.join(self.path, name), MAX_IMAGE_BYTES)
+                except (OSError, TooLargeError) as exc:
                     yield SourceItem(name, label, error=_reason(exc))
+                else:
+                    yield SourceItem(name, label, data)
             return
         with zipfile.ZipFile(self.path) as zf:
             for name, label in zip(self.names, labels):
                 try:
-                    data = zf.read(name)
+                    data = read_member(zf, name, MAX_IMAGE_BYTES)
                 except Exception as exc:  # a damaged member (bad CRC, bad deflate stream, ...) is reported, not fatal
                     yield SourceItem(name, label, error=_reason(exc))
                 else:
@@ -168,14 +170,25 @@ class CifarSource(Source):
             yield SourceItem(f"data_batch_{i // per_batch + 1}[{i % per_batch}]", label, image)
 
 
+#: Largest MNIST-style idx file, inflated (MNIST's training images are 47 MB).
+MAX_IDX_BYTES = 1 << 30
+
+
 def _read_idx(path: str) -> np.ndarray:
     """An idx file of unsigned bytes (MNIST), gzip-compressed."""
     with gzip.open(path, "rb") as f:
-        raw = f.read()
-    if len(raw) < 4 or raw[:3] != b"\0\0\x08":
-        raise ValueError(f"{path!r} is not an idx file of unsigned bytes")
-    ndim = raw[3]
-    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+        head = f.read(4)
+        if len(head) < 4 or head[:3] != b"\0\0\x08":
+            raise ValueError(f"{path!r} is not an idx file of unsigned bytes")
+        ndim = head[3]
+        dims = f.read(4 * ndim)
+        shape = tuple(int.from_bytes(dims[4 * i : 4 + 4 * i], "big") for i in range(ndim))
+        expected = int(np.prod(shape, dtype=object))
+        if expected > MAX_IDX_BYTES:
+            raise TooLargeError(f"{path!r}: its header says {shape}, more than the {MAX_IDX_BYTES >> 20} MiB an "
+                                "idx file may hold")
+        # the header says how many bytes follow: no more than that is read (a longer stream is refused)
+        raw = head + dims + read_stream(f, expected, path)
     data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
     if data.size != int(np.prod(shape)):
         raise ValueError(f"{path!r}: header says {shape} but holds {data.size} bytes")

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import PIL.Image
 
+from relay_diffusion.utils.limits import open_image
+
 Size = tuple[int, int]  # (width, height)
 
 TRANSFORMS = ("none", "center-crop", "center-crop-wide")
@@ -29,9 +31,10 @@ WHITE = (255, 255, 255)
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
-def decode(data: bytes) -> PIL.Image.Image:
-    """Decode an encoded image fully (a truncated or corrupt file raises here, not later)."""
-    img = PIL.Image.open(io.BytesIO(data))
+def decode(data: bytes, name: str = "image") -> PIL.Image.Image:
+    """Decode an encoded image fully (a truncated or corrupt file raises here, not later); one that claims more
+    than :data:`~relay_diffusion.utils.limits.MAX_IMAGE_PIXELS` is refused before decoding."""
+    img = open_image(data, name)
     img.load()
     return img
 

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from relay_diffusion.utils.images import from_uint8, save_grid, save_png
+from relay_diffusion.utils.limits import open_image
 
 
 def image_path(outdir: str | os.PathLike, seed: int, subdirs: bool = False) -> Path:
@@ -20,10 +21,8 @@ def image_path(outdir: str | os.PathLike, seed: int, subdirs: bool = False) -> P
 
 def is_valid_image(path: Path, shape: tuple[int, int, int]) -> bool:
     """True when ``path`` is a complete PNG of ``(H, W, C)`` (a zero-byte or truncated file is not)."""
-    from PIL import Image
-
     try:
-        with Image.open(path) as img:
+        with open_image(path) as img:
             img.load()
             channels = {"L": 1, "RGB": 3}.get(img.mode)
             return img.format == "PNG" and (img.height, img.width, channels) == shape
@@ -51,14 +50,12 @@ def check_images(indir: str | os.PathLike, seeds: Sequence[int]) -> None:
 def load_images(indir: str | os.PathLike, seeds: Sequence[int]) -> torch.Tensor:
     """Read the PNGs of ``seeds`` from ``indir`` as float64 ``[N, C, H, W]``: ``v / 127.5 - 1`` (docs/math.md §8).
     Every missing file is listed in one ``FileNotFoundError``."""
-    from PIL import Image
-
     check_images(indir, seeds)
     paths = {s: find_image(indir, s) for s in seeds}
     images = []
     for seed, path in paths.items():
         try:
-            with Image.open(path) as img:
+            with open_image(path) as img:  # a decompression bomb is refused before decoding
                 images.append(from_uint8(np.asarray(img)))
         except (OSError, ValueError, SyntaxError) as exc:
             raise ValueError(f"{path}: not a readable image ({exc})") from exc
