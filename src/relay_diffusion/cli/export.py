@@ -33,6 +33,7 @@ def export(**opts: Any) -> None:
         raise click.BadParameter(f"{out} exists and is not a folder", param_hint="--out")
     if (out / FILE).exists() and not opts["overwrite"]:
         raise click.BadParameter(f"{out / FILE} already exists (use --overwrite to replace it)", param_hint="--out")
+    # the stage files are checked too once the chain is known (save_pretrained, overwrite=False)
     preset = PRESETS[opts["preset"]]
     first, second, overrides = stage_settings(preset, opts)
     paths = chain_paths(opts, "both")
@@ -41,7 +42,9 @@ def export(**opts: Any) -> None:
     for note in built.notes:
         click.echo(f"Note: {note}")
     try:
-        path = built.pipeline.save_pretrained(out)
+        path = built.pipeline.save_pretrained(out, overwrite=opts["overwrite"])
+    except FileExistsError as exc:
+        raise click.BadParameter(f"{exc.args[0].replace('(overwrite', '(use --overwrite')}", param_hint="--out")
     except (OSError, ValueError) as exc:
         raise click.ClickException(f"cannot write {out}: {exc}") from exc
     click.echo(f"Wrote {path} ({len(built.pipeline.stages)} stages); load it with "

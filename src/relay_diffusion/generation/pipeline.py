@@ -156,11 +156,12 @@ class RelayPipeline:
 
         return cls.from_pretrained(ASSETS, device)
 
-    def save_pretrained(self, folder: str | os.PathLike) -> Path:
-        """Write ``folder/pipeline.json`` and each stage's network (safetensors + JSON); returns the JSON path."""
+    def save_pretrained(self, folder: str | os.PathLike, overwrite: bool = True) -> Path:
+        """Write ``folder/pipeline.json`` and each stage's network (safetensors + JSON); returns the JSON path.
+        Nothing in ``folder`` changes unless every file was written; ``overwrite=False`` refuses to replace any."""
         from relay_diffusion.generation.pretrained import save_pretrained
 
-        return save_pretrained(self, folder)
+        return save_pretrained(self, folder, overwrite=overwrite)
 
 
 @dataclass

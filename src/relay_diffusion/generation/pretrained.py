@@ -62,30 +62,45 @@ def _network_dtype(path: str | None) -> torch.dtype | None:
     return None
 
 
-def save_pretrained(pipeline: RelayPipeline, folder: str | os.PathLike) -> Path:
-    """Write every stage's network and ``pipeline.json`` into ``folder``; returns the JSON's path."""
+def save_pretrained(pipeline: RelayPipeline, folder: str | os.PathLike, overwrite: bool = True) -> Path:
+    """Write every stage's network and ``pipeline.json`` into ``folder``; returns the JSON's path.
+
+    Everything is written into a temporary folder beside ``folder`` first and moved in only when complete, so
+    a failure (a full disk, say) leaves ``folder`` as it was. Only the pipeline's own files are replaced; other
+    files in ``folder`` stay. ``overwrite=False`` refuses, before writing anything, when any of them exists."""
+    import shutil
+    import tempfile
+
     from relay_diffusion.checkpoints.snapshot import read_config, save_network
     from relay_diffusion.utils.fileio import atomic_write_text
 
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"{folder} exists and is not a folder")
-    stages = []
-    for i, stage in enumerate(pipeline.stages):
-        res = stage.resolution
-        name = f"stage{i + 1}-{res}x{res}.safetensors"
-        extra: dict[str, Any] = {}
-        if stage.source and str(stage.source).endswith(".safetensors"):
-            extra = {k: v for k, v in read_config(stage.source).items()
-                     if k not in ("format", "precond", "init_kwargs")}
-        extra["stage_kind"] = stage.kind
-        for key, value in stage_extras(stage).items():
-            extra.setdefault(key, value)  # the training value when the file had one
-        save_network(stage.net, folder / name, extra=extra, dtype=_network_dtype(stage.source))
-        stages.append(name)
-    path = folder / FILE
-    atomic_write_text(path, pipeline_json(pipeline, stages))
-    return path
+    names = [f"stage{i + 1}-{stage.resolution}x{stage.resolution}" for i, stage in enumerate(pipeline.stages)]
+    ours = [FILE] + [f"{n}{ext}" for n in names for ext in (".safetensors", ".json")]
+    existing = [n for n in ours if (folder / n).exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{folder} already holds {', '.join(existing)} (overwrite to replace them)")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    try:
+        for stage, name in zip(pipeline.stages, names):
+            extra: dict[str, Any] = {}
+            if stage.source and str(stage.source).endswith(".safetensors"):
+                extra = {k: v for k, v in read_config(stage.source).items()
+                         if k not in ("format", "precond", "init_kwargs")}
+            extra["stage_kind"] = stage.kind
+            for key, value in stage_extras(stage).items():
+                extra.setdefault(key, value)  # the training value when the file had one
+            save_network(stage.net, tmp / f"{name}.safetensors", extra=extra, dtype=_network_dtype(stage.source))
+        atomic_write_text(tmp / FILE, pipeline_json(pipeline, [f"{n}.safetensors" for n in names]))
+        folder.mkdir(exist_ok=True)
+        for name in ours[1:] + ours[:1]:  # renames within one file system; pipeline.json last
+            os.replace(tmp / name, folder / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder / FILE
 
 
 def pipeline_json(pipeline: RelayPipeline, networks: list[str]) -> str:

@@ -1,0 +1,72 @@
+"""``rdm export`` and ``save_pretrained`` never lose a user's files: nothing is replaced without --overwrite,
+only the pipeline's own files are, and a failed write leaves the folder exactly as it was."""
+
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from relay_diffusion.cli import main as rdm
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def export(out: Path, *args: str):
+    return CliRunner().invoke(rdm, ["export", f"--out={out}", *args])
+
+
+def test_existing_stage_files_are_not_replaced_without_overwrite(tmp_path):
+    out = tmp_path / "pipe"
+    out.mkdir()
+    (out / "stage1-16x16.safetensors").write_bytes(b"the user's own file")
+    (out / "notes.txt").write_text("keep me")
+    before = files(tmp_path)
+    res = export(out)
+    assert res.exit_code != 0 and "stage1-16x16.safetensors" in res.output and "--overwrite" in res.output
+    assert files(tmp_path) == before
+
+    res = export(out, "--overwrite")
+    assert res.exit_code == 0, res.output
+    after = files(out)
+    assert after["notes.txt"] == b"keep me" and after["stage1-16x16.safetensors"] != b"the user's own file"
+    assert sorted(after) == ["notes.txt", "pipeline.json", "stage1-16x16.json", "stage1-16x16.safetensors",
+                             "stage2-64x64.json", "stage2-64x64.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]  # no temporary folder left
+
+
+def test_a_failed_write_leaves_the_folder_as_it_was(tmp_path, monkeypatch):
+    import relay_diffusion.checkpoints.snapshot as snapshot
+
+    out = tmp_path / "pipe"
+    assert export(out).exit_code == 0
+    (out / "notes.txt").write_text("keep me")
+    before = files(tmp_path)
+    real, calls = snapshot.save_network, []
+
+    def full_disk_on_the_second_stage(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(snapshot, "save_network", full_disk_on_the_second_stage)
+    res = export(out, "--overwrite", "--num_steps_first=7")
+    assert res.exit_code != 0 and "No space left" in res.output and "Traceback" not in res.output
+    assert len(calls) == 2
+    assert files(tmp_path) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]
+
+
+def test_the_api_can_refuse_to_overwrite(tmp_path):
+    from relay_diffusion import RelayPipeline
+
+    pipe = RelayPipeline.from_bundled("cpu")
+    pipe.save_pretrained(tmp_path / "p")
+    with pytest.raises(FileExistsError, match="pipeline.json"):
+        pipe.save_pretrained(tmp_path / "p", overwrite=False)
+    assert pipe.save_pretrained(tmp_path / "p") == tmp_path / "p" / "pipeline.json"
