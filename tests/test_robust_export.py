@@ -70,3 +70,16 @@ def test_the_api_can_refuse_to_overwrite(tmp_path):
     with pytest.raises(FileExistsError, match="pipeline.json"):
         pipe.save_pretrained(tmp_path / "p", overwrite=False)
     assert pipe.save_pretrained(tmp_path / "p") == tmp_path / "p" / "pipeline.json"
+
+
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
+def test_generate_never_writes_over_its_own_inputs(tmp_path, overwrite):
+    folder = tmp_path / "images"
+    res = CliRunner().invoke(rdm, ["generate", f"--outdir={folder}", "--seeds=0-1", "--device=cpu",
+                                   "--sampler_stages=first"])
+    assert res.exit_code == 0, res.output
+    before = files(folder)
+    res = CliRunner().invoke(rdm, ["generate", f"--indir={folder}", f"--outdir={folder}/.", "--seeds=0-1",
+                                   "--device=cpu", "--sampler_stages=second", *overwrite])
+    assert res.exit_code != 0 and "is the input folder --indir" in res.output and "Traceback" not in res.output
+    assert files(folder) == before

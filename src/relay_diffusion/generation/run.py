@@ -61,6 +61,9 @@ def generate_images(
     outdir = Path(outdir)
     if outdir.exists() and not outdir.is_dir():
         raise ValueError(f"--outdir {outdir} exists and is not a folder")
+    if indir is not None and outdir.resolve() == Path(indir).resolve():
+        # the outputs would replace the inputs (or, without --overwrite, the inputs would pass for outputs)
+        raise ValueError(f"--outdir {outdir} is the input folder --indir: write the outputs to another folder")
     manifest = describe(pipeline, subdirs=subdirs, class_labels=_labels_key(class_labels)) if manifest is None \
         else manifest
     if not overwrite and not check_manifest(outdir, manifest):
