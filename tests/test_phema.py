@@ -279,3 +279,32 @@ def test_config_flags_override_and_errors(toy_run, tmp_path):
     assert result.exit_code == 2 and "'--outdir'" in result.output, result.output
     result = invoke("train", "--config", options, "--ema-profiles=0.05,0.5", "-n")
     assert result.exit_code == 2 and "--ema-profiles" in result.output, result.output
+
+
+@pytest.mark.parametrize("mode", ["length", "sweep"])
+def test_rdm_ema_refuses_non_finite_snapshots_and_writes_nothing(toy_run, tmp_path, mode):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    run = tmp_path / "run"
+    shutil.copytree(toy_run, run)
+    victim = profile_snapshot_path(run, STEPS * 8, 0.05)
+    tensors = load_file(str(victim))
+    first = next(k for k, v in tensors.items() if v.is_floating_point())
+    tensors[first] = torch.full_like(tensors[first], float("nan"))
+    from safetensors import safe_open
+
+    with safe_open(str(victim), framework="pt") as f:
+        metadata = f.metadata()
+    save_file(tensors, str(victim), metadata=metadata)
+    before = sorted(p.name for p in run.rglob("*"))
+    out = tmp_path / ("net.safetensors" if mode == "length" else "sweep.png")
+    args = ["--length", "0.1", "--from-profiles", "0.05,0.15"] if mode == "length" else \
+        ["--sweep", "0.04,0.08", "--images=4", "--repeats=1", "--device=cpu"]
+    result = invoke("ema", "--run", run, *args, "--out", out)
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and victim.name in lines[0] and "non-finite" in lines[0], result.output
+    assert not out.exists() and not out.with_suffix(".json").exists()
+    assert sorted(p.name for p in run.rglob("*")) == before

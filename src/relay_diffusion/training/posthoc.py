@@ -107,10 +107,7 @@ def reconstruct_state(inputs: Sequence[ProfileSnapshot], nimg: int, sigma_rel: f
     coefs = posthoc_coefficients([s.nimg for s in inputs], [s.sigma_rel for s in inputs], nimg, sigma_rel)
     total: dict[str, torch.Tensor] = {}
     for snapshot, x in zip(inputs, coefs):
-        try:
-            tensors = load_file(str(snapshot.path))
-        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type for damaged files
-            raise ConfigError("--run", f"cannot read {snapshot.path}: {exc}") from None
+        tensors = load_finite(snapshot.path)
         for name, tensor in tensors.items():
             if not tensor.is_floating_point():
                 total[name] = tensor
@@ -119,6 +116,22 @@ def reconstruct_state(inputs: Sequence[ProfileSnapshot], nimg: int, sigma_rel: f
             else:
                 total[name] = tensor.double() * float(x)
     return {k: v.float() if v.is_floating_point() else v for k, v in total.items()}, coefs
+
+
+def load_finite(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a profile snapshot; a damaged file or non-finite weights raise one error naming it (an
+    EMA of them would be non-finite too, and written as a network that makes black images)."""
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(path))
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type for damaged files
+        raise ConfigError("--run", f"cannot read {path}: {exc}") from None
+    bad = next((k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    if bad is not None:
+        raise ConfigError("--run", f"{path} holds non-finite weights ({bad}); leave it out with --nimg or "
+                                   "--from-profiles")
+    return tensors
 
 
 def build_from_config(config: dict[str, Any]) -> torch.nn.Module:
@@ -215,14 +228,16 @@ def sweep_losses(run_dir: str | os.PathLike, lengths: Sequence[float], nimg: Opt
     seeds = list(range(len(images)))
     net = build_from_config(inputs[-1].config).to(device)
 
-    def score(state: dict[str, torch.Tensor]) -> float:
+    def score(state: dict[str, torch.Tensor], what: str) -> float:
         net.load_state_dict(state, strict=True)
-        return fixed_noise_loss(net, loss_fn, images, labels, seeds)
+        loss = fixed_noise_loss(net, loss_fn, images, labels, seeds)
+        if not math.isfinite(loss):
+            raise ConfigError("--sweep", f"the loss of {what} is not finite ({loss}); nothing was written")
+        return loss
 
-    points = [{"sigma_rel": float(s), "loss": score(reconstruct_state(inputs, nimg, s)[0])} for s in sorted(lengths)]
-    from safetensors.torch import load_file
-
-    tracked = [{"sigma_rel": s.sigma_rel, "loss": score(load_file(str(s.path)))}
+    points = [{"sigma_rel": float(s), "loss": score(reconstruct_state(inputs, nimg, s)[0], f"EMA length {s}")}
+              for s in sorted(lengths)]
+    tracked = [{"sigma_rel": s.sigma_rel, "loss": score(load_finite(s.path), s.path.name)}
                for s in snapshots if s.nimg == nimg]
     return {"nimg": int(nimg), "num_images": len(images), "points": points, "tracked": tracked}
 
