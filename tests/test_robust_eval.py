@@ -285,3 +285,36 @@ def test_disk_full_names_the_file_and_leaves_no_temporary(tmp_path, monkeypatch)
     monkeypatch.setattr(np, "savez", real_savez)
     assert "unexpected pos" not in out
     assert snapshot(tmp_path) == before  # the old files intact, no temporary file left
+
+
+# --- inputs that would give a wrong figure or an unnamed error -----------------------------------------------
+def test_calc_refuses_statistics_that_are_no_covariance(tmp_path):
+    sample = write_npz(tmp_path / "s.npz", acts(0))
+    sigma = np.eye(16)
+    sigma[0, 0] = -50000.0  # a negative variance: the Frechet distance came out as -100,000
+    ref = write_npz(tmp_path / "stats.npz", {"mu": np.zeros(16), "sigma": sigma})
+    refused(evaluate("calc", "-m", "fid", f"--activations_sample={sample}", f"--activations_ref={ref}"),
+            "stats.npz", "negative eigenvalue")
+    sigma = np.eye(16)
+    sigma[0, 1] = 3.0
+    write_npz(ref, {"mu": np.zeros(16), "sigma": sigma})
+    refused(evaluate("calc", "-m", "fid", f"--activations_sample={sample}", f"--activations_ref={ref}"),
+            "stats.npz", "not symmetric")
+
+
+def test_calc_refuses_features_without_dimensions(tmp_path):
+    sample = write_npz(tmp_path / "empty.npz", {"feat": np.zeros((40, 0), np.float32)})
+    ref = write_npz(tmp_path / "ref.npz", {"feat": np.zeros((40, 0), np.float32)})
+    refused(evaluate("calc", "-m", "fid", f"--activations_sample={sample}", f"--activations_ref={ref}"),
+            "empty.npz", "D >= 1")
+
+
+@pytest.mark.parametrize("metric, rows, needle", [("fid", 1, "FID"), ("pr", 2, "precision/recall"),
+                                                  ("kid", 4, "KID")])
+def test_too_few_rows_names_the_file_and_the_metric_before_any_figure(tmp_path, metric, rows, needle):
+    few = write_npz(tmp_path / "few.npz", acts(0, n=rows))
+    ref = write_npz(tmp_path / "ref.npz", acts(1))
+    out = refused(evaluate("calc", "-m", "fid", "-m", metric, "--kid-subset-size=5", "--kid-subsets=2", "--pr-k=2",
+                           f"--activations_sample={few}", f"--activations_ref={ref}", "--device=cpu"),
+                  "few.npz", needle)
+    assert f"has {rows} rows" in out

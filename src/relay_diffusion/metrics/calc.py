@@ -49,14 +49,18 @@ def _check_finite(out: dict[str, float], sample: ActivationFile, ref: Activation
                          f"({', '.join(f'{k} = {out[k]}' for k in bad)})")
 
 
-def _check_inputs(sample: ActivationFile, ref: ActivationFile, metrics: Sequence[str]) -> None:
-    """Read every input the metrics need and check it (numbers, shapes, finite, the same feature dimensions in
-    both files) before the first figure is computed or printed."""
+def _check_inputs(sample: ActivationFile, ref: ActivationFile, metrics: Sequence[str],
+                  options: CalcOptions) -> None:
+    """Read every input the metrics need and check it (numbers, shapes, finite, enough rows, the same feature
+    dimensions in both files) before the first figure is computed or printed."""
+    rows = {"fid": (2, "FID (a covariance)"), "sfid": (2, "sFID (a covariance)"),
+            "pr": (options.pr_k + 1, f"precision/recall (k = {options.pr_k} neighbours)"),
+            "kid": (options.kid_subset_size, f"KID (subsets of {options.kid_subset_size})")}
     for metric, key, label in (("fid", "feat", "FID"), ("sfid", "s_feat", "sFID"), ("pr", "feat", "feat"),
                                ("kid", "feat", "feat")):
         if metric in metrics:
-            dims = [(f.features(key) if metric in ("pr", "kid") or key in f else f.statistics(key)[1]).shape[1]
-                    for f in (sample, ref)]
+            dims = [(f.features(key, *rows[metric]) if metric in ("pr", "kid") or key in f
+                     else f.statistics(key)[1]).shape[1] for f in (sample, ref)]
             _check_dims(*dims, label, sample, ref)
 
 
@@ -90,7 +94,7 @@ def calc_metrics(sample_path: str, ref_path: str, metrics: Sequence[str], option
     check_same_detector([sample, ref])
     dev = torch.device(options.device)
     logits = _sample_logits(sample, detector, dev, log) if "is" in metrics else None  # fail before long computations
-    _check_inputs(sample, ref, metrics)
+    _check_inputs(sample, ref, metrics, options)
     out: dict[str, float] = {}
     for metric, key, label in (("fid", "feat", "FID"), ("sfid", "s_feat", "sFID")):
         if metric in metrics:
