@@ -207,6 +207,13 @@ class Enhancement:
     brightness: float = 1.0
     color: float = 1.0
 
+    def __post_init__(self) -> None:
+        for name in ("contrast", "brightness", "color"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 100:
+                # NaN would turn every image black, a negative factor inverts it
+                raise ValueError(f"enhancement {name} must be a number from 0 to 100, got {value!r}")
+
     @property
     def enabled(self) -> bool:
         return (self.contrast, self.brightness, self.color) != (1.0, 1.0, 1.0)

@@ -95,9 +95,17 @@ class RelayPipeline:
         elif isinstance(class_labels, torch.Tensor) and class_labels.ndim == 2:
             if tuple(class_labels.shape) != (n, label_dim):
                 raise ValueError(f"class_labels must have shape {(n, label_dim)}, got {tuple(class_labels.shape)}")
+            if class_labels.is_floating_point() and not bool(torch.isfinite(class_labels).all()):
+                raise ValueError("class_labels must be finite (a NaN label makes every image of its sample NaN)")
             return class_labels.to(self.device, torch.float32)
         else:
-            index = [int(class_labels)] * n if isinstance(class_labels, (int, np.integer)) else [int(c) for c in class_labels]
+            try:  # int(nan) and int(inf) raise; 3.7 is no class index either
+                values = [class_labels] * n if isinstance(class_labels, (int, np.integer)) else list(class_labels)
+                index = [int(c) for c in values]
+                if any(int(c) != c for c in values):
+                    raise ValueError
+            except (TypeError, ValueError, OverflowError):
+                raise ValueError(f"class labels must be whole class indices, got {class_labels!r}") from None
             if not label_dim:
                 raise ValueError(f"class {index[0] if index else ''} was given but the network is unconditional "
                                  "(label_dim 0)")

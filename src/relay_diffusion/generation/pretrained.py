@@ -43,7 +43,10 @@ def _decode_config(cls: type, d: Any, where: str) -> Any:
     values = restore_non_finite(d, floats)
     if isinstance(values.get("guidance_interval"), list):
         values["guidance_interval"] = tuple(values["guidance_interval"])
-    return cls(**values)
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{where}: {exc}") from None
 
 
 def _network_dtype(path: str | None) -> torch.dtype | None:
