@@ -47,3 +47,22 @@ def test_pipeline_file_with_nan_brightness_is_refused(pipe, tmp_path):
     (tmp_path / "pipeline.json").write_text(json.dumps(doc))
     with pytest.raises(ValueError, match="pipeline.json: enhancement: enhancement brightness"):
         RelayPipeline.from_pretrained(tmp_path)
+
+
+def test_the_callers_default_dtype_changes_no_image(tmp_path):
+    from PIL import Image
+
+    from relay_diffusion.generation import generate_images
+
+    def images(folder):
+        generate_images(RelayPipeline.from_bundled("cpu"), [0, 1], str(folder), max_batch_size=2, progress=False)
+        return [Image.open(folder / f"{s:06d}.png").tobytes() for s in (0, 1)]
+
+    expected = images(tmp_path / "f32")
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        assert images(tmp_path / "f64") == expected
+        assert torch.get_default_dtype() == torch.float64  # the caller's setting is left as it was
+    finally:
+        torch.set_default_dtype(previous)

@@ -12,6 +12,7 @@ from typing import Any, Optional
 import torch
 
 from relay_diffusion.core.process import BlurProcess
+from relay_diffusion.utils.dtypes import float32_default
 
 REFERENCE_SUFFIXES = (".pkl", ".pt", ".pth")
 
@@ -55,6 +56,7 @@ _LOAD_ERRORS = (ValueError, KeyError, TypeError, RuntimeError, EOFError, Unicode
                 pickle.UnpicklingError, zipfile.BadZipFile)
 
 
+@float32_default
 def load_network_file(path: str | os.PathLike, device: torch.device | str = "cpu") -> NetworkFile:
     """:func:`load_network` plus the stage kind and forward process recorded in the file. A damaged or
     foreign file raises one ``ValueError`` naming it (truncated, zero-byte or random bytes, a config that
@@ -90,6 +92,7 @@ def _load_network_file(path: Path, device: torch.device | str) -> NetworkFile:
     return NetworkFile(load_safetensors_network(path, device), str(path), kind, process, condition, config)
 
 
+@float32_default
 def load_network(path: str | os.PathLike, device: torch.device | str = "cpu") -> torch.nn.Module:
     """A network in eval mode on ``device`` from ``.safetensors`` (+ JSON config) or a reference ``.pkl`` /
     ``.pt`` (imported without executing it, :mod:`relay_diffusion.checkpoints.reference`)."""

@@ -24,6 +24,7 @@ from relay_diffusion.core.rng import SeedGenerators
 from relay_diffusion.generation.configs import Enhancement
 from relay_diffusion.generation.stages import (DEFAULT_NET_BATCH, Stage, auto_net_batch, check_stages, net_info,
                                                takes_input)
+from relay_diffusion.utils.dtypes import float32_default
 from relay_diffusion.utils.images import to_uint8
 
 #: ``None`` (``seed % label_dim``, the reference's choice), one class for all, one class per seed, or one-hot
@@ -117,6 +118,7 @@ class RelayPipeline:
         return torch.eye(label_dim, device=self.device)[torch.tensor(index, dtype=torch.long, device=self.device)]
 
     @torch.no_grad()
+    @float32_default
     def run(self, seeds: Sequence[int], class_labels: ClassLabels = None, inputs: torch.Tensor | None = None,
             callback: StageCallback = None) -> list[torch.Tensor]:
         """Every stage's float64 output ``[N, C, H, W]`` (about [-1, 1]) for ``seeds``, in stage order.
@@ -151,6 +153,7 @@ class RelayPipeline:
 
     # --- files ---------------------------------------------------------------------------------------------
     @classmethod
+    @float32_default
     def from_pretrained(cls, folder: str | os.PathLike, device: torch.device | str = "cpu") -> "RelayPipeline":
         """A pipeline saved by :meth:`save_pretrained` or ``rdm export`` (``folder/pipeline.json`` + networks)."""
         from relay_diffusion.generation.pretrained import load_pretrained
@@ -158,6 +161,7 @@ class RelayPipeline:
         return load_pretrained(folder, device)
 
     @classmethod
+    @float32_default
     def from_bundled(cls, device: torch.device | str = "cpu") -> "RelayPipeline":
         """The bundled tiny emoji models (16x16 -> 64x64) with their sampler defaults."""
         from relay_diffusion.checkpoints.bundled import ASSETS

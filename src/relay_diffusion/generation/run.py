@@ -14,6 +14,7 @@ from relay_diffusion.generation.manifest import FILE as MANIFEST
 from relay_diffusion.generation.manifest import ManifestMismatch, check_manifest, describe, write_manifest
 from relay_diffusion.generation.pipeline import ClassLabels, RelayPipeline
 from relay_diffusion.generation.stages import net_info
+from relay_diffusion.utils.dtypes import float32_default
 from relay_diffusion.core.rng import parse_int_list
 
 
@@ -31,6 +32,7 @@ class NonFiniteSamplesError(ValueError):
     """The sampler produced NaN or infinite values; no image was written for those seeds."""
 
 
+@float32_default
 def generate_images(
     pipeline: RelayPipeline,
     seeds: Sequence[int],
