@@ -302,3 +302,23 @@ def test_decompression_bomb_png_in_indir_is_one_error_line(tmp_path, side):
     assert res.returncode != 0 and str(bomb) in res.stderr and "decompression bomb" in res.stderr, res.stderr
     assert "Traceback" not in res.stderr
     assert rss < 1.0
+
+
+def test_a_sub_folder_that_cannot_be_listed_is_an_error_not_a_skip(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from relay_diffusion.data.files import list_files
+
+    (tmp_path / "data" / "locked").mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "data" / "a.png")
+    real = os.scandir
+
+    def scandir(path="."):
+        if str(path).endswith("locked"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(ValueError, match="locked.*Permission denied"):
+        list_files(tmp_path / "data")

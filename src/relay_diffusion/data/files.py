@@ -63,7 +63,12 @@ def list_files(path: str | os.PathLike) -> list[str]:
     path = check_dataset_path(path)
     if os.path.isdir(path):
         names = []
-        for root, dirs, files in os.walk(path):
+
+        def unreadable(exc: OSError) -> None:  # os.walk skips a folder it cannot list, silently by default
+            raise ValueError(f"cannot list {exc.filename or path!r} in the dataset {path!r}: "
+                             f"{exc.strerror or exc}") from None
+
+        for root, dirs, files in os.walk(path, onerror=unreadable):
             dirs.sort()
             rel = os.path.relpath(root, path)
             for f in files:
