@@ -162,3 +162,24 @@ def test_disk_full_during_a_state_write_is_one_line_and_keeps_the_previous_state
     for name in before:
         if name.startswith("training-state-"):
             assert (out / name).read_bytes() == before[name]
+
+
+@pytest.mark.parametrize("nosubdir", [[], ["--nosubdir"]])
+def test_an_outdir_inside_the_data_folder_is_refused(tmp_path, data, nosubdir):
+    import zipfile
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    with zipfile.ZipFile(data) as zf:
+        zf.extractall(folder)
+    before = sorted(p.relative_to(folder) for p in folder.rglob("*"))
+    clean_error(train(folder / "runs", folder, *nosubdir), "--outdir", "inside the data folder")
+    assert sorted(p.relative_to(folder) for p in folder.rglob("*")) == before
+
+
+def test_a_transfer_file_with_a_damaged_header_is_one_line(tmp_path, data):
+    bad = tmp_path / "net.safetensors"
+    bad.write_bytes(b"\xff" * 8 + b"{not json")
+    clean_error(train(tmp_path / "runs", data, f"--transfer={bad}"), "--transfer", "net.safetensors",
+                "not a readable safetensors file")
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())

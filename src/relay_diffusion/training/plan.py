@@ -222,12 +222,22 @@ def plan_training(cfg: TrainingConfig, world_size: Optional[int] = None) -> Trai
     if cfg.resume is None and cfg.nosubdir and run_files(Path(cfg.outdir)):
         raise ConfigError("--nosubdir", f"{cfg.outdir} already holds a training run ({', '.join(run_files(Path(cfg.outdir))[:3])}"
                                         "); continue it with --resume, or choose another --outdir")
+    if os.path.isdir(cfg.data) and Path(cfg.outdir).resolve().is_relative_to(Path(cfg.data).resolve()):
+        # its sample grids and snapshots would become part of the data set of the next run
+        raise ConfigError("--outdir", f"{cfg.outdir} is inside the data folder {cfg.data}; write runs elsewhere")
     if cfg.transfer is not None:
         if not os.path.isfile(cfg.transfer):
             raise ConfigError("--transfer", f"no such file: {cfg.transfer}")
         if not cfg.transfer.endswith(".safetensors"):
             raise ConfigError("--transfer", "expected a .safetensors network snapshot; convert reference "
                                             ".pkl/.pt files first with `rdm convert`")
+        from relay_diffusion.checkpoints.snapshot import file_shapes
+
+        try:
+            file_shapes(cfg.transfer)
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type for a damaged header
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ConfigError("--transfer", f"{cfg.transfer} is not a readable safetensors file ({reason})") from None
     return TrainingPlan(config=cfg, world_size=world_size, batch_gpu=batch_gpu, rounds=rounds, dataset=info,
                         network=network, loss=loss_spec(cfg), resume_state=resume_state,
                         resume_in_place=in_place, notes=notes)
