@@ -128,4 +128,6 @@ def parse_seeds(text: str, option: str = "--seeds", max_count: int = 10_000_000)
         raise click.BadParameter(f"{text!r} is not a list of seeds like 0-63,100 ({exc})", param_hint=option)
     if not seeds or min(seeds) < 0:
         raise click.BadParameter(f"{text!r}: seeds must be non-negative and at least one", param_hint=option)
+    if max(seeds) >= 1 << 63:  # seeds are stored as 64-bit signed integers (manifests, tensors of positions)
+        raise click.BadParameter(f"{text!r}: seeds must be below 2**63, got {max(seeds)}", param_hint=option)
     return seeds

@@ -47,18 +47,28 @@ def check_images(indir: str | os.PathLike, seeds: Sequence[int]) -> None:
                                 f"<thousands>/<seed>.png and <seed>.png):\n  " + "\n  ".join(missing))
 
 
-def load_images(indir: str | os.PathLike, seeds: Sequence[int]) -> torch.Tensor:
+def load_images(indir: str | os.PathLike, seeds: Sequence[int],
+                shape: tuple[int, int, int] | None = None) -> torch.Tensor:
     """Read the PNGs of ``seeds`` from ``indir`` as float64 ``[N, C, H, W]``: ``v / 127.5 - 1`` (docs/math.md §8).
-    Every missing file is listed in one ``FileNotFoundError``."""
+    Every missing file is listed in one ``FileNotFoundError``; an image that is not 8-bit grey or RGB, or not of
+    ``shape`` ``(C, H, W)`` when given, is a ``ValueError`` naming it."""
     check_images(indir, seeds)
     paths = {s: find_image(indir, s) for s in seeds}
     images = []
     for seed, path in paths.items():
         try:
             with open_image(path) as img:  # a decompression bomb is refused before decoding
+                if img.mode not in ("L", "RGB"):  # RGBA, palette, 16-bit: no stage wrote it
+                    raise ValueError(f"{path}: a {img.mode} image; the inputs are 8-bit grey or RGB PNGs")
                 images.append(from_uint8(np.asarray(img)))
-        except (OSError, ValueError, SyntaxError) as exc:
+        except (OSError, SyntaxError) as exc:
             raise ValueError(f"{path}: not a readable image ({exc})") from exc
+        except ValueError as exc:
+            raise ValueError(str(exc) if str(exc).startswith(str(path)) else f"{path}: {exc}") from None
+        if shape is not None and tuple(images[-1].shape[1:]) != tuple(shape):
+            c, h, w = images[-1].shape[1:]
+            raise ValueError(f"{path}: {w}x{h} with {c} channel(s); this pipeline's first stage takes "
+                             f"{shape[2]}x{shape[1]} with {shape[0]}")
     shapes = {tuple(x.shape[1:]) for x in images}
     if len(shapes) > 1:
         raise ValueError(f"input images in {indir} have different shapes: {sorted(shapes)}")

@@ -86,7 +86,7 @@ def generate_images(
     with tqdm(total=len(todo), unit="img", disable=not progress, dynamic_ncols=True) as bar:
         for start in range(0, len(todo), max_batch_size):
             batch = todo[start : start + max_batch_size]
-            inputs = load_images(indir, batch) if pipeline.input_shape is not None else None
+            inputs = load_images(indir, batch, pipeline.input_shape) if pipeline.input_shape is not None else None
             out = pipeline(batch, class_labels=class_labels, inputs=inputs)
             finite = torch.isfinite(out.samples).flatten(1).all(1).tolist()
             good = [i for i, ok in enumerate(finite) if ok]
