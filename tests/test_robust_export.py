@@ -83,3 +83,29 @@ def test_generate_never_writes_over_its_own_inputs(tmp_path, overwrite):
                                    "--device=cpu", "--sampler_stages=second", *overwrite])
     assert res.exit_code != 0 and "is the input folder --indir" in res.output and "Traceback" not in res.output
     assert files(folder) == before
+
+
+def _full_disk(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_convert_on_a_full_disk_is_one_line(tmp_path, monkeypatch):
+    import relay_diffusion.checkpoints.snapshot as snapshot
+    from test_reference_import import tiny_network, write_reference_pkl
+
+    write_reference_pkl(tmp_path / "net.pkl", tiny_network(8, label_dim=0, seed=1), tmp_path / "marker")
+    monkeypatch.setattr(snapshot, "save_network", _full_disk)
+    res = CliRunner().invoke(rdm, ["convert", str(tmp_path / "net.pkl"), str(tmp_path / "out")])
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    assert res.output.strip().splitlines() == [f"Error: cannot write {tmp_path / 'out'}: No space left on device"]
+
+
+def test_demo_on_a_full_disk_is_one_line(tmp_path, monkeypatch):
+    import relay_diffusion.utils.images as images
+
+    monkeypatch.setattr(images, "save_png", _full_disk)
+    res = CliRunner().invoke(rdm, ["demo", f"--outdir={tmp_path / 'demo'}", "--seeds=0-3", "--num_steps_first=2",
+                                   "--num_steps_second=2", "--device=cpu"])
+    assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+    last = res.output.strip().splitlines()[-1]  # after the progress bars' carriage returns
+    assert last.endswith(f"Error: cannot write into {tmp_path / 'demo'}: No space left on device"), last

@@ -27,7 +27,10 @@ def convert(src: str, dest: str, key: str, fp16: bool) -> None:
         net = load_reference_network(src, "cpu", key=key) if key != "ema" else load_network_file(src, "cpu").net
     except (ValueError, OSError, pickle.UnpicklingError, EOFError) as exc:
         raise click.ClickException(str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)) from exc
-    path = save_network(net, dest, extra={"source": click.format_filename(src), "source_key": key},
-                        dtype=torch.float16 if fp16 else None)
+    try:
+        path = save_network(net, dest, extra={"source": click.format_filename(src), "source_key": key},
+                            dtype=torch.float16 if fp16 else None)
+    except OSError as exc:  # a full disk, a read-only or missing folder: the atomic write left nothing behind
+        raise click.ClickException(f"cannot write {dest}: {exc.strerror or exc}") from None
     params = sum(p.numel() for p in net.parameters())
     click.echo(f"{type(net).__name__} ({params:,} parameters) -> {path} and {path.with_suffix('.json')}")

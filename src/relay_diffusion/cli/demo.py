@@ -89,11 +89,14 @@ def demo(outdir: str, seeds: str, trajectory_seed: int | None, network_first: st
     start = F.interpolate(low, scale_factor=up_scale, mode="nearest")
     out = Path(outdir)
     cols = int(np.ceil(np.sqrt(len(seed_list))))
-    relay = save_grid(to_uint8(high), out / "relay-grid.png", cols=cols)
-    stage1 = save_grid(to_uint8(start), out / "stage1-grid.png", cols=cols)
     steps = [start[shown:shown + 1]] + trajectory
-    traj = save_grid(np.concatenate([to_uint8(x) for x in steps]), out / "relay-trajectory.png", cols=len(steps),
-                     scale=2)
+    try:
+        relay = save_grid(to_uint8(high), out / "relay-grid.png", cols=cols)
+        stage1 = save_grid(to_uint8(start), out / "stage1-grid.png", cols=cols)
+        traj = save_grid(np.concatenate([to_uint8(x) for x in steps]), out / "relay-trajectory.png",
+                         cols=len(steps), scale=2)
+    except OSError as exc:  # each grid is written atomically: none is left half-written
+        raise click.ClickException(f"cannot write into {out}: {exc.strerror or exc}") from None
     r1, r2 = pipeline.stages[0].resolution, pipeline.stages[1].resolution
     click.echo(f"{len(seed_list)} samples relayed {r1}x{r1} -> {r2}x{r2}:")
     click.echo(f"  relayed samples:  {relay}")
