@@ -63,16 +63,11 @@ class BlurProcess:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "BlurProcess":
+    def from_dict(cls, d: Mapping[str, Any], where: str = "forward process") -> "BlurProcess":
         """Inverse of :meth:`to_dict`; unknown keys are an error. Also reads the reference's names."""
-        d = {REFERENCE_NAMES.get(k, k): v for k, v in d.items()}
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown forward-process settings {unknown}")
-        if "up_scale" in d:
-            d["up_scale"] = int(d["up_scale"])
-        return cls(**d).validate()
+        from relay_diffusion.utils.strict import decode
+
+        return decode(cls, d, where, "forward-process settings", aliases=REFERENCE_NAMES)
 
     def differences(self, other: "BlurProcess") -> dict[str, tuple[Any, Any]]:
         """``{field: (self's value, other's value)}`` for every field where the two differ."""

@@ -52,17 +52,10 @@ class SRCondition:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "SRCondition":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown super-resolution settings {unknown}")
-        d = dict(d)
-        if "up_scale" in d:
-            d["up_scale"] = int(d["up_scale"])
-        if "noise_aug" in d:
-            d["noise_aug"] = float(d["noise_aug"])
-        return cls(**d).validate()
+    def from_dict(cls, d: Mapping[str, Any], where: str = "super-resolution condition") -> "SRCondition":
+        from relay_diffusion.utils.strict import decode
+
+        return decode(cls, d, where, "super-resolution settings")
 
 
 def downsample(images: torch.Tensor, up_scale: int) -> torch.Tensor:

@@ -18,7 +18,8 @@ from relay_diffusion.core.sr import SRCondition
 from relay_diffusion.generation.configs import EDMStageConfig, Enhancement, RelayStageConfig, SRStageConfig
 from relay_diffusion.generation.pipeline import RelayPipeline
 from relay_diffusion.generation.stages import EDMStage, RelayStage, SRStage, stage_extras
-from relay_diffusion.utils.jsonio import dumps_strict, restore_non_finite
+from relay_diffusion.utils.jsonio import dumps_strict
+from relay_diffusion.utils.strict import decode
 
 FORMAT = "relay-diffusion/pipeline-1"
 FILE = "pipeline.json"
@@ -33,20 +34,10 @@ STAGE_KEYS = frozenset({"kind", "network", "sampler", "process", "condition"})
 
 
 def _decode_config(cls: type, d: Any, where: str) -> Any:
-    if not isinstance(d, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(d).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - set(fields))
-    if unknown:
-        raise ValueError(f"{where}: unknown settings {unknown}")
+    """A sampler or enhancement config of ``pipeline.json`` (strict: :func:`relay_diffusion.utils.strict.decode`;
+    the noise-level bounds may be ``"inf"``)."""
     floats = [f.name for f in dataclasses.fields(cls) if "float" in str(f.type)]
-    values = restore_non_finite(d, floats)
-    if isinstance(values.get("guidance_interval"), list):
-        values["guidance_interval"] = tuple(values["guidance_interval"])
-    try:
-        return cls(**values)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{where}: {exc}") from None
+    return decode(cls, d, where, non_finite=floats)
 
 
 def _network_dtype(path: str | None) -> torch.dtype | None:
@@ -151,12 +142,13 @@ def load_pretrained(folder: str | os.PathLike, device: torch.device | str = "cpu
             stages.append(EDMStage(file.net, _decode_config(EDMStageConfig, entry.get("sampler", {}), where),
                                    source=file.path))
         elif entry["kind"] == "sr":
-            condition = (SRCondition.from_dict(entry["condition"]) if "condition" in entry
+            condition = (SRCondition.from_dict(entry["condition"], f"{where}: condition") if "condition" in entry
                          else file.condition or SRCondition())
             stages.append(SRStage(file.net, _decode_config(SRStageConfig, entry.get("sampler", {}), where),
                                   condition, source=file.path))
         else:
-            process = BlurProcess.from_dict(entry["process"]) if "process" in entry else file.process or BlurProcess()
+            process = (BlurProcess.from_dict(entry["process"], f"{where}: process") if "process" in entry
+                       else file.process or BlurProcess())
             stages.append(RelayStage(file.net, _decode_config(RelayStageConfig, entry.get("sampler", {}), where),
                                      process, source=file.path))
     enhancement = _decode_config(Enhancement, doc.get("enhancement", {}), f"{path}: enhancement")

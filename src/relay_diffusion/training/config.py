@@ -188,13 +188,13 @@ class TrainingConfig:
         return json.dumps(self.to_dict(), indent=2)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainingConfig":
-        """Inverse of :meth:`to_dict`; unknown keys are an error, not silently new fields."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown training options {unknown}")
-        return cls(**d)
+    def from_dict(cls, d: dict[str, Any], where: str = "training options") -> "TrainingConfig":
+        """Inverse of :meth:`to_dict`, strict (:mod:`relay_diffusion.utils.strict`): unknown keys and values of
+        another type (``"cond": "no"``, ``"lr": 1e999``) are errors naming the field; ranges are checked later
+        (:meth:`validate`)."""
+        from relay_diffusion.utils.strict import decode
+
+        return decode(cls, d, where, "training options", validate=False)
 
 
 def saved_config(path: str) -> dict[str, Any]:
@@ -205,12 +205,13 @@ def saved_config(path: str) -> dict[str, Any]:
     (``--config``) for a missing or malformed file.
     """
     try:
-        with open(path) as f:
-            options = json.load(f)
+        with open(path, "rb") as f:
+            options = json.loads(f.read(16 << 20).decode("utf-8"))
     except OSError as exc:
         raise ConfigError("--config", f"cannot read {path}: {exc.strerror or exc}") from None
-    except json.JSONDecodeError as exc:
-        raise ConfigError("--config", f"{path} is not JSON: {exc}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise ConfigError("--config", f"{path} is not JSON: {reason}") from None
     if not isinstance(options, dict) or not isinstance(options.get("config"), dict):
         raise ConfigError("--config", f"{path} has no \"config\" section (expected a training_options.json)")
     values = dict(options["config"])
@@ -218,9 +219,9 @@ def saved_config(path: str) -> dict[str, Any]:
         values["seed"] = options["seed"]
     values["resume"] = None
     try:
-        return TrainingConfig.from_dict(values).to_dict()
+        return TrainingConfig.from_dict(values, where=str(path)).to_dict()
     except (TypeError, ValueError) as exc:
-        raise ConfigError("--config", f"{path}: {exc}") from None
+        raise ConfigError("--config", str(exc) if str(exc).startswith(str(path)) else f"{path}: {exc}") from None
 
 
 #: Options a resumed run may change: they decide how long, where and how fast it runs, not what it computes.
