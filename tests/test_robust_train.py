@@ -183,3 +183,18 @@ def test_a_transfer_file_with_a_damaged_header_is_one_line(tmp_path, data):
     clean_error(train(tmp_path / "runs", data, f"--transfer={bad}"), "--transfer", "net.safetensors",
                 "not a readable safetensors file")
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_torch_s_own_write_error_on_a_full_disk_is_an_os_error(tmp_path, monkeypatch):
+    """torch.save to a full disk raises a RuntimeError from its zip writer: here the real one, from /dev/full."""
+    import torch
+
+    import relay_diffusion.training.state as state
+
+    real_save = torch.save
+    monkeypatch.setattr(state.torch, "save", lambda obj, f: real_save(obj, "/dev/full"))
+    net = torch.nn.Linear(64, 64)
+    with pytest.raises(OSError, match="cannot write the training state") as info:
+        state.save_state(tmp_path / "s.pt", net, net, torch.optim.SGD(net.parameters(), lr=1), 1, 8, 0, {})
+    assert info.value.filename == str(tmp_path / "s.pt") and "\n" not in str(info.value)
+    assert list(tmp_path.iterdir()) == []

@@ -7,6 +7,7 @@ resolved options. No code and no pickled objects: loading cannot execute anythin
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 from pathlib import Path
@@ -42,7 +43,11 @@ def save_state(path: Path, net: torch.nn.Module, ema: torch.nn.Module, optimizer
     if phema is not None:  # PowerEMATracker.state_dict(): {"sigma_rels": [...], "emas": [state_dict, ...]}
         state["phema"] = _cpu(phema)
     with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+        try:
+            torch.save(state, tmp)
+        except RuntimeError as exc:  # torch's zip writer reports a full disk as "[enforce fail at inline_container..."
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise OSError(errno.EIO, f"cannot write the training state ({first})", str(path)) from None
 
 
 def load_state(path: str | os.PathLike) -> dict[str, Any]:
