@@ -306,3 +306,32 @@ def test_disk_full_names_the_file_and_leaves_the_old_output(tmp_path, monkeypatc
         out = refused(rdm("--source", str(src), "--dest", str(tmp_path / dest), "--overwrite"),
                       "no space left on device", dest)
     assert "unexpected pos" not in out
+
+
+def test_ctrl_c_during_a_build_with_workers_is_one_line_and_leaves_nothing(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    src = tmp_path / "src"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(1500):
+        PIL.Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(src / f"{i:05d}.png")
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "relay_diffusion", "dataset", f"--source={src}",
+                             f"--dest={out / 'data.zip'}", "--resolution=32x32", "--workers=2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and not any(out.iterdir()) and proc.poll() is None:
+        time.sleep(0.05)  # until the output's temporary file exists: the build is under way
+    time.sleep(0.3)
+    assert proc.poll() is None, "the build ended before it could be interrupted"
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole process group
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+    assert list(out.iterdir()) == []

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import multiprocessing
 import os
+import signal
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -210,6 +211,13 @@ def _first_channels(source: Source, background: Sequence[int]) -> int:
     return 3
 
 
+def _ignore_interrupts() -> None:
+    """In a decoding worker: Ctrl-C (sent to the whole process group) is the main process's to handle. It
+    stops the build, the pool is terminated and the outputs' temporary files removed; without this, every
+    worker printed its own KeyboardInterrupt traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _pool_context() -> Any:
     """Worker processes started from a clean server process, not forked from this one: a fork of a process
     whose other threads hold locks (torch's or OpenBLAS's pools, in a library caller) can hang in the child."""
@@ -341,7 +349,8 @@ def _build(src: Source, dests: Mapping[Size | None, str], options: BuildOptions,
     with ExitStack() as stack:
         writers = [stack.enter_context(DatasetWriter(dests[s], options.overwrite)) for s in sizes]
         # The pool starts before the progress bar's thread exists; leaving the block terminates it.
-        pool = stack.enter_context(_pool_context().Pool(workers)) if workers > 1 else None
+        pool = stack.enter_context(_pool_context().Pool(workers, initializer=_ignore_interrupts)) \
+            if workers > 1 else None
         bar = stack.enter_context(tqdm.tqdm(total=total, unit="img", disable=not options.progress or None))
         results = _process(src, spec, pool, workers, batch)
         stack.callback(results.close)  # closes the source
