@@ -318,3 +318,12 @@ def test_too_few_rows_names_the_file_and_the_metric_before_any_figure(tmp_path, 
                            f"--activations_sample={few}", f"--activations_ref={ref}", "--device=cpu"),
                   "few.npz", needle)
     assert f"has {rows} rows" in out
+
+
+def test_a_non_finite_late_figure_prints_no_earlier_figure(tmp_path, monkeypatch):
+    import relay_diffusion.metrics.scores as scores
+
+    sample, ref = write_npz(tmp_path / "s.npz", acts(0)), write_npz(tmp_path / "r.npz", acts(1))
+    monkeypatch.setattr(scores, "kernel_inception_distance", lambda *a, **k: (float("nan"), float("nan")))
+    refused(calc(sample, ref, f"--json={tmp_path / 'm.json'}"), "KID", "not finite")  # no FID line before it
+    assert not (tmp_path / "m.json").exists()

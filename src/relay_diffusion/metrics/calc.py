@@ -96,6 +96,7 @@ def calc_metrics(sample_path: str, ref_path: str, metrics: Sequence[str], option
     logits = _sample_logits(sample, detector, dev, log) if "is" in metrics else None  # fail before long computations
     _check_inputs(sample, ref, metrics, options)
     out: dict[str, float] = {}
+    lines: list[str] = []  # printed once every figure is computed and finite: never a figure, then an error
     for metric, key, label in (("fid", "feat", "FID"), ("sfid", "s_feat", "sFID")):
         if metric in metrics:
             mu1, sigma1 = sample.statistics(key, options.block, dev)
@@ -103,22 +104,23 @@ def calc_metrics(sample_path: str, ref_path: str, metrics: Sequence[str], option
             _check_dims(mu1.shape[0], mu2.shape[0], label, sample, ref)
             out[metric] = scores.frechet_distance(mu1, sigma1, mu2, sigma2)
             _check_finite(out, sample, ref)
-            log(f"{label}: {out[metric]:g}")
+            lines.append(f"{label}: {out[metric]:g}")
     if "is" in metrics:
         out["is"], out["is_std"] = scores.inception_score(logits, options.is_split_size)
         _check_finite(out, sample, ref)
-        log(f"Inception Score: {out['is']:g} (std over splits {out['is_std']:g})")
+        lines.append(f"Inception Score: {out['is']:g} (std over splits {out['is_std']:g})")
     if "pr" in metrics or "kid" in metrics:
         feat_s, feat_r = sample.features("feat"), ref.features("feat")
         _check_dims(feat_s.shape[1], feat_r.shape[1], "feat", sample, ref)
         if "pr" in metrics:
             out["precision"], out["recall"] = scores.precision_recall(feat_r, feat_s, options.pr_k, options.block, dev)
             _check_finite(out, sample, ref)
-            log(f"Precision: {out['precision']:g}")
-            log(f"Recall: {out['recall']:g}")
+            lines += [f"Precision: {out['precision']:g}", f"Recall: {out['recall']:g}"]
         if "kid" in metrics:
             out["kid"], out["kid_std"] = scores.kernel_inception_distance(
                 feat_s, feat_r, options.kid_subsets, options.kid_subset_size, options.kid_seed, device=dev)
             _check_finite(out, sample, ref)
-            log(f"KID: {out['kid']:g} (std over subsets {out['kid_std']:g})")
+            lines.append(f"KID: {out['kid']:g} (std over subsets {out['kid_std']:g})")
+    for line in lines:
+        log(line)
     return out
