@@ -325,5 +325,5 @@ def test_a_non_finite_late_figure_prints_no_earlier_figure(tmp_path, monkeypatch
 
     sample, ref = write_npz(tmp_path / "s.npz", acts(0)), write_npz(tmp_path / "r.npz", acts(1))
     monkeypatch.setattr(scores, "kernel_inception_distance", lambda *a, **k: (float("nan"), float("nan")))
-    refused(calc(sample, ref, f"--json={tmp_path / 'm.json'}"), "KID", "not finite")  # no FID line before it
+    refused(calc(sample, ref, f"--json={tmp_path / 'm.json'}"), "kid = nan", "not finite")  # no FID line before it
     assert not (tmp_path / "m.json").exists()
