@@ -158,7 +158,7 @@ class RelayPipeline:
         """A pipeline saved by :meth:`save_pretrained` or ``rdm export`` (``folder/pipeline.json`` + networks)."""
         from relay_diffusion.generation.pretrained import load_pretrained
 
-        return load_pretrained(folder, device)
+        return cls(**load_pretrained(folder, device))
 
     @classmethod
     @float32_default

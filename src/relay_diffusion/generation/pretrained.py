@@ -9,17 +9,19 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from relay_diffusion.core.process import BlurProcess
 from relay_diffusion.core.sr import SRCondition
 from relay_diffusion.generation.configs import EDMStageConfig, Enhancement, RelayStageConfig, SRStageConfig
-from relay_diffusion.generation.pipeline import RelayPipeline
 from relay_diffusion.generation.stages import EDMStage, RelayStage, SRStage, stage_extras
 from relay_diffusion.utils.jsonio import dumps_strict
 from relay_diffusion.utils.strict import decode
+
+if TYPE_CHECKING:  # pipeline.py imports this module (lazily); a run-time import back would make a circle
+    from relay_diffusion.generation.pipeline import RelayPipeline
 
 FORMAT = "relay-diffusion/pipeline-1"
 FILE = "pipeline.json"
@@ -56,7 +58,7 @@ def _network_dtype(path: str | None) -> torch.dtype | None:
     return None
 
 
-def save_pretrained(pipeline: RelayPipeline, folder: str | os.PathLike, overwrite: bool = True) -> Path:
+def save_pretrained(pipeline: "RelayPipeline", folder: str | os.PathLike, overwrite: bool = True) -> Path:
     """Write every stage's network and ``pipeline.json`` into ``folder``; returns the JSON's path.
 
     Everything is written into a temporary folder beside ``folder`` first and moved in only when complete, so
@@ -97,7 +99,7 @@ def save_pretrained(pipeline: RelayPipeline, folder: str | os.PathLike, overwrit
     return folder / FILE
 
 
-def pipeline_json(pipeline: RelayPipeline, networks: list[str]) -> str:
+def pipeline_json(pipeline: "RelayPipeline", networks: list[str]) -> str:
     """The text of ``pipeline.json`` for ``pipeline`` whose stages' networks are the files ``networks``."""
     stages = []
     for stage, name in zip(pipeline.stages, networks):
@@ -109,8 +111,9 @@ def pipeline_json(pipeline: RelayPipeline, networks: list[str]) -> str:
     return dumps_strict(doc, indent=2) + "\n"
 
 
-def load_pretrained(folder: str | os.PathLike, device: torch.device | str = "cpu") -> RelayPipeline:
-    """The pipeline of ``folder/pipeline.json``; errors name the file and the entry."""
+def load_pretrained(folder: str | os.PathLike, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """What ``folder/pipeline.json`` describes, as the keyword arguments of :class:`RelayPipeline` (``stages``,
+    ``enhancement``, ``net_batch``); errors name the file and the entry."""
     from relay_diffusion.checkpoints.loading import load_network_file
 
     folder = Path(folder)
@@ -152,7 +155,7 @@ def load_pretrained(folder: str | os.PathLike, device: torch.device | str = "cpu
             stages.append(RelayStage(file.net, _decode_config(RelayStageConfig, entry.get("sampler", {}), where),
                                      process, source=file.path))
     enhancement = _decode_config(Enhancement, doc.get("enhancement", {}), f"{path}: enhancement")
-    return RelayPipeline(stages, enhancement=enhancement, net_batch=_net_batch(doc.get("net_batch"), path))
+    return {"stages": stages, "enhancement": enhancement, "net_batch": _net_batch(doc.get("net_batch"), path)}
 
 
 def _net_batch(value: Any, path: Path) -> int | None:
