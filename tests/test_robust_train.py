@@ -198,3 +198,14 @@ def test_torch_s_own_write_error_on_a_full_disk_is_an_os_error(tmp_path, monkeyp
         state.save_state(tmp_path / "s.pt", net, net, torch.optim.SGD(net.parameters(), lr=1), 1, 8, 0, {})
     assert info.value.filename == str(tmp_path / "s.pt") and "\n" not in str(info.value)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_network_that_cannot_be_built_is_one_line_naming_it(tmp_path, data, monkeypatch):
+    from relay_diffusion.training.plan import NetworkSpec
+
+    def refuse(self):
+        raise ValueError("channel_mult and attention resolutions do not fit")
+
+    monkeypatch.setattr(NetworkSpec, "build", refuse)
+    clean_error(train(tmp_path / "runs", data), "--arch", "cannot build the EDMPrecond network",
+                "do not fit")

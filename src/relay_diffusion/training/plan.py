@@ -268,15 +268,13 @@ def saved_run_config(resume_state: str, in_place: bool) -> Optional[dict[str, An
     return {k: v for k, v in config.items() if k in known and k != "resume"}
 
 
-def _check_network_builds(network: dict[str, Any]) -> None:
+def _check_network_builds(network: NetworkSpec) -> None:
     """Build the network without memory (meta device), so a bad size override fails now, not mid-setup."""
-    from relay_diffusion.networks.precond import build_network
-
     try:
         with torch.device("meta"):
             network.build()
-    except (ValueError, TypeError, AssertionError) as exc:
-        raise ConfigError("--arch", f"cannot build the {network['precond']} network: {exc}") from exc
+    except (ValueError, TypeError, AssertionError, ZeroDivisionError) as exc:
+        raise ConfigError("--arch", f"cannot build the {network.precond} network: {exc}") from exc
 
 
 def run_dir_name(plan: TrainingPlan) -> str:
