@@ -299,3 +299,21 @@ def test_reduced_precision_on_cuda(precision):
         assert out.dtype == torch.float32
         assert torch.equal(net(x, sigma, labels, force_fp32=True, augment_labels=aug), exact)
     assert rel_err(out, exact.cpu().numpy()) < 0.1
+
+
+def test_architecture_presets_are_typed_and_the_imagenet256_network_is_named():
+    import dataclasses
+
+    from relay_diffusion.networks.precond import ARCH_PRESETS, arch_config, arch_preset
+
+    assert all(dataclasses.is_dataclass(p) for p in ARCH_PRESETS.values())
+    assert arch_preset("adm", 256) is ARCH_PRESETS["adm-imagenet256"] and arch_preset("adm", 64) is ARCH_PRESETS["adm"]
+    assert arch_config("adm", 256) == dict(model_type="DhariwalUNet", model_channels=256,
+                                           channel_mult=[1, 1, 2, 2, 4, 4], num_blocks=2)
+    assert arch_config("ddpmpp", 256)["model_type"] == "SongUNet"  # only ADM has a resolution-specific preset
+    for name, preset in ARCH_PRESETS.items():
+        with torch.device("meta"):
+            net = build_network("EDMPrecond", img_resolution=32, img_channels=3, **preset.kwargs())
+        assert sum(p.numel() for p in net.parameters()) > 1e6, name
+    with pytest.raises(ValueError, match="arch must be one of"):
+        arch_preset("unet", 64)

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -384,20 +385,59 @@ def build_network(precond: str, **init_kwargs: Any) -> nn.Module:
     return PRECONDS[precond](**init_kwargs)
 
 
+@dataclass(frozen=True)
+class SongUNetArch:
+    """A DDPM++ / NCSN++ preset (EDM's ``--arch ddpmpp`` / ``ncsnpp``): :class:`SongUNet`'s arguments."""
+
+    embedding_type: str
+    encoder_type: str
+    decoder_type: str
+    channel_mult_noise: int
+    resample_filter: tuple[int, ...]
+    model_channels: int = 128
+    channel_mult: tuple[int, ...] = (2, 2, 2)
+
+    def kwargs(self) -> dict[str, Any]:
+        return dict(model_type="SongUNet", embedding_type=self.embedding_type, encoder_type=self.encoder_type,
+                    decoder_type=self.decoder_type, channel_mult_noise=self.channel_mult_noise,
+                    resample_filter=list(self.resample_filter), model_channels=self.model_channels,
+                    channel_mult=list(self.channel_mult))
+
+
+@dataclass(frozen=True)
+class DhariwalUNetArch:
+    """An ADM preset: :class:`DhariwalUNet`'s width, levels and (when not the class default) blocks per level."""
+
+    model_channels: int
+    channel_mult: tuple[int, ...]
+    num_blocks: Optional[int] = None
+
+    def kwargs(self) -> dict[str, Any]:
+        out = dict(model_type="DhariwalUNet", model_channels=self.model_channels, channel_mult=list(self.channel_mult))
+        if self.num_blocks is not None:
+            out["num_blocks"] = self.num_blocks
+        return out
+
+
+#: The architecture presets by name. ``adm-imagenet256`` is RDM's ImageNet-256 stage-2 network.
+ARCH_PRESETS: dict[str, SongUNetArch | DhariwalUNetArch] = {
+    "ddpmpp": SongUNetArch("positional", "standard", "standard", 1, (1, 1)),
+    "ncsnpp": SongUNetArch("fourier", "residual", "standard", 2, (1, 3, 3, 1)),
+    "adm": DhariwalUNetArch(192, (1, 2, 3, 4)),
+    "adm-imagenet256": DhariwalUNetArch(256, (1, 1, 2, 2, 4, 4), num_blocks=2),
+}
+#: Where the reference's ``--arch`` means another preset at one resolution: its ``adm`` at 256x256 is the
+#: ImageNet-256 stage-2 network.
+ARCH_AT_RESOLUTION: dict[tuple[str, int], str] = {("adm", 256): "adm-imagenet256"}
+
+
+def arch_preset(arch: str, resolution: int) -> SongUNetArch | DhariwalUNetArch:
+    """The preset that ``--arch arch`` names for a network of ``resolution`` x ``resolution``."""
+    if arch not in ARCH_PRESETS:
+        raise ValueError(f"arch must be one of {sorted(ARCH_PRESETS)}, got {arch!r}")
+    return ARCH_PRESETS[ARCH_AT_RESOLUTION.get((arch, resolution), arch)]
+
+
 def arch_config(arch: str, resolution: int) -> dict[str, Any]:
-    """Backbone kwargs of the named preset (EDM's ``--arch``): 'ddpmpp', 'ncsnpp' or 'adm'."""
-    if arch == "ddpmpp":
-        return dict(
-            model_type="SongUNet", embedding_type="positional", encoder_type="standard", decoder_type="standard",
-            channel_mult_noise=1, resample_filter=[1, 1], model_channels=128, channel_mult=[2, 2, 2],
-        )
-    if arch == "ncsnpp":
-        return dict(
-            model_type="SongUNet", embedding_type="fourier", encoder_type="residual", decoder_type="standard",
-            channel_mult_noise=2, resample_filter=[1, 3, 3, 1], model_channels=128, channel_mult=[2, 2, 2],
-        )
-    if arch == "adm":
-        if resolution == 256:  # the RDM ImageNet-256 stage-2 network
-            return dict(model_type="DhariwalUNet", model_channels=256, channel_mult=[1, 1, 2, 2, 4, 4], num_blocks=2)
-        return dict(model_type="DhariwalUNet", model_channels=192, channel_mult=[1, 2, 3, 4])
-    raise ValueError(f"arch must be one of ['ddpmpp', 'ncsnpp', 'adm'], got {arch!r}")
+    """Backbone kwargs of the named preset (EDM's ``--arch``) at ``resolution``: :func:`arch_preset`'s."""
+    return arch_preset(arch, resolution).kwargs()
