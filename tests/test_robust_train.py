@@ -187,8 +187,6 @@ def test_a_transfer_file_with_a_damaged_header_is_one_line(tmp_path, data):
 
 def test_torch_s_own_write_error_on_a_full_disk_is_an_os_error(tmp_path, monkeypatch):
     """torch.save to a full disk raises a RuntimeError from its zip writer: here the real one, from /dev/full."""
-    import torch
-
     import relay_diffusion.training.state as state
 
     real_save = torch.save

@@ -4,7 +4,7 @@ A relay stage's network is only meaningful together with the forward process it 
 factor, the blur strength and its time schedule, the block noise. :class:`BlurProcess` owns these; the blur
 loss, the relay sampler and its schedule all read them from here, and every stage-2 snapshot stores it.
 Field names are the project's one name per quantity; the reference's command-line names are aliases at the
-CLI edge only (:data:`REFERENCE_TRAINING_NAMES`, :data:`REFERENCE_SAMPLING_NAMES`).
+CLI edge only (:data:`REFERENCE_SAMPLING_NAMES`; the training flags are the field names).
 """
 
 from __future__ import annotations
@@ -75,13 +75,12 @@ class BlurProcess:
         return {k: (a[k], b[k]) for k in a if a[k] != b[k]}
 
 
-#: ``rdm train`` / ``train.py`` flag -> field (the reference's training names).
-REFERENCE_TRAINING_NAMES = {"up_scale": "up_scale", "blur_sigma_max": "blur_sigma_max",
-                            "prob_length": "prob_length", "block_scale": "block_scale"}
-#: ``rdm generate`` flag (without ``--`` and the ``_second`` suffix) -> field (the reference's sampling names).
+#: ``rdm generate`` flag (without ``--`` and the ``_second`` suffix) -> field: the reference's sampling names of
+#: the forward process (its training flags are the field names themselves).
 REFERENCE_SAMPLING_NAMES = {"up_scale": "up_scale", "blur_sigma_max": "blur_sigma_max",
                             "truncation_t": "prob_length", "s_block": "block_scale"}
-REFERENCE_NAMES = {**REFERENCE_TRAINING_NAMES, **REFERENCE_SAMPLING_NAMES}
+#: The names a stored forward process may use besides the field names.
+REFERENCE_NAMES = {"truncation_t": "prob_length", "s_block": "block_scale"}
 
 
 def _check(ok: bool, message: str) -> None:

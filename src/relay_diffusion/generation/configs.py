@@ -53,7 +53,8 @@ def _check_common(n: Any, cfg: Any) -> None:
     _check(cfg.sigma_min < cfg.sigma_max, f"need {n('sigma_min')} < {n('sigma_max')}, got {cfg.sigma_min}, "
            f"{cfg.sigma_max}")
     _check(math.isfinite(cfg.rho) and 0.01 <= cfg.rho <= 1e4, f"{n('rho')} must be in [0.01, 10000], got {cfg.rho}")
-    _check(math.isfinite(cfg.cfg_scale) and cfg.cfg_scale >= 0, f"{n('cfg_scale')} must be a finite number >= 0")
+    _check(math.isfinite(cfg.cfg_scale) and cfg.cfg_scale >= 1, f"{n('cfg_scale')} must be 1 (no guidance) or a "
+           f"finite number above 1, got {cfg.cfg_scale} (a scale below 1 would be ignored)")
     _check(math.isfinite(cfg.S_churn) and cfg.S_churn >= 0, f"{n('S_churn')} must be a finite number >= 0")
     _check(math.isfinite(cfg.S_noise) and abs(cfg.S_noise) <= 100, f"{n('S_noise')} must be in [-100, 100], "
            f"got {cfg.S_noise}")
@@ -74,7 +75,7 @@ class EDMStageConfig:
     sigma_min: float = knob(0.002, "Lowest noise level (clipped to the network's range)", min=0, min_open=True)
     sigma_max: float = knob(80.0, "Highest noise level", min=0, min_open=True)
     rho: float = knob(7.0, "Time step exponent", min=0, min_open=True)
-    cfg_scale: float = knob(1.0, "Classifier-free guidance scale (> 1 enables it)", min=0)
+    cfg_scale: float = knob(1.0, "Classifier-free guidance scale (> 1 enables it)", min=1)
     S_churn: float = knob(0.0, "Stochasticity strength", min=0)
     S_min: float = knob(0.0, "Churn only for noise levels >= S_min", min=0)
     S_max: float = knob(math.inf, "Churn only for noise levels <= S_max", min=0)
@@ -154,7 +155,7 @@ class RelayStageConfig:
     truncation_sigma: float = knob(0.9, "Truncation point of the noise schedule: start below this level",
                                    min=0, min_open=True)
     s_noise: float = knob(0.2, "Strength of stochasticity", min=0, max=1)
-    cfg_scale: float = knob(1.0, "Classifier-free guidance scale (> 1 enables it)", min=0)
+    cfg_scale: float = knob(1.0, "Classifier-free guidance scale (> 1 enables it)", min=1)
     churn: bool = knob(False, "EDM churn inside the relay sampler (CelebA-HQ)")
     S_churn: float = knob(0.0, "Churn strength (with churn)", min=0)
     S_min: float = knob(0.0, "Churn min noise level", min=0)

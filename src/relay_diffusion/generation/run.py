@@ -8,14 +8,12 @@ from typing import Any, Sequence
 
 import torch
 
-from relay_diffusion.generation.configs import PRESETS
 from relay_diffusion.generation.files import check_images, image_path, is_valid_image, load_images, save_images
 from relay_diffusion.generation.manifest import FILE as MANIFEST
 from relay_diffusion.generation.manifest import ManifestMismatch, check_manifest, describe, write_manifest
 from relay_diffusion.generation.pipeline import ClassLabels, RelayPipeline
 from relay_diffusion.generation.stages import net_info
 from relay_diffusion.utils.dtypes import float32_default
-from relay_diffusion.core.rng import parse_int_list
 
 
 def rank_batches(seeds: Sequence[int], max_batch_size: int, rank: int = 0, world_size: int = 1) -> list[list[int]]:
@@ -108,6 +106,3 @@ def _labels_key(class_labels: ClassLabels) -> Any:
         return class_labels
     return "custom"
 
-
-def preset_seeds(preset: str) -> list[int]:
-    return parse_int_list(PRESETS[preset].seeds)

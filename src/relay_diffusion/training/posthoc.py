@@ -102,8 +102,6 @@ def reconstruct_state(inputs: Sequence[ProfileSnapshot], nimg: int, sigma_rel: f
                       ) -> tuple[dict[str, torch.Tensor], np.ndarray]:
     """``sum_i x_i`` (snapshot i) in float64 for the least-squares coefficients ``x``; float32 state_dict.
     Non-floating tensors (if any) are taken from the last input."""
-    from safetensors.torch import load_file
-
     coefs = posthoc_coefficients([s.nimg for s in inputs], [s.sigma_rel for s in inputs], nimg, sigma_rel)
     total: dict[str, torch.Tensor] = {}
     for snapshot, x in zip(inputs, coefs):
