@@ -31,7 +31,7 @@ def readme_library_blocks() -> list[str]:
 
 def test_readme_library_snippets_run():
     blocks = readme_library_blocks()
-    assert len(blocks) == 2
+    assert len(blocks) == 3
     first = [line for line in blocks[0].splitlines() if line.strip()]
     assert len(first) <= 3  # four images from the bundled models in at most three lines
     scope: dict = {}
@@ -45,6 +45,9 @@ def test_readme_library_snippets_run():
     # the same seeds from the bundled pipeline are the same images (its defaults: 18 + 18 steps)
     bundled = scope["pipe"](seeds=[0, 1])
     np.testing.assert_array_equal(np.stack([np.asarray(im) for im in images[:2]]), bundled.array)
+    scope3: dict = {}
+    exec(compile(blocks[2], "README.md:Library[2]", "exec"), scope3)
+    assert scope3["images"].shape == (2, 64, 64, 3) and scope3["images"].dtype == np.float32
 
 
 def test_export_and_from_pretrained_give_the_images_of_generate(tmp_path):

@@ -30,6 +30,11 @@ from relay_diffusion.utils.images import to_uint8
 #: ``None`` (``seed % label_dim``, the reference's choice), one class for all, one class per seed, or one-hot
 #: ``[N, label_dim]``.
 ClassLabels = Union[None, int, Sequence[int], torch.Tensor]
+#: ``pipe.to(dtype)`` -> the networks' precision.
+DTYPE_PRECISIONS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+#: What ``output_type`` asks ``pipe(...)`` for: PIL images, a float array in [0, 1] ``[N, H, W, C]``, or a float
+#: tensor in [0, 1] ``[N, C, H, W]`` (diffusers' conventions).
+OUTPUT_TYPES = ("pil", "np", "pt")
 #: Called after every sampler step with the sampler's info dict plus ``stage`` (0-based).
 StageCallback = Optional[Callable[[dict[str, Any]], None]]
 
@@ -77,12 +82,47 @@ class RelayPipeline:
         channels = net_info(first.net)[1]
         return channels, first.input_resolution, first.input_resolution
 
-    def to(self, device: torch.device | str) -> "RelayPipeline":
-        """Move every stage's network to ``device`` (in place); returns the pipeline."""
+    def to(self, *args: Any, device: torch.device | str | None = None,
+           dtype: torch.dtype | None = None) -> "RelayPipeline":
+        """Move every stage's network to ``device`` and/or set the dtype its layers compute in (in place, as
+        diffusers' ``pipe.to("cuda", torch.float16)``); returns the pipeline.
+
+        The weights stay float32 and the samplers float64; ``dtype`` float16 / bfloat16 is the networks'
+        reduced precision (``--precision``): on CUDA, and bfloat16 also on the CPU."""
+        for arg in args:
+            if isinstance(arg, torch.dtype):
+                dtype = arg
+            else:
+                device = arg
+        if dtype is not None and dtype not in DTYPE_PRECISIONS:
+            raise ValueError(f"dtype must be one of {list(DTYPE_PRECISIONS)}, got {dtype}")
         for stage in self.stages:
-            if hasattr(stage.net, "to"):
+            if device is not None and hasattr(stage.net, "to"):
                 stage.net.to(device)
+        if dtype is not None:
+            precision = DTYPE_PRECISIONS[dtype]
+            if self.device.type == "cpu" and precision == "fp16":
+                raise ValueError("float16 networks run on CUDA only; on the CPU use torch.bfloat16")
+            from relay_diffusion.utils.accel import allow_cpu_bf16
+
+            for stage in self.stages:
+                for module in stage.net.modules():
+                    if hasattr(module, "precision") and hasattr(module, "compute_dtype"):
+                        module.precision = precision
+                allow_cpu_bf16(stage.net, enabled=precision == "bf16")
         return self
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the first stage's network computes in on this pipeline's device."""
+        net = next((m for m in self.stages[0].net.modules() if hasattr(m, "compute_dtype")), None)
+        if net is None:
+            return torch.float32
+        return net.compute_dtype(torch.empty(0, device=self.device))
+
+    def set_progress_bar_config(self, **kwargs: Any) -> None:
+        """Options of the tqdm bar of :meth:`__call__` (e.g. ``disable=True``), as in diffusers."""
+        self._progress_bar_config = dict(kwargs)
 
     # --- sampling ----------------------------------------------------------------------------------------
     def class_labels(self, seeds: Sequence[int], class_labels: ClassLabels = None) -> torch.Tensor | None:
@@ -143,30 +183,113 @@ class RelayPipeline:
             outputs.append(x)
         return outputs
 
-    def __call__(self, seeds: Sequence[int], class_labels: ClassLabels = None, inputs: torch.Tensor | None = None,
-                 callback: StageCallback = None) -> "RelayOutput":
-        """Images for ``seeds`` (one per seed, each depending on its seed only) as a :class:`RelayOutput`:
-        ``.images`` (PIL), ``.array`` (uint8 after the post-processing), ``.samples`` (float64). See :meth:`run`."""
-        seeds = [int(s) for s in seeds]
-        stages = self.run(seeds, class_labels, inputs, callback)
-        return RelayOutput(seeds, stages[-1], stages, self.enhancement.apply(to_uint8(stages[-1])))
+    def __call__(self, seeds: Sequence[int] | None = None, class_labels: ClassLabels = None,
+                 inputs: torch.Tensor | None = None, callback: StageCallback = None, *,
+                 batch_size: int | None = None, generator: torch.Generator | Sequence[torch.Generator] | None = None,
+                 num_inference_steps: int | Sequence[int] | None = None,
+                 guidance_scale: float | Sequence[float] | None = None, output_type: str = "pil",
+                 return_dict: bool = True) -> "RelayOutput | tuple":
+        """Images as a :class:`RelayOutput` (``.images`` as ``output_type`` asks), one per seed, each depending
+        on its seed only. See :meth:`run`.
+
+        The images are named by ``seeds`` (the reference's API), or, with diffusers' conventions, drawn from
+        ``generator`` (one ``torch.Generator`` for all, or one per image: the same generator state gives the
+        same images) or else from torch's global generator, ``batch_size`` of them (default: one per class
+        label given, else one per generator, else 1). ``num_inference_steps`` and ``guidance_scale`` override
+        the stages' sampler settings for this call (one value for every stage, or one per stage);
+        ``output_type``: ``"pil"`` (PIL images), ``"np"`` (float ``[N, H, W, C]`` in [0, 1]) or ``"pt"`` (float
+        tensor ``[N, C, H, W]`` in [0, 1]); ``return_dict=False`` returns ``(images,)``."""
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {list(OUTPUT_TYPES)}, got {output_type!r}")
+        seeds = self._call_seeds(seeds, class_labels, batch_size, generator)
+        stages = self.stages
+        try:
+            self.stages = self._call_stages(num_inference_steps, guidance_scale)
+            with self._progress_bar() as bar:
+                def step(info: dict[str, Any]) -> None:
+                    bar.set_description(f"stage {info['stage'] + 1}/{len(self.stages)}", refresh=False)
+                    bar.update(1)
+                    if callback is not None:
+                        callback(info)
+
+                outputs = self.run(seeds, class_labels, inputs, step)
+        finally:
+            self.stages = stages
+        out = RelayOutput(seeds, outputs[-1], outputs, self.enhancement.apply(to_uint8(outputs[-1])), output_type)
+        return out if return_dict else (out.images,)
+
+    def _call_seeds(self, seeds: Sequence[int] | None, class_labels: ClassLabels, batch_size: int | None,
+                    generator: torch.Generator | Sequence[torch.Generator] | None) -> list[int]:
+        """The seeds of a call: given, or drawn (one per image) from the generator(s) or torch's global one."""
+        if seeds is not None:
+            if batch_size is not None or generator is not None:
+                raise ValueError("give seeds, or batch_size / generator, not both")
+            return [int(s) for s in seeds]
+        generators = list(generator) if isinstance(generator, (list, tuple)) else None
+        if batch_size is None:
+            if isinstance(class_labels, (list, tuple)) or (isinstance(class_labels, torch.Tensor)
+                                                            and class_labels.ndim >= 1):
+                batch_size = len(class_labels)
+            else:
+                batch_size = len(generators) if generators else 1
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if generators is not None and len(generators) != batch_size:
+            raise ValueError(f"{len(generators)} generators for a batch of {batch_size}")
+        draw = lambda g, n: torch.randint(0, 2**31 - 1, (n,), generator=g).tolist()  # noqa: E731
+        if generators is not None:
+            return [draw(g, 1)[0] for g in generators]
+        return draw(generator, batch_size)
+
+    def _call_stages(self, num_inference_steps: Any, guidance_scale: Any) -> list[Stage]:
+        """Copies of the stages with this call's step counts and guidance scales (the pipeline keeps its own)."""
+        import copy
+        import dataclasses
+
+        def per_stage(value: Any, name: str) -> list[Any]:
+            if value is None or isinstance(value, (int, float)):
+                return [value] * len(self.stages)
+            values = list(value)
+            if len(values) != len(self.stages):
+                raise ValueError(f"{name}: {len(values)} values for {len(self.stages)} stages")
+            return values
+
+        out = []
+        for stage, steps, scale in zip(self.stages, per_stage(num_inference_steps, "num_inference_steps"),
+                                       per_stage(guidance_scale, "guidance_scale")):
+            changes = {k: v for k, v in (("num_steps", steps), ("cfg_scale", scale)) if v is not None}
+            if changes:
+                stage = copy.copy(stage)
+                stage.config = dataclasses.replace(stage.config, **changes).validate()
+            out.append(stage)
+        return out
+
+    def _progress_bar(self) -> Any:
+        import tqdm
+
+        options = {"unit": "step", "leave": False, **getattr(self, "_progress_bar_config", {})}
+        return tqdm.tqdm(**options)
 
     # --- files ---------------------------------------------------------------------------------------------
     @classmethod
     @float32_default
-    def from_pretrained(cls, folder: str | os.PathLike, device: torch.device | str = "cpu") -> "RelayPipeline":
-        """A pipeline saved by :meth:`save_pretrained` or ``rdm export`` (``folder/pipeline.json`` + networks)."""
+    def from_pretrained(cls, folder: str | os.PathLike, device: torch.device | str = "cpu",
+                        torch_dtype: torch.dtype | None = None) -> "RelayPipeline":
+        """A pipeline saved by :meth:`save_pretrained` or ``rdm export`` (``folder/pipeline.json`` + networks);
+        ``torch_dtype`` as in :meth:`to`."""
         from relay_diffusion.generation.pretrained import load_pretrained
 
-        return cls(**load_pretrained(folder, device))
+        pipeline = cls(**load_pretrained(folder, device))
+        return pipeline.to(dtype=torch_dtype) if torch_dtype is not None else pipeline
 
     @classmethod
     @float32_default
-    def from_bundled(cls, device: torch.device | str = "cpu") -> "RelayPipeline":
+    def from_bundled(cls, device: torch.device | str = "cpu", torch_dtype: torch.dtype | None = None
+                     ) -> "RelayPipeline":
         """The bundled tiny emoji models (16x16 -> 64x64) with their sampler defaults."""
         from relay_diffusion.checkpoints.bundled import ASSETS
 
-        return cls.from_pretrained(ASSETS, device)
+        return cls.from_pretrained(ASSETS, device, torch_dtype)
 
     def save_pretrained(self, folder: str | os.PathLike, overwrite: bool = True) -> Path:
         """Write ``folder/pipeline.json`` and each stage's network (safetensors + JSON); returns the JSON path.
@@ -184,10 +307,17 @@ class RelayOutput:
     samples: torch.Tensor                       # float64 [N, C, H, W], about [-1, 1], the last stage's output
     stages: list[torch.Tensor]                  # every stage's float64 output, in stage order
     array: np.ndarray                           # uint8 [N, H, W, C] (docs/math.md §8), after the post-processing
+    output_type: str = "pil"                    # what .images holds: "pil", "np" or "pt"
 
     @property
-    def images(self) -> list[Any]:
-        """The images as ``PIL.Image`` objects (RGB, or L for one channel)."""
+    def images(self) -> Any:
+        """The images (those of the PNG files, post-processing included) as ``output_type`` asks: a list of
+        ``PIL.Image`` (RGB, or L for one channel), a float32 array ``[N, H, W, C]`` in [0, 1], or a float32
+        tensor ``[N, C, H, W]`` in [0, 1]."""
+        if self.output_type == "np":
+            return self.array.astype(np.float32) / 255
+        if self.output_type == "pt":
+            return torch.from_numpy(self.array.astype(np.float32) / 255).permute(0, 3, 1, 2)
         from PIL import Image
 
         return [Image.fromarray(a[:, :, 0] if a.shape[2] == 1 else a) for a in self.array]
