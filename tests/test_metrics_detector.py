@@ -530,3 +530,40 @@ def test_real_detector_fid_of_a_set_with_itself_and_with_noise(tmp_path):
     assert other["fid"] > 100
     feat = ActivationFile(str(tmp_path / "smooth.npz")).features("feat")
     assert feat.min() >= 0 and 0.01 < feat.mean() < 10  # pool features of a ReLU network, sensible scale
+
+
+def test_fid_of_two_image_sets_in_one_command_with_a_content_cache(tmp_path, torchscript_path, monkeypatch):
+    import relay_diffusion.metrics.cache as cache
+
+    samples, ref = tmp_path / "samples", tmp_path / "ref"
+    _write_images(samples, 5, (32, 32), seed=0)
+    _write_images(ref / "00000", 6, (32, 32), seed=1)
+    (samples / "generation.json").write_text("{}")  # a folder rdm generate wrote: its grid is no sample
+    PIL.Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(samples / "grid.png")
+    zipped = _zip(ref, tmp_path / "ref.zip")
+    common = ["--workers=0", "--device=cpu", f"--detector={torchscript_path}", f"--cache-dir={tmp_path / 'cache'}"]
+    out = _invoke(["fid", str(samples), str(zipped), f"--json={tmp_path / 'fid.json'}", *common])
+    record = json.loads((tmp_path / "fid.json").read_text())
+    assert record["command"] == "rdm evaluate fid" and f"FID: {record['fid']:g}" in out and record["fid"] > 0
+    acts = [np.load(p) for p in record["activations"]]
+    assert [a["feat"].shape[0] for a in acts] == [5, 6]  # grid.png not counted
+    assert record["fid"] == pytest.approx(frechet_distance(*feature_statistics(acts[0]["feat"]),
+                                                           *feature_statistics(acts[1]["feat"])), rel=1e-9)
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 2
+
+    computed = []
+    real = cache.compute_activations
+    monkeypatch.setattr(cache, "compute_activations", lambda *a, **k: computed.append(1) or real(*a, **k))
+    again = _invoke(["fid", str(samples), str(ref), f"--json={tmp_path / 'fid.json'}", *common])  # the folder
+    assert computed == [] and f"FID: {record['fid']:g}" in again  # of the zip's images: the same cache entry
+    _write_images(samples, 1, (32, 32), seed=9)  # one image changed: computed anew
+    _invoke(["fid", str(samples), str(zipped), f"--json={tmp_path / 'fid.json'}", *common])
+    assert computed == [1]
+
+    # an .npz on either side; a JSON file this command did not write is never replaced
+    _invoke(["fid", record["activations"][0], str(zipped), f"--json={tmp_path / 'fid2.json'}", *common])
+    (tmp_path / "mine.json").write_text('{"my": "data"}')
+    result = CliRunner().invoke(evaluate, ["fid", str(samples), str(zipped), f"--json={tmp_path / 'mine.json'}",
+                                           *common])
+    assert result.exit_code == 2 and "was not written by" in result.output
+    assert (tmp_path / "mine.json").read_text() == '{"my": "data"}'

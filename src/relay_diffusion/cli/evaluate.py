@@ -224,3 +224,73 @@ def calc(metrics: tuple[str, ...], sample: str, reference: str, batch: int, bloc
             raise click.ClickException(f"not writing {json_path}: a figure is not finite ({figures})") from None
         _write(json_path, lambda: atomic_write_text(json_path, text))
         click.echo(f"wrote {json_path}")
+
+
+#: Written into the JSON of ``rdm evaluate fid``: a file with another (or no) ``command`` is not replaced.
+FID_COMMAND = "rdm evaluate fid"
+
+
+@evaluate.command("fid")
+@click.argument("a", metavar="A")
+@click.argument("b", metavar="B")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default="fid.json", show_default=True,
+              help="Where the figure is written (a file this command wrote before is replaced, no other).")
+@click.option("--detector", default="auto", show_default=True, metavar="PATH|auto",
+              help="Inception-v3 weights, as for `rdm evaluate activations`. Nothing is downloaded.")
+@click.option("--batch", type=click.IntRange(min=1), default=64, show_default=True, help="Images per batch.")
+@click.option("--max-images", type=click.IntRange(min=1), default=None,
+              help="Use a random subset of this many images of a folder or zip (fixed seed).")
+@click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True, help="Data loader processes.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+              help="Activations cache  [default: $XDG_CACHE_HOME/relay-diffusion/activations]")
+def fid(a: str, b: str, json_path: str, detector: str, batch: int, max_images: int | None, workers: int,
+        device: str, cache_dir: str | None) -> None:
+    """FID of A against B in one step: each a folder or zip of images (activations computed and cached by
+    content), or an activations / statistics .npz.
+
+    \b
+    rdm evaluate fid out/samples datasets/faces-64x64.zip
+    rdm evaluate fid out/samples eval-refs/faces-stats.npz --json out/fid.json
+    """
+    from relay_diffusion.metrics.cache import cached_activations
+
+    _not_an_input(json_path, "--json", a=a, b=b, detector=detector)
+    _check_json_is_ours(json_path)
+    dev = _device(device)
+    paths = []
+    det = None
+    for side in (a, b):
+        if side.lower().endswith(".npz"):
+            paths.append(side)
+            continue
+        try:
+            if det is None:
+                det = load_detector(detector, dev)
+            paths.append(str(cached_activations(side, det, batch, device=dev, workers=workers, max_images=max_images,
+                                                cache_dir=cache_dir, log=lambda line: click.echo(line, err=True))))
+        except (DetectorError, ValueError, OSError) as exc:
+            raise click.ClickException(_one_line(exc)) from None
+    options = CalcOptions(device=str(dev))
+    try:
+        figures = calc_metrics(paths[0], paths[1], ["fid"], options, log=click.echo)
+    except (DetectorError, OSError, KeyError, ValueError) as exc:
+        raise click.ClickException(_one_line(exc)) from None
+    record = {"command": FID_COMMAND, "fid": figures["fid"], "a": a, "b": b, "activations": paths,
+              "detector": det.source if det is not None else None}
+    _write(json_path, lambda: atomic_write_text(json_path, json.dumps(record, indent=2, allow_nan=False) + "\n"))
+    click.echo(f"wrote {json_path}")
+
+
+def _check_json_is_ours(path: str) -> None:
+    """Refuse to replace a JSON file that ``rdm evaluate fid`` did not write (it is someone's data)."""
+    if not os.path.exists(path):
+        return
+    try:
+        with open(path, "rb") as f:
+            ours = json.loads(f.read(1 << 20)).get("command") == FID_COMMAND
+    except (OSError, ValueError, AttributeError, RecursionError):
+        ours = False
+    if not ours:
+        raise click.BadParameter(f"{path} exists and was not written by `{FID_COMMAND}`; choose another --json",
+                                 param_hint="'--json'")

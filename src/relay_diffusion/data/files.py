@@ -83,9 +83,17 @@ def list_files(path: str | os.PathLike) -> list[str]:
         raise ValueError(f"cannot read the zip file {path!r}: {exc}") from None
 
 
+#: What ``rdm generate`` writes into its output folder besides the samples (its manifest marks such a folder).
+GENERATION_MANIFEST = "generation.json"
+GENERATION_EXTRAS = frozenset({"grid.png"})
+
+
 def list_image_files(path: str | os.PathLike) -> list[str]:
-    """The images of a folder or zip (visible files with an image extension), as sorted relative names."""
-    return [name for name in list_files(path) if is_image_name(name) and not is_hidden_name(name)]
+    """The images of a folder or zip (visible files with an image extension), as sorted relative names. In a
+    folder ``rdm generate`` wrote (it holds ``generation.json``), its sample grid is not an image of the set."""
+    names = list_files(path)
+    extras = GENERATION_EXTRAS if GENERATION_MANIFEST in names else frozenset()
+    return [name for name in names if is_image_name(name) and not is_hidden_name(name) and name not in extras]
 
 
 def iter_image_files(path: str | os.PathLike) -> Iterator[tuple[str, bytes]]:
