@@ -11,9 +11,11 @@ import sys
 
 try:
     from relay_diffusion.cli.dataset import dataset
+    from relay_diffusion.cli.forgiving import forgive
 except ImportError:  # a checkout without the package installed
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "src"))
     from relay_diffusion.cli.dataset import dataset
+    from relay_diffusion.cli.forgiving import forgive
 
 if __name__ == "__main__":
-    dataset(prog_name="dataset_tool.py")
+    forgive(dataset)(prog_name="dataset_tool.py")

@@ -10,6 +10,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "src"))
 
 from relay_diffusion.cli.evaluate import evaluate  # noqa: E402
+from relay_diffusion.cli.forgiving import forgive  # noqa: E402
 
 if __name__ == "__main__":
-    evaluate.main(prog_name="evaluate.py")
+    forgive(evaluate).main(prog_name="evaluate.py")

@@ -13,6 +13,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "src"))
 
 from relay_diffusion.cli.generate import generate  # noqa: E402
+from relay_diffusion.cli.forgiving import forgive  # noqa: E402
 
 if __name__ == "__main__":
-    generate.main(default_map={"preset": "celebahq256"}, prog_name="generate_celebahq.py")
+    forgive(generate).main(default_map={"preset": "celebahq256"}, prog_name="generate_celebahq.py")

@@ -15,6 +15,7 @@ except ModuleNotFoundError:  # run from a checkout without installing the packag
     sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))
 
 from relay_diffusion.cli.train import train  # noqa: E402
+from relay_diffusion.cli.forgiving import forgive  # noqa: E402
 
 if __name__ == "__main__":
-    train()
+    forgive(train)()

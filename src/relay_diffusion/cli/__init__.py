@@ -8,6 +8,8 @@ import importlib.util
 
 import click
 
+from relay_diffusion.cli.forgiving import SuggestingGroup, forgive
+
 # name -> (module, attribute, one-line help). Modules are imported lazily.
 _COMMANDS: dict[str, tuple[str, str, str]] = {
     "smoke": ("relay_diffusion.cli.smoke", "smoke", "Run the core relay sampler on a toy denoiser and write an image."),
@@ -22,7 +24,7 @@ _COMMANDS: dict[str, tuple[str, str, str]] = {
 }
 
 
-class _LazyGroup(click.Group):
+class _LazyGroup(SuggestingGroup):
     def list_commands(self, ctx: click.Context) -> list[str]:
         return [name for name, (mod, _, _) in _COMMANDS.items() if importlib.util.find_spec(mod) is not None]
 
@@ -31,7 +33,7 @@ class _LazyGroup(click.Group):
             return None
         module, attr, _ = _COMMANDS[name]
         try:
-            return getattr(importlib.import_module(module), attr)
+            return forgive(getattr(importlib.import_module(module), attr))
         except ModuleNotFoundError as exc:
             if exc.name == module:
                 return None

@@ -15,6 +15,7 @@ import click
 import numpy as np
 import torch
 
+from relay_diffusion.cli.forgiving import SuggestingGroup
 from relay_diffusion.utils import distributed
 from relay_diffusion.data.dataset import ImageFolderDataset
 from relay_diffusion.utils.fileio import atomic_write_text, write_error_message
@@ -120,7 +121,7 @@ def _with_data_options(func):
     return func
 
 
-@click.group("evaluate", context_settings={"help_option_names": ["-h", "--help"]})
+@click.group("evaluate", cls=SuggestingGroup, context_settings={"help_option_names": ["-h", "--help"]})
 def evaluate() -> None:
     """Compute activations and FID, sFID, IS, precision/recall, KID.
 

@@ -38,6 +38,10 @@ class FiniteFloat(click.FloatRange):
         super().__init__(*args, **kwargs)
         self.allow_inf = allow_inf
 
+    def _describe_range(self) -> str:
+        """No ``[x<=None]`` in the help of a float without bounds."""
+        return "" if self.min is None and self.max is None else super()._describe_range()
+
     def convert(self, value: Any, param: Any, ctx: Any) -> Any:
         v = super().convert(value, param, ctx)
         if math.isnan(v) or (math.isinf(v) and not self.allow_inf):

@@ -28,7 +28,8 @@ class BlurProcess:
     """Blur diffusion (docs/math.md §3-5): inside every ``up_scale x up_scale`` patch, the DCT coefficient
     ``(i, j)`` of an image is scaled by ``A(t)`` and noise ``t (eps + block_scale block_noise(eps'))`` is added."""
 
-    up_scale: int = field(default=4, metadata={"help": "Relay factor p: this stage's resolution / the previous one's"})
+    up_scale: int = field(default=4, metadata={"help": "Relay factor p: this stage's resolution / the previous one's",
+                                               "min": 1})
     blur_sigma_max: float = field(default=3.0, metadata={"help": "Blur strength at the end of the blur schedule"})
     prob_length: float = field(default=0.93, metadata={
         "help": "Part L of the noise distribution covered by the blur schedule (its time truncation)"})
