@@ -1,4 +1,4 @@
-"""Multistep solvers against the default samplers on the bundled emoji models (issue 12).
+"""Multistep solvers against the default samplers on the bundled emoji models.
 
     PYTHONPATH=src python benchmarks/bench_solvers.py rms     [--out docs/solvers] [--images 8]
     PYTHONPATH=src python benchmarks/bench_solvers.py quality [--out docs/solvers] [--images 200] [--ref-images 1000]
