@@ -1,4 +1,4 @@
-"""The augmentation pipeline (issue 16): EDM's Symlet-6 resampling and 9-label layout.
+"""The augmentation pipeline: EDM's Symlet-6 resampling and 9-label layout.
 
 The geometric transform for given parameters is checked against an independent float64 computation (NumPy
 convolutions and ``scipy.ndimage.map_coordinates`` with EDM's chain of coordinate matrices), against the

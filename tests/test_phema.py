@@ -1,4 +1,4 @@
-"""Post-hoc EMA (issue 16, EDM2 section 3): the power-function maths, the profiles tracked during training
+"""Post-hoc EMA (EDM2 section 3): the power-function maths, the profiles tracked during training
 (kept across a resume), the reconstruction of another EMA length, ``rdm ema`` and its loss sweep, and
 ``rdm train --config``."""
 

@@ -1,4 +1,4 @@
-"""Speed options (issue 15): the automatic network batch, guidance in one call, channels-last, bf16 on the
+"""Speed options: the automatic network batch, guidance in one call, channels-last, bf16 on the
 CPU (sampling and training), the fp16 gradient handling (loss scaling, non-finite clamp), the EMA update, and
 torch.compile (slow suite)."""
 

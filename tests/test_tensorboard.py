@@ -1,4 +1,4 @@
-"""TensorBoard scalars of a run (issue 16): the values of stats.jsonl, and after a kill and resume every step
+"""TensorBoard scalars of a run: the values of stats.jsonl, and after a kill and resume every step
 once (the points a killed run wrote after its last state are not kept twice)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Training (issue 3): tiny networks on a generated EDM-format dataset.
+"""Training: tiny networks on a generated EDM-format dataset.
 
 Covers: the loss goes down for every precond and architecture; torchrun with 2 processes matches 1 process;
 a run killed with SIGKILL and resumed ends bit-identical to an uninterrupted one; --dry-run; the errors for
@@ -181,7 +181,7 @@ def _env() -> dict:
 def test_two_processes_match_one(tmp_path, data):
     # Seed 4: the layers after EDM's zero-initialised ones get their first, tiny gradients at step 2, and
     # Adam turns a rounding-level difference in such a gradient into a whole step of lr. Which elements
-    # that hits is chance; with seed 3 and the sym6 augmentation (issue 16) 3 elements at step 2 (the same
+    # that hits is chance; with seed 3 and the sym6 augmentation 3 elements at step 2 (the same
     # happens between --batch-gpu 8 and 2 in one process), with seeds 1, 2, 4, 6, 7 none.
     common = ["--data", str(data["cond8"]), "--cond=1", "--batch=8", "--duration=0.00004", "--seed=4",
               "--lr=1e-3", "--ema=0.0001", "--tick=1", "--grid=0", "--workers=0", "--augment=0.5",
