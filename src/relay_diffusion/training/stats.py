@@ -172,10 +172,12 @@ def progress_line(rec: dict[str, Any]) -> str:
 
 
 def plot_loss(points: list[tuple[float, float]], path: Path, size: tuple[int, int] = (720, 420),
-              xlabel: str = "kimg", title: str = "training loss", smooth: bool = True,
-              markers: Optional[list[tuple[float, float]]] = None) -> None:
-    """Loss against kimg as a PNG, drawn with Pillow (no plotting dependency): raw values and a running mean
-    (``smooth``), or one line through ``points``; ``markers`` are drawn as dots."""
+              xlabel: str = "kimg (thousands of training images)", title: str = "training loss", smooth: bool = True,
+              markers: Optional[list[tuple[float, float]]] = None,
+              ylabel: str = "loss (mean per pixel)") -> None:
+    """Loss against kimg as a PNG, drawn with Pillow (no plotting dependency): raw values (faint) and a running
+    mean (``smooth``, named in the legend), or one line through ``points``; ``markers`` are drawn as dots. Both
+    axes are labelled."""
     from PIL import Image, ImageDraw, ImageFont
 
     width, height = size
@@ -204,17 +206,23 @@ def plot_loss(points: list[tuple[float, float]], path: Path, size: tuple[int, in
         fy = y0 + (y1 - y0) * i / 4
         _, yy = px(x0, fy)
         draw.line([left - 4, yy, left, yy], fill="black")
-        draw.text((4, yy - 6), f"{fy:.4g}", fill="black", font=font)
+        draw.text((16, yy - 6), f"{fy:.4g}", fill="black", font=font)
         fx = x0 + (x1 - x0) * i / 4
         xx, _ = px(fx, y0)
         draw.line([xx, height - bottom, xx, height - bottom + 4], fill="black")
         draw.text((xx - 15, height - bottom + 8), f"{fx:.4g}", fill="black", font=font)
     draw.text((width // 2 - 3 * len(xlabel), height - 18), xlabel, fill="black", font=font)
+    label = Image.new("RGB", (6 * len(ylabel) + 4, 12), "white")  # the y label, written then turned upright
+    ImageDraw.Draw(label).text((2, 0), ylabel, fill="black", font=font)
+    label = label.rotate(90, expand=True)
+    img.paste(label, (0, max(top, (height - label.height) // 2)))
     draw.text((left, 8), title, fill="black", font=font)
     if smooth:
         draw.line([px(x, y) for x, y in points], fill=(170, 170, 220), width=1)
         k = max(1, len(points) // 20)
         ys = [sum(ys[max(0, i - k + 1): i + 1]) / len(ys[max(0, i - k + 1): i + 1]) for i in range(len(ys))]
+        legend = f"faint: each value; bold: running mean of {k}"
+        draw.text((width - right - 6 * len(legend) - 4, 8), legend, fill=(20, 60, 200), font=font)
     draw.line([px(x, y) for x, y in zip(xs, ys)], fill=(20, 60, 200), width=2)
     for x, y in markers or []:
         cx, cy = px(x, y)
