@@ -207,3 +207,13 @@ def test_a_network_that_cannot_be_built_is_one_line_naming_it(tmp_path, data, mo
     monkeypatch.setattr(NetworkSpec, "build", refuse)
     clean_error(train(tmp_path / "runs", data), "--arch", "cannot build the EDMPrecond network",
                 "do not fit")
+
+
+def test_fp16_on_the_cpu_is_named_and_noted_as_the_fp32_it_computes_in(tmp_path, data):
+    result = train(tmp_path / "runs", data, "--fp16=1", "--device=cpu")
+    assert result.exit_code == 0, result.output
+    (run,) = (tmp_path / "runs").iterdir()
+    assert run.name.endswith("-fp32") and "computes in fp32 on the CPU" in result.output
+    bf16 = train(tmp_path / "runs2", data, "--precision=bf16", "--device=cpu")
+    assert bf16.exit_code == 0, bf16.output
+    assert next((tmp_path / "runs2").iterdir()).name.endswith("-bf16") and "computes in" not in bf16.output

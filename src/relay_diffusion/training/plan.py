@@ -195,6 +195,9 @@ def plan_training(cfg: TrainingConfig, world_size: Optional[int] = None) -> Trai
     _check_network_builds(network)
 
     notes = []
+    if precision_used(cfg) != cfg.precision:
+        notes.append(f"--precision {cfg.precision} computes in {precision_used(cfg)} on the CPU (reduced precision is "
+                     "CUDA's; the CPU has bf16); the run is named for what it computes in")
     resume_state, in_place = None, False
     if cfg.resume is not None:
         if os.path.isdir(cfg.resume):
@@ -277,11 +280,21 @@ def _check_network_builds(network: NetworkSpec) -> None:
         raise ConfigError("--arch", f"cannot build the {network.precond} network: {exc}") from exc
 
 
+def precision_used(cfg: TrainingConfig) -> str:
+    """The precision the network really computes in: ``--precision fp16`` runs in fp32 on the CPU (reduced
+    precision is CUDA's, and bf16 the CPU's)."""
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.precision == "fp16" and torch.device(device).type == "cpu":
+        return "fp32"
+    return cfg.precision
+
+
 def run_dir_name(plan: TrainingPlan) -> str:
-    """``<dataset>-<cond>-<arch>-<precond>-gpus<N>-batch<B>-<precision>[-<desc>]``, as EDM names runs."""
+    """``<dataset>-<cond>-<arch>-<precond>-gpus<N>-batch<B>-<precision>[-<desc>]``, as EDM names runs; the
+    precision is the one the network computes in (:func:`precision_used`)."""
     cfg = plan.config
     desc = (f"{plan.dataset.name}-{'cond' if cfg.cond else 'uncond'}-{cfg.arch}-{cfg.precond}"
-            f"-gpus{plan.world_size}-batch{cfg.batch}-{cfg.precision}")
+            f"-gpus{plan.world_size}-batch{cfg.batch}-{precision_used(cfg)}")
     return desc + (f"-{cfg.desc}" if cfg.desc else "")
 
 
