@@ -279,7 +279,8 @@ def test_dry_run_prints_resolved_options(tmp_path, data):
     assert options["network"]["init_kwargs"]["model_type"] == "DhariwalUNet"
     assert options["loss"] == {"name": "BlurLoss", "label_dropout": 0.0, "process": {
         "up_scale": 4, "prob_length": 0.93, "blur_sigma_max": 3.0, "block_scale": 0.15, "min_scale": 0.001}}
-    assert options["run_dir"].endswith("00000-plain-16x16-uncond-adm-blur-gpus1-batch64-fp16")
+    computed = "fp16" if torch.cuda.is_available() else "fp32"  # the run is named for what it computes in
+    assert options["run_dir"].endswith(f"00000-plain-16x16-uncond-adm-blur-gpus1-batch64-{computed}")
     assert not (tmp_path / "runs").exists()  # a dry run creates nothing
     defaults = CliRunner().invoke(train_cli, ["--outdir", "x", "--data", str(data["plain8"]), "-n"])
     cfg = json.loads(defaults.output)["config"]
