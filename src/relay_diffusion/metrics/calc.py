@@ -12,8 +12,8 @@ import numpy as np
 import torch
 
 from . import scores
-from .activations import ActivationFile, check_same_detector
-from .detector import Detector, detector_path, load_detector
+from .activations import ActivationFile, TooFewRows, check_same_detector
+from .detector import Detector, DetectorError, detector_path, load_detector
 
 METRICS = ("fid", "sfid", "is", "pr", "kid")
 
@@ -74,15 +74,34 @@ def _sample_logits(sample: ActivationFile, detector: Detector | str | os.PathLik
     return sample.logits(det)
 
 
+def _available(metrics: Sequence[str], skipped: dict[str, str] | None, check: Callable[[str], None]) -> list[str]:
+    """The metrics whose inputs pass ``check``; with ``skipped`` (a dict) a metric that cannot be computed from
+    these files (too few images, no classifier head for IS) is recorded there with its reason instead of
+    stopping the others."""
+    kept = []
+    for metric in metrics:
+        try:
+            check(metric)
+        except (TooFewRows, DetectorError) as exc:
+            if skipped is None:
+                raise
+            skipped[metric] = str(exc)
+            continue
+        kept.append(metric)
+    return kept
+
+
 def calc_metrics(sample_path: str, ref_path: str, metrics: Sequence[str], options: CalcOptions | None = None,
                  detector: Detector | str | os.PathLike | None = None,
-                 log: Callable[[str], None] = lambda s: None) -> dict[str, float]:
+                 log: Callable[[str], None] = lambda s: None,
+                 skipped: dict[str, str] | None = None) -> dict[str, float]:
     """FID, sFID, IS, precision/recall and KID (as asked in ``metrics``) of the sample activations at
     ``sample_path`` against the reference at ``ref_path``. FID and sFID also take files holding only
     statistics. IS uses the sample's ``logits``, or a classifier head on its ``feat``: ``detector``'s (a
     :class:`Detector`, or a weight file / ``auto`` loaded only when the logits are not stored). ``log``
     receives one line per figure (and which head IS used). Returns {fid, sfid, is, is_std, precision,
-    recall, kid, kid_std} restricted to the metrics asked for."""
+    recall, kid, kid_std} restricted to the metrics asked for. With ``skipped`` (a dict), the metrics these files
+    cannot give are left out and recorded there with the reason; an error if none is left."""
     options = options or CalcOptions()
     options.validate()
     unknown = sorted(set(metrics) - set(METRICS))
@@ -93,8 +112,20 @@ def calc_metrics(sample_path: str, ref_path: str, metrics: Sequence[str], option
     sample, ref = ActivationFile(str(sample_path)), ActivationFile(str(ref_path))
     check_same_detector([sample, ref])
     dev = torch.device(options.device)
-    logits = _sample_logits(sample, detector, dev, log) if "is" in metrics else None  # fail before long computations
-    _check_inputs(sample, ref, metrics, options)
+    found: dict[str, np.ndarray] = {}
+
+    def check(metric: str) -> None:
+        if metric == "is":  # fail (or skip) before long computations
+            found["logits"] = _sample_logits(sample, detector, dev, log)
+        else:
+            _check_inputs(sample, ref, [metric], options)
+
+    asked = list(dict.fromkeys(metrics))
+    metrics = _available(asked, skipped, check)
+    if not metrics:
+        raise ValueError(f"none of {asked} can be computed from {sample.path} and {ref.path}: "
+                         + "; ".join(f"{m}: {r}" for m, r in (skipped or {}).items()))
+    logits = found.get("logits")
     out: dict[str, float] = {}
     lines: list[str] = []  # printed once every figure is computed and finite: never a figure, then an error
     for metric, key, label in (("fid", "feat", "FID"), ("sfid", "s_feat", "sFID")):
