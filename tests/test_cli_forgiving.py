@@ -50,3 +50,16 @@ def test_the_reference_scripts_forgive_too(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "000000.png").is_file()
+
+
+@pytest.mark.parametrize("command, sections", [
+    ("generate", ["Input and output:", "Networks:", "Guidance:", "Stage 1 sampler:",
+                  "Relay stage sampler and forward process:", "Performance and devices:"]),
+    ("train", ["Data and output:", "Network:", "Optimisation:", "Performance and devices:"]),
+])
+def test_long_helps_come_in_sections_with_every_option_placed(command, sections):
+    out = CliRunner().invoke(rdm, [command, "--help"]).output
+    positions = [out.index(s) for s in sections]
+    assert positions == sorted(positions)
+    other = out[out.index("Other options:"):]
+    assert [line.split()[0] for line in other.splitlines()[1:] if line.startswith("  -")] == ["-h,"]

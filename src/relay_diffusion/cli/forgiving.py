@@ -1,12 +1,13 @@
 """A command line that forgives: ``--num-steps-first`` and ``--num_steps_first`` are the same option (the
 reference mixes both styles: ``--batch-gpu`` in training, ``--num_steps_first`` in generation; help shows the
-declared one), and a misspelt command gets a suggestion."""
+declared one), a misspelt command gets a suggestion, and the long option lists of ``generate``, ``export`` and
+``train`` are shown in sections."""
 
 from __future__ import annotations
 
 import difflib
 import types
-from typing import Any
+from typing import Any, Callable
 
 import click
 
@@ -39,6 +40,67 @@ def respell(args: list[str], known: set[str]) -> list[str]:
     return out
 
 
+#: Help sections of the long commands: (title, test on the option's name). An option goes to the first section
+#: whose test it passes; the ones of no section stay under "Options".
+HELP_SECTIONS: dict[str, list[tuple[str, Callable[[str], bool]]]] = {
+    "generation": [
+        ("Input and output", lambda n: n in {"indir", "outdir", "seeds", "subdirs", "class", "grid", "overwrite",
+                                              "preset", "enhance", "sampler_stages"}),
+        ("Networks", lambda n: n.startswith("network")),
+        ("Guidance", lambda n: n.startswith(("cfg_scale", "guidance_interval"))),
+        ("Stage 1 sampler", lambda n: n.endswith("_first") or n in {"S_churn", "S_min", "S_max", "S_noise"}),
+        ("Relay stage sampler and forward process", lambda n: n.endswith("_second")),
+        ("Super-resolution stage", lambda n: n.endswith("_sr")),
+        ("Performance and devices", lambda n: n in {"device", "precision", "net_batch", "compile", "channels_last",
+                                                     "batch", "tf32", "timeout"}),
+    ],
+    "training": [
+        ("Data and output", lambda n: n in {"outdir", "data", "config", "cond", "xflip", "cache", "workers", "desc",
+                                             "nosubdir", "resume", "transfer", "n", "dry_run", "seed"}),
+        ("Network", lambda n: n in {"arch", "precond", "cbase", "cres", "num_blocks", "attn", "dropout",
+                                     "eff_attn"}),
+        ("Optimisation", lambda n: n in {"duration", "batch", "lr", "lr_rampup", "ema", "ema_profiles",
+                                          "label_dropout", "augment", "ls"}),
+        ("Relay stage (--precond blur / sr)", lambda n: n in {"up_scale", "noise_aug", "block_scale", "prob_length",
+                                                               "blur_sigma_max"}),
+        ("Progress, snapshots and states", lambda n: n in {"tick", "snap", "dump", "grid", "checkpoint_minutes"}),
+        ("Performance and devices", lambda n: n in {"fp16", "precision", "bench", "compile", "channels_last",
+                                                     "device", "batch_gpu", "tf32", "timeout"}),
+    ],
+}
+#: Which commands get which sections.
+SECTIONED = {"generate": "generation", "export": "generation", "train": "training"}
+
+
+def _name(param: click.Parameter) -> str:
+    opt = next((o for o in param.opts if o.startswith("--")), param.opts[0] if param.opts else "")
+    return opt.lstrip("-").replace("-", "_")
+
+
+def sectioned_help(command: click.Command, sections: list[tuple[str, Callable[[str], bool]]]) -> None:
+    """Show ``command``'s options in ``sections`` (in place)."""
+
+    def format_options(self: click.Command, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        groups: dict[str, list[tuple[str, str]]] = {title: [] for title, _ in sections}
+        rest: list[tuple[str, str]] = []
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is None:
+                continue
+            name = _name(param)
+            title = next((t for t, test in sections if test(name)), None)
+            (groups[title] if title is not None else rest).append(record)
+        for title, rows in groups.items():
+            if rows:
+                with formatter.section(title):
+                    formatter.write_dl(rows)
+        if rest:
+            with formatter.section("Other options"):
+                formatter.write_dl(rest)
+
+    command.format_options = types.MethodType(format_options, command)  # type: ignore[method-assign]
+
+
 def forgive(command: click.Command) -> click.Command:
     """Make ``command`` (and, for a group, its sub-commands as they are looked up) accept both spellings of
     its options. Returns ``command`` (changed in place)."""
@@ -50,6 +112,8 @@ def forgive(command: click.Command) -> click.Command:
         return parse(ctx, respell(list(args), option_names(self)))
 
     command.parse_args = types.MethodType(parse_args, command)  # type: ignore[method-assign]
+    if command.name in SECTIONED:
+        sectioned_help(command, HELP_SECTIONS[SECTIONED[command.name]])
     if isinstance(command, click.Group):
         for sub in command.commands.values():
             forgive(sub)
