@@ -63,3 +63,13 @@ def test_long_helps_come_in_sections_with_every_option_placed(command, sections)
     assert positions == sorted(positions)
     other = out[out.index("Other options:"):]
     assert [line.split()[0] for line in other.splitlines()[1:] if line.startswith("  -")] == ["-h,"]
+
+
+def test_one_network_alone_is_answered_with_the_option_that_was_meant(tmp_path):
+    from relay_diffusion.checkpoints.bundled import bundled_network_paths
+
+    paths = bundled_network_paths()
+    res = CliRunner().invoke(rdm, ["generate", f"--outdir={tmp_path}", f"--network_first={paths['first']}"])
+    assert res.exit_code == 2 and "add --sampler_stages first" in res.output
+    res = CliRunner().invoke(rdm, ["generate", f"--outdir={tmp_path}", f"--network_second={paths['second']}"])
+    assert res.exit_code == 2 and "add --sampler_stages second with --indir" in res.output

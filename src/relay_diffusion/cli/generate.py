@@ -219,7 +219,11 @@ def network_paths(network_first: str | None, network_second: str | None,
         if not path:
             why = ("when the other network is given" if any_given
                    else "(this copy of relay-diffusion has no bundled networks; recipes/emoji.sh trains them)")
-            raise click.UsageError(f"--network_{which} is required {why}")
+            alone = "second" if which == "first" else "first"  # the stage whose network was given
+            hint = (f"; to run the {'stage-1' if alone == 'first' else 'relay'} network alone, add "
+                    f"--sampler_stages {alone}" + (" with --indir (its input images)" if alone == "second" else "")
+                    if any_given else "")
+            raise click.UsageError(f"--network_{which} is required {why}{hint}")
         paths[which] = path
     return paths
 
