@@ -122,3 +122,34 @@ def test_unet_block_attention_takes_the_flash_kernel_in_bf16():
     with torch.autocast("cuda", torch.bfloat16), sdpa_kernel(SDPBackend.FLASH_ATTENTION):
         out = block(x, emb)
     assert torch.isfinite(out).all()
+
+
+class NoHostSync:
+    """CUDA's own check: inside, an operation that makes the host wait for the GPU raises."""
+
+    def __enter__(self):
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+
+    def __exit__(self, *exc):
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("augment", [0.0, 0.5])
+def test_training_steps_make_the_host_wait_nowhere(tmp_path, augment):
+    data = write_dataset(tmp_path / "data-8.zip", 32, 8)
+    cfg = TrainingConfig(**dict(TINY, outdir=str(tmp_path / "runs"), data=str(data), batch=8, duration=1.0,
+                                seed=5, tick=1e9, device="cuda", attn=[4], precision="bf16", augment=augment))
+    t = Trainer(plan_training(cfg, world_size=1), init("cuda"))
+    t._setup()
+    t._train_step()  # first step: allocations, cuDNN autotuning, lazy initialisation
+    with NoHostSync():
+        for _ in range(3):
+            t._train_step()
+
+
+def test_sampler_steps_make_the_host_wait_nowhere():
+    pipe = RelayPipeline.from_bundled("cuda")
+    pipe.run(list(range(4)))  # warm-up
+    with NoHostSync():
+        pipe.run(list(range(4)))
