@@ -60,7 +60,8 @@ def describe(pipeline: RelayPipeline, **settings: Any) -> dict[str, Any]:
             entry["precision"] = stage.net.precision
         stages.append(entry)
     return to_strict({"format": FORMAT, "stages": stages, "enhancement": dataclasses.asdict(pipeline.enhancement),
-                       "net_batch": pipeline.resolved_net_batch, **settings})
+                       "net_batch": pipeline.resolved_net_batch, "tf32": getattr(pipeline, "tf32", None),
+                       **settings})
 
 
 def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:

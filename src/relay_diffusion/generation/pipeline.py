@@ -38,14 +38,17 @@ class RelayPipeline:
 
     ``enhancement`` (post-processing) applies to the uint8 images only. ``net_batch``: samples per network
     call, see :class:`FixedBatchDenoiser`; None (the default) is 8 on the CPU, the whole batch elsewhere.
+    ``tf32``: the TF32 setting the pipeline was loaded with (:func:`relay_diffusion.utils.accel.set_numerics`),
+    recorded beside generated images; None when the loader left torch's setting alone.
     """
 
     def __init__(self, stages: Sequence[Stage], enhancement: Enhancement | None = None,
-                 net_batch: int | None = DEFAULT_NET_BATCH) -> None:
+                 net_batch: int | None = DEFAULT_NET_BATCH, tf32: bool | None = None) -> None:
         check_stages(stages)
         self.stages = list(stages)
         self.enhancement = enhancement or Enhancement()
         self.net_batch = net_batch
+        self.tf32 = tf32
 
     # --- properties --------------------------------------------------------------------------------------
     @property
