@@ -24,6 +24,7 @@ from relay_diffusion.core.rng import SeedGenerators
 from relay_diffusion.generation.configs import Enhancement
 from relay_diffusion.generation.stages import (DEFAULT_NET_BATCH, Stage, auto_net_batch, check_stages, net_info,
                                                takes_input)
+from relay_diffusion.utils import accel
 from relay_diffusion.utils.images import to_uint8
 
 #: ``None`` (``seed % label_dim``, the reference's choice), one class for all, one class per seed, or one-hot
@@ -61,6 +62,22 @@ class RelayPipeline:
     def resolved_net_batch(self) -> int | None:
         """Samples per network call on this pipeline's device (None: the whole batch in one call)."""
         return auto_net_batch(self.net_batch, self.device)
+
+    @property
+    def fixed_shapes(self) -> bool:
+        """Whether a compiled network must be kept on one batch shape: some stage's network is compiled and
+        calls take the whole batch (accelerators; padded chunks of ``net_batch`` are one shape already).
+        Then every network call of a stage is padded to the largest the stage makes (:meth:`stage_net_batch`)
+        and :func:`~relay_diffusion.generation.run.generate_images` pads a short last batch of seeds."""
+        return self.resolved_net_batch is None and any(accel.is_compiled(s.net) for s in self.stages)
+
+    def stage_net_batch(self, stage: Stage, n: int, labels: torch.Tensor | None) -> int | None:
+        """Samples per network call of ``stage`` for ``n`` seeds: ``net_batch``, except with
+        :attr:`fixed_shapes`, where every call is padded to ``2n`` when guidance can apply in the stage (also
+        outside its interval) and to ``n`` otherwise, so that a compiled network is never recompiled."""
+        if not self.fixed_shapes:
+            return self.net_batch
+        return 2 * n if labels is not None and stage.config.cfg_scale > 1 else n
 
     @property
     def label_dim(self) -> int:
@@ -132,7 +149,7 @@ class RelayPipeline:
         outputs, x = [], inputs
         for i, stage in enumerate(self.stages):
             step = None if callback is None else (lambda info, i=i: callback({**info, "stage": i}))
-            x = stage.sample(rng, labels, x, self.net_batch, step)
+            x = stage.sample(rng, labels, x, self.stage_net_batch(stage, len(seeds), labels), step)
             outputs.append(x)
         return outputs
 

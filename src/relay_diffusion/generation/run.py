@@ -78,16 +78,19 @@ def generate_images(
     mine = [s for batch in rank_batches(seeds, max_batch_size, rank, world_size) for s in batch]
     todo = [s for s in mine if overwrite or not is_valid_image(image_path(outdir, s, subdirs), shape)]
     written: list[Path] = []
+    full = min(max_batch_size, len(todo)) if pipeline.fixed_shapes else 0
     with tqdm(total=len(todo), unit="img", disable=not progress, dynamic_ncols=True) as bar:
         for start in range(0, len(todo), max_batch_size):
             batch = todo[start : start + max_batch_size]
             inputs = load_images(indir, batch) if pipeline.input_shape is not None else None
-            out = pipeline(batch, class_labels=class_labels, inputs=inputs)
-            finite = torch.isfinite(out.samples).flatten(1).all(1).tolist()
+            seeds, inputs = _padded(batch, inputs, full)
+            out = pipeline(seeds, class_labels=class_labels, inputs=inputs)
+            samples, array = out.samples[: len(batch)], out.array[: len(batch)]
+            finite = torch.isfinite(samples).flatten(1).all(1).tolist()
             good = [i for i, ok in enumerate(finite) if ok]
             if good and not written:  # just before the first image: a run that fails first leaves no file
                 write_manifest(outdir, manifest)
-            written += save_images(out.array[good], [batch[i] for i in good], outdir, subdirs)
+            written += save_images(array[good], [batch[i] for i in good], outdir, subdirs)
             bar.update(len(batch))
             if len(good) < len(batch):
                 bad = [batch[i] for i, ok in enumerate(finite) if not ok]
@@ -96,6 +99,18 @@ def generate_images(
                     f"{', '.join(map(str, bad[:10]))}{' ...' if len(bad) > 10 else ''}; no image was written for "
                     "them. Check the networks' weights and the sampler settings (noise levels, S_noise)")
     return written
+
+
+def _padded(batch: list[int], inputs: torch.Tensor | None, size: int) -> tuple[list[int], torch.Tensor | None]:
+    """``batch`` (and its input images) padded to ``size`` seeds with copies of its last seed, whose images
+    are dropped: a compiled network then sees the short last batch in the shape of the others. A seed's
+    images depend on that seed only, so the real seeds' images do not change."""
+    pad = size - len(batch)
+    if pad <= 0:
+        return batch, inputs
+    if inputs is not None:
+        inputs = torch.cat([inputs, inputs[-1:].expand(pad, *inputs.shape[1:])])
+    return batch + [batch[-1]] * pad, inputs
 
 
 def _labels_key(class_labels: ClassLabels) -> Any:
