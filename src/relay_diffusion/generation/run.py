@@ -9,7 +9,7 @@ from typing import Any, Sequence
 import torch
 
 from relay_diffusion.generation.configs import PRESETS
-from relay_diffusion.generation.files import check_images, image_path, is_valid_image, load_images, save_images
+from relay_diffusion.generation.files import ImageWriter, check_images, image_path, is_valid_image, load_images
 from relay_diffusion.generation.manifest import FILE as MANIFEST
 from relay_diffusion.generation.manifest import ManifestMismatch, check_manifest, describe, write_manifest
 from relay_diffusion.generation.pipeline import ClassLabels, RelayPipeline
@@ -55,7 +55,11 @@ def generate_images(
     :func:`describe` of the pipeline) is kept beside the images: a folder made with other networks or
     settings is refused (:class:`ManifestMismatch`), as is one with PNGs but no manifest. Every process
     writes the (identical) manifest just before its first image. Samples that are
-    not finite raise :class:`NonFiniteSamplesError` after the batch's finite ones are written."""
+    not finite raise :class:`NonFiniteSamplesError` after the batch's finite ones are written.
+
+    PNGs are encoded and written on a background thread (:class:`ImageWriter`) while the next batch samples;
+    the function returns once every image is on disk, and a write error is raised at the next batch or at
+    the end."""
     from tqdm import tqdm
 
     outdir = Path(outdir)
@@ -79,7 +83,8 @@ def generate_images(
     todo = [s for s in mine if overwrite or not is_valid_image(image_path(outdir, s, subdirs), shape)]
     written: list[Path] = []
     full = min(max_batch_size, len(todo)) if pipeline.fixed_shapes else 0
-    with tqdm(total=len(todo), unit="img", disable=not progress, dynamic_ncols=True) as bar:
+    with tqdm(total=len(todo), unit="img", disable=not progress, dynamic_ncols=True) as bar, \
+            ImageWriter(outdir, subdirs) as writer:
         for start in range(0, len(todo), max_batch_size):
             batch = todo[start : start + max_batch_size]
             inputs = load_images(indir, batch) if pipeline.input_shape is not None else None
@@ -90,9 +95,10 @@ def generate_images(
             good = [i for i, ok in enumerate(finite) if ok]
             if good and not written:  # just before the first image: a run that fails first leaves no file
                 write_manifest(outdir, manifest)
-            written += save_images(array[good], [batch[i] for i in good], outdir, subdirs)
+            written += writer.submit(array[good], [batch[i] for i in good])
             bar.update(len(batch))
             if len(good) < len(batch):
+                writer.flush()
                 bad = [batch[i] for i, ok in enumerate(finite) if not ok]
                 raise NonFiniteSamplesError(
                     f"{len(bad)} of {len(batch)} samples are not finite (NaN or Inf), seeds "
