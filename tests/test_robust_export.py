@@ -109,3 +109,20 @@ def test_demo_on_a_full_disk_is_one_line(tmp_path, monkeypatch):
     assert res.exit_code == 1 and "Traceback" not in res.output, res.output
     last = res.output.strip().splitlines()[-1]  # after the progress bars' carriage returns
     assert last.endswith(f"Error: cannot write into {tmp_path / 'demo'}: No space left on device"), last
+
+
+def test_a_folder_from_before_tf32_was_recorded_still_resumes_on_the_cpu(tmp_path):
+    import json
+
+    out = tmp_path / "gen"
+    args = ["generate", f"--outdir={out}", "--seeds=0-1", "--device=cpu", "--sampler_stages=first",
+            "--num_steps_first=2"]
+    assert CliRunner().invoke(rdm, args).exit_code == 0
+    manifest = json.loads((out / "generation.json").read_text())
+    assert "tf32" in manifest
+    del manifest["tf32"]  # as an earlier version wrote it
+    (out / "generation.json").write_text(json.dumps(manifest))
+    (out / "000001.png").unlink()
+    res = CliRunner().invoke(rdm, args)
+    assert res.exit_code == 0, res.output
+    assert (out / "000001.png").is_file()

@@ -91,6 +91,8 @@ def _options(command: Any) -> Any:
                    "CPU, the whole batch in one call on CUDA]")
 @click.option("--compile", "compile_net", is_flag=True, help="torch.compile the networks (the samplers stay eager)")
 @click.option("--channels_last", is_flag=True, help="Run the networks in channels-last memory format")
+@click.option("--tf32/--no-tf32", default=None, help="TF32 matrix products and convolutions on CUDA  [default: on "
+              "when a network computes in fp16/bf16, off for fp32]")
 @click.option("--grid", is_flag=True, help="Also write outdir/grid.png of the first 256 seeds")
 @click.option("--overwrite", is_flag=True, help="Regenerate seeds whose PNG already exists")
 def generate(**opts: Any) -> None:
@@ -250,7 +252,8 @@ def build(paths: list[tuple[str, str]], first: EDMStageConfig, second: RelayStag
                               default_process=preset.process, process_overrides=process_overrides,
                               enhancement=enhancement, net_batch=opts.get("net_batch", DEFAULT_NET_BATCH),
                               precision=opts.get("precision"), device=device,
-                              compile=opts.get("compile_net", False), channels_last=opts.get("channels_last", False))
+                              compile=opts.get("compile_net", False), channels_last=opts.get("channels_last", False),
+                              tf32=opts.get("tf32"))
     except StageFileError as exc:
         raise click.BadParameter(str(exc), param_hint=paths[exc.index][0]) from exc
     except ValueError as exc:

@@ -81,6 +81,8 @@ def _bad(exc: ConfigError) -> click.BadParameter:
 @click.option("--workers", metavar="INT", type=int, default=1, show_default=True, help="DataLoader worker processes")
 @click.option("--compile", type=bool, default=False, show_default=True, help="torch.compile the network")
 @click.option("--channels-last", type=bool, default=False, show_default=True, help="Channels-last memory format")
+@click.option("--tf32/--no-tf32", default=None, help="TF32 matrix products and convolutions on CUDA  [default: on "
+              "with --precision fp16/bf16, off with fp32]")
 @click.option("--eff-attn", type=bool, default=False,
               help="Accepted for compatibility: attention always runs through SDPA, laid out for the fused kernels "
                    "(flash / memory-efficient on CUDA)")
@@ -123,6 +125,7 @@ def train(ctx: click.Context, config_file: str | None, fp16: bool, precision: st
           --prob-length=0.93 --blur-sigma-max=3.0
     """
     from relay_diffusion.training import NonFiniteLossError, plan_training, preview_run_dir, run_training
+    from relay_diffusion.utils.accel import resolve_tf32
 
     del eff_attn  # attention always runs through scaled_dot_product_attention, laid out for the fused kernels
     if precision is not None and fp16 and precision != "fp16":
@@ -138,6 +141,7 @@ def train(ctx: click.Context, config_file: str | None, fp16: bool, precision: st
             saved = _resumed_options(opts["resume"])
             if saved is not None:
                 opts = merge_options(saved, opts, given | {"resume"})
+        opts["tf32"] = resolve_tf32(opts["precision"], opts.get("tf32"))  # recorded with the run
         for name in ("outdir", "data"):
             if opts[name] is None:
                 raise ConfigError(f"--{name}", "missing (give it, or --config with a run's training_options.json)")

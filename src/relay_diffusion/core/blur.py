@@ -30,11 +30,31 @@ def _dct_matrix_cpu(p: int) -> torch.Tensor:
     return c
 
 
+@lru_cache(maxsize=64)
+def _dct_matrix_on(p: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    with torch.inference_mode(False):  # an ordinary tensor, usable with autograd whoever asked for it first
+        return _dct_matrix_cpu(p).to(device=device, dtype=dtype)
+
+
 def dct_matrix(p: int, dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Orthonormal DCT-II matrix ``C`` of size ``[p, p]``: ``C[k, n] = s_k cos(pi (2n+1) k / 2p)``."""
+    """Orthonormal DCT-II matrix ``C`` of size ``[p, p]``: ``C[k, n] = s_k cos(pi (2n+1) k / 2p)``.
+
+    Built once per ``(p, dtype, device)`` and kept (the float64 values rounded to ``dtype``), so the block
+    DCT of every sampler step and training batch neither rebuilds it nor copies it to the device again.
+    The returned tensor is shared: do not modify it in place."""
     if p < 1:
         raise ValueError(f"relay factor p must be >= 1, got {p}")
-    return _dct_matrix_cpu(int(p)).to(device=device, dtype=dtype)
+    return _dct_matrix_on(int(p), dtype, _device(device))
+
+
+def _device(device: torch.device | str) -> torch.device:
+    """``device`` with its index (``'cuda'`` is the current CUDA device), so that one device is one cache key."""
+    device = torch.device(device)
+    if device.index is None and device.type != "cpu" and hasattr(torch, device.type):
+        module = getattr(torch, device.type)
+        if hasattr(module, "current_device") and module.is_available():
+            device = torch.device(device.type, module.current_device())
+    return device
 
 
 def _check_divisible(x: torch.Tensor, p: int) -> None:
@@ -77,10 +97,16 @@ def blur_factors(b: torch.Tensor | float, p: int, min_scale: float = MIN_SCALE) 
     ``b`` is a scalar or a tensor (e.g. ``[N, 1, 1, 1]`` for one strength per sample).
     """
     b = torch.as_tensor(b, dtype=torch.float64) if not torch.is_tensor(b) else b
-    freqs = torch.arange(p, dtype=b.dtype, device=b.device) * (math.pi / p)
-    f2 = freqs.square()[:, None, None] + freqs.square()[None, None, :]  # [p, 1, p]
     b2 = b.square()[..., None, None, None]
-    return torch.exp(-f2 * b2 / 2) * (1 - min_scale) + min_scale
+    return torch.exp(-_squared_frequencies(int(p), b.dtype, _device(b.device)) * b2 / 2) * (1 - min_scale) + min_scale
+
+
+@lru_cache(maxsize=64)
+def _squared_frequencies(p: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``f2 = (pi i / p)^2 + (pi j / p)^2`` in patch layout ``[p, 1, p]``, kept per ``(p, dtype, device)``."""
+    with torch.inference_mode(False):
+        freqs = torch.arange(p, dtype=dtype, device=device) * (math.pi / p)
+        return freqs.square()[:, None, None] + freqs.square()[None, None, :]
 
 
 def tile_factors(a: torch.Tensor, height: int, width: int) -> torch.Tensor:

@@ -4,6 +4,10 @@ All are pure functions with one signature shape: ``(net, latents, rng, class_lab
 ``net(x, sigma, class_labels)`` is a denoiser (a preconditioned network or the toy); ``rng`` supplies every
 random draw (:class:`relay_diffusion.core.rng.SeedGenerators`, one generator per sample) in the order of docs/math.md §8.
 Sampler state is float64; the network sees float32 and its output is cast back to float64.
+
+No step reads a value back from the device: every decision that depends on a noise level (churn, the
+guidance interval, the last step) is taken on host copies of the schedule made once before the loop
+(:func:`host_levels`, :func:`churn_levels`), so an accelerator is never made to wait inside the loop.
 """
 
 from __future__ import annotations
@@ -45,18 +49,38 @@ def _round_sigma(net: Any, t: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(fn(t), dtype=F64, device=t.device) if fn is not None else t
 
 
+def host_levels(t_steps: torch.Tensor) -> list[float]:
+    """The noise levels as Python floats (one read of the schedule per sampling, before its loop)."""
+    return t_steps.tolist()
+
+
+def churn_levels(
+    net: Any, t_steps: torch.Tensor, num_steps: int, S_churn: float, S_min: float, S_max: float,
+) -> tuple[torch.Tensor, list[float]]:
+    """EDM's raised noise levels ``t_hat_i = t_i (1 + gamma_i)`` (docs/math.md §6a) of every step ``i`` of
+    ``t_steps`` (``[N + 1]``, the last level excluded), rounded by the network: a float64 tensor ``[N]`` and
+    its host copy. ``gamma_i = min(S_churn / num_steps, sqrt 2 - 1)`` where ``S_min <= t_i <= S_max``, else 0."""
+    t = t_steps[:-1]
+    gamma_max = min(S_churn / num_steps, math.sqrt(2) - 1)
+    gammas = [gamma_max if S_min <= v <= S_max else 0.0 for v in host_levels(t)]
+    t_hat = _round_sigma(net, t + torch.tensor(gammas, dtype=F64).to(t.device) * t)
+    return t_hat, host_levels(t_hat)
+
+
 def denoise(
     net: Callable, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None, cfg_scale: float = 1.0,
-    guidance_interval: tuple[float, float] | None = None,
+    guidance_interval: tuple[float, float] | None = None, level: float | None = None,
 ) -> torch.Tensor:
     """``D(x, t)`` in float64 from a float32 network call; classifier-free guidance when ``cfg_scale > 1``:
     ``c D(x, t, label) - (c - 1) D(x, t, no label)`` (docs/math.md §6), both halves in one call on a ``2N``
     batch whose second half has all-zero labels (which is what "no label" means to the networks). With
     ``guidance_interval = (lo, hi)`` guidance applies only for noise levels ``lo < t <= hi`` (Kynkaanniemi et
-    al. 2024, arXiv 2404.07724); outside it ``D(x, t, label)`` alone (one network call). None: at every level."""
+    al. 2024, arXiv 2404.07724); outside it ``D(x, t, label)`` alone (one network call). None: at every level.
+    ``level``: ``t`` as a Python float where the caller has it, so that the interval is decided on the host."""
     sigma = t.to(torch.float32).reshape(-1).expand(x.shape[0])
     x32 = x.to(torch.float32)
-    if cfg_scale > 1 and class_labels is not None and in_guidance_interval(t, guidance_interval):
+    if cfg_scale > 1 and class_labels is not None and \
+            in_guidance_interval(t if level is None else level, guidance_interval):
         labels = torch.cat([class_labels, torch.zeros_like(class_labels)])
         cond, uncond = net(torch.cat([x32, x32]), torch.cat([sigma, sigma]), labels).to(F64).chunk(2)
         return cfg_scale * cond - (cfg_scale - 1) * uncond
@@ -72,15 +96,11 @@ def in_guidance_interval(t: torch.Tensor | float, interval: tuple[float, float] 
 
 
 def _churn(
-    net: Any, x_cur: torch.Tensor, t_cur: torch.Tensor, rng: SeedGenerators, num_steps: int, S_churn: float,
-    S_min: float, S_max: float, S_noise: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """EDM's churn (docs/math.md §6a): raise the noise level to ``t_hat = t (1 + gamma)`` with fresh noise; the noise is
-    drawn at every step, also when ``gamma = 0``. Returns ``(t_hat, x_hat)``."""
-    gamma = min(S_churn / num_steps, math.sqrt(2) - 1) if S_min <= float(t_cur) <= S_max else 0.0
-    t_hat = _round_sigma(net, t_cur + gamma * t_cur)
-    x_hat = x_cur + (t_hat.square() - t_cur.square()).sqrt() * S_noise * rng.randn_like(x_cur)
-    return t_hat, x_hat
+    x_cur: torch.Tensor, t_cur: torch.Tensor, t_hat: torch.Tensor, rng: SeedGenerators, S_noise: float,
+) -> torch.Tensor:
+    """EDM's churn (docs/math.md §6a): ``x`` at the raised level ``t_hat`` (:func:`churn_levels`) with fresh
+    noise; the noise is drawn at every step, also when ``gamma = 0``. Returns ``x_hat``."""
+    return x_cur + (t_hat.square() - t_cur.square()).sqrt() * S_noise * rng.randn_like(x_cur)
 
 
 def edm_sampler(
@@ -108,16 +128,20 @@ def edm_sampler(
     ``gamma = 0``) and, for SDE steps, one fresh noise per network evaluation. Returns float64 images.
     """
     t_steps = time_steps(num_steps, sigma_min, sigma_max, rho, net, latents.device)
+    levels = host_levels(t_steps)
+    t_hats, hat_levels = churn_levels(net, t_steps, num_steps, S_churn, S_min, S_max)
     x_next = latents.to(F64) * t_steps[0]
     for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
         x_cur = x_next
-        t_hat, x_hat = _churn(net, x_cur, t_cur, rng, num_steps, S_churn, S_min, S_max, S_noise)
-        denoised = denoise(net, x_hat, t_hat, class_labels, cfg_scale, guidance_interval)
+        t_hat = t_hats[i]
+        x_hat = _churn(x_cur, t_cur, t_hat, rng, S_noise)
+        denoised = denoise(net, x_hat, t_hat, class_labels, cfg_scale, guidance_interval, hat_levels[i])
         d_cur = (x_hat - denoised) / t_hat
         if sde_scale is None:
             x_next = x_hat + (t_next - t_hat) * d_cur
             if i < num_steps - 1:
-                d_prime = (x_next - denoise(net, x_next, t_next, class_labels, cfg_scale, guidance_interval)) / t_next
+                d_prime = (x_next - denoise(net, x_next, t_next, class_labels, cfg_scale, guidance_interval,
+                                            levels[i + 1])) / t_next
                 x_next = x_hat + (t_next - t_hat) * (d_cur + d_prime) / 2
         else:
             # Euler-Maruyama-style step that re-injects g = sde_scale * t_next of fresh noise (docs/math.md §6b).
@@ -125,10 +149,11 @@ def edm_sampler(
             a = ((t_next.square() - g.square()) / t_hat.square()).sqrt()
             x_next = x_hat + (a - 1) * t_hat * d_cur + g * rng.randn_like(x_cur)
             if i < num_steps - 1:
-                d_prime = (x_next - denoise(net, x_next, t_next, class_labels, cfg_scale, guidance_interval)) / t_next
+                d_prime = (x_next - denoise(net, x_next, t_next, class_labels, cfg_scale, guidance_interval,
+                                            levels[i + 1])) / t_next
                 x_next = x_hat + (a - 1) * t_hat * (d_cur + d_prime) / 2 + g * rng.randn_like(x_cur)
         if callback is not None:
-            callback(dict(i=i, num_steps=num_steps, t=float(t_cur), x=x_next, denoised=denoised))
+            callback(dict(i=i, num_steps=num_steps, t=levels[i], x=x_next, denoised=denoised))
     return x_next
 
 
@@ -180,6 +205,9 @@ def relay_sampler(
     p, s_block = process.up_scale, process.block_scale
     t_steps = relay_time_steps(num_steps, sigma_min, sigma_max, rho, truncation_sigma, net, latents.device)
     steps = len(t_steps) - 1
+    levels = host_levels(t_steps)
+    t_hats, hat_levels = churn_levels(net, t_steps, num_steps, S_churn, S_min, S_max) if churn else (
+        t_steps[:-1], levels[:-1])
     x = latents.to(F64)
     shape = x.shape
 
@@ -200,11 +228,12 @@ def relay_sampler(
         x_cur = x_next
         t_hat, x_hat = t_cur, x_cur
         if churn:
-            t_hat, x_hat = _churn(net, x_cur, t_cur, rng, num_steps, S_churn, S_min, S_max, S_noise)
-        x0 = denoise(net, x_hat, t_hat, class_labels, cfg_scale, guidance_interval)
+            t_hat = t_hats[i]
+            x_hat = _churn(x_cur, t_cur, t_hat, rng, S_noise)
+        x0 = denoise(net, x_hat, t_hat, class_labels, cfg_scale, guidance_interval, hat_levels[i])
         if i == steps - 1:
             if callback is not None:
-                callback(dict(i=i, num_steps=steps, t=float(t_cur), x=x0, denoised=x0))
+                callback(dict(i=i, num_steps=steps, t=levels[i], x=x0, denoised=x0))
             return x0
         # With churn the reference keeps U = dct(x_cur) (not x_hat) while using t_hat everywhere else;
         # kept as is so results stay reproducible against it.
@@ -215,9 +244,9 @@ def relay_sampler(
         k = a_next + g - g * a_cur
         m = t_hat * (g * a_cur - a_next)
         x_next = idct((k * u + m * d_cur).reshape(shape), p) + s_noise * t_next * noise()
-        x0_next = denoise(net, x_next, t_next, class_labels, cfg_scale, guidance_interval)
+        x0_next = denoise(net, x_next, t_next, class_labels, cfg_scale, guidance_interval, levels[i + 1])
         d_prime = (patches(x_next) - patches(x0_next)) / t_next
         x_next = idct((k * u + m * (d_cur + d_prime) / 2).reshape(shape), p) + s_noise * t_next * noise()
         if callback is not None:
-            callback(dict(i=i, num_steps=steps, t=float(t_cur), x=x_next, denoised=x0))
+            callback(dict(i=i, num_steps=steps, t=levels[i], x=x_next, denoised=x0))
     raise AssertionError("unreachable")  # the last step returns

@@ -57,7 +57,7 @@ import torch
 from relay_diffusion.core.blur import block_noise, dct, idct, to_patches
 from relay_diffusion.core.process import BlurProcess
 from relay_diffusion.core.rng import SeedGenerators
-from relay_diffusion.core.samplers import Callback, denoise, relay_time_steps, time_steps
+from relay_diffusion.core.samplers import Callback, denoise, host_levels, relay_time_steps, time_steps
 
 F64 = torch.float64
 SOLVERS_FIRST = ("heun", "multistep")
@@ -95,11 +95,11 @@ def _multistep_edm(
     guidance_interval: tuple[float, float] | None, order: int, callback: Callback,
 ) -> torch.Tensor:
     """(2M) from ``x`` at ``t_steps[0]`` along ``t_steps`` (float64, last entry 0)."""
-    steps = len(t_steps) - 1
+    steps, levels = len(t_steps) - 1, host_levels(t_steps)
     prev = None  # (D_{i-1}, h_{i-1})
     for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
-        x0 = denoise(net, x, t_cur, class_labels, cfg_scale, guidance_interval)
-        if t_next == 0:
+        x0 = denoise(net, x, t_cur, class_labels, cfg_scale, guidance_interval, levels[i])
+        if levels[i + 1] == 0:
             x = x0
         else:
             h = torch.log(t_cur / t_next)
@@ -107,7 +107,7 @@ def _multistep_edm(
             x = (t_next / t_cur) * x - torch.expm1(-h) * x0_mid
             prev = (x0, h)
         if callback is not None:
-            callback(dict(i=i, num_steps=steps, t=float(t_cur), x=x, denoised=x0))
+            callback(dict(i=i, num_steps=steps, t=levels[i], x=x, denoised=x0))
     return x
 
 
@@ -160,7 +160,7 @@ def _multistep_relay(
     guidance_interval: tuple[float, float] | None, order: int, callback: Callback,
 ) -> torch.Tensor:
     """The stage-2 steps from ``x`` at ``t_steps[0]`` (the start already added), float64."""
-    p, shape, steps = process.up_scale, x.shape, len(t_steps) - 1
+    p, shape, steps, levels = process.up_scale, x.shape, len(t_steps) - 1, host_levels(t_steps)
     keep = math.sqrt(1 - s_noise**2)  # c: the fraction of the current noise a step keeps
 
     def patches(u: torch.Tensor) -> torch.Tensor:
@@ -168,10 +168,10 @@ def _multistep_relay(
 
     prev = None  # (dct(D_{i-1}) in patch layout, h_{i-1})
     for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
-        x0 = denoise(net, x, t_cur, class_labels, cfg_scale, guidance_interval)
+        x0 = denoise(net, x, t_cur, class_labels, cfg_scale, guidance_interval, levels[i])
         if i == steps - 1:  # t_next = 0: the last step returns the denoised image, as the reference does
             if callback is not None:
-                callback(dict(i=i, num_steps=steps, t=float(t_cur), x=x0, denoised=x0))
+                callback(dict(i=i, num_steps=steps, t=levels[i], x=x0, denoised=x0))
             return x0
         u, u0 = patches(x), patches(x0)
         a_cur, a_next = (process.factors(t).to(device=x.device) for t in (t_cur, t_next))
@@ -184,7 +184,7 @@ def _multistep_relay(
         if s_noise > 0:
             x = x + s_noise * t_next * _relay_noise(rng, x, process)
         if callback is not None:
-            callback(dict(i=i, num_steps=steps, t=float(t_cur), x=x, denoised=x0))
+            callback(dict(i=i, num_steps=steps, t=levels[i], x=x, denoised=x0))
     raise AssertionError("unreachable")  # the last step returns
 
 

@@ -91,13 +91,15 @@ def build_pipeline(
     device: torch.device | str = "cpu",
     compile: bool = False,
     channels_last: bool = False,
+    tf32: bool | None = None,
 ) -> Built:
     """A :class:`RelayPipeline` from network files: ``paths[0]`` is stage 1 (or, with ``first_is_relay``, a
     relay stage fed with images), every later path a relay stage sampled with ``relay`` (a super-resolution
     network's file makes it a super-resolution stage sampled with ``sr``). ``process_overrides``
     (explicit forward-process settings) apply to every relay stage. Raises :class:`StageFileError` (a file)
     or ``ValueError`` (an incompatible chain). ``precision`` sets every network's precision (an explicit
-    ``'bf16'`` also applies on the CPU); ``compile`` / ``channels_last``: :mod:`relay_diffusion.utils.accel`."""
+    ``'bf16'`` also applies on the CPU); ``compile`` / ``channels_last``: :mod:`relay_diffusion.utils.accel`.
+    ``tf32``: :func:`~relay_diffusion.utils.accel.set_numerics` (None: on when a network computes in fp16/bf16)."""
     first, relay = first or EDMStageConfig(), relay or RelayStageConfig()
     default_process = default_process or BlurProcess()
     stages: list[Stage] = []
@@ -120,4 +122,5 @@ def build_pipeline(
         stages.append(stage)
         notes += stage_notes
         prev_resolution = stage.resolution
-    return Built(RelayPipeline(stages, enhancement=enhancement, net_batch=net_batch), notes)
+    tf32 = accel.set_numerics(device, accel.network_precision(s.net for s in stages), tf32)
+    return Built(RelayPipeline(stages, enhancement=enhancement, net_batch=net_batch, tf32=tf32), notes)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
@@ -82,6 +84,58 @@ def save_images(images: np.ndarray, seeds: Sequence[int], outdir: str | os.PathL
         paths.append(image_path(outdir, seed, subdirs))
         save_png(image, paths[-1])
     return paths
+
+
+class ImageWriter:
+    """Writes batches of images (:func:`save_images`) on one background thread, so that sampling goes on while
+    the previous batch is PNG-encoded.
+
+    One thread: files are written in the order of :meth:`submit`, each atomically, as without it. At most
+    ``max_pending`` batches wait or are being written; :meth:`submit` waits for the oldest beyond that, so the
+    images held in memory stay bounded. An error of a write (a full disk, a read-only folder) is raised by the
+    next :meth:`submit` or by :meth:`flush`. Use as a context manager: leaving the block normally flushes
+    (and raises a write's error); leaving it with an exception lets the submitted batches finish and raises
+    that exception."""
+
+    def __init__(self, outdir: str | os.PathLike, subdirs: bool = False, max_pending: int = 2) -> None:
+        if max_pending < 1:
+            raise ValueError(f"max_pending must be >= 1, got {max_pending}")
+        self.outdir, self.subdirs, self.max_pending = Path(outdir), subdirs, max_pending
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="image-writer")
+        self._pending: deque[Future] = deque()
+
+    def submit(self, images: np.ndarray, seeds: Sequence[int]) -> list[Path]:
+        """Queue ``[N, H, W, C]`` uint8 images of ``seeds``; returns the paths they will have. ``images`` must
+        not be modified afterwards (:func:`to_uint8` and fancy indexing give fresh arrays)."""
+        self._collect(block=False)
+        while len(self._pending) >= self.max_pending:
+            self._pending.popleft().result()
+        seeds = list(seeds)
+        self._pending.append(self._pool.submit(save_images, images, seeds, self.outdir, self.subdirs))
+        return [image_path(self.outdir, s, self.subdirs) for s in seeds]
+
+    def flush(self) -> None:
+        """Wait for every submitted image; raises the first write error."""
+        self._collect(block=True)
+
+    def _collect(self, block: bool) -> None:
+        while self._pending and (block or self._pending[0].done()):
+            self._pending.popleft().result()
+
+    def close(self) -> None:
+        """Let the submitted writes finish (their errors are dropped: see :meth:`flush`) and stop the thread."""
+        self._pending.clear()
+        self._pool.shutdown(wait=True)
+
+    def __enter__(self) -> "ImageWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                self.flush()
+        finally:
+            self.close()
 
 
 def save_seed_grid(outdir: str | os.PathLike, seeds: Sequence[int], subdirs: bool = False,

@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -60,7 +60,8 @@ def describe(pipeline: RelayPipeline, **settings: Any) -> dict[str, Any]:
             entry["precision"] = stage.net.precision
         stages.append(entry)
     return to_strict({"format": FORMAT, "stages": stages, "enhancement": dataclasses.asdict(pipeline.enhancement),
-                       "net_batch": pipeline.resolved_net_batch, **settings})
+                       "net_batch": pipeline.resolved_net_batch, "tf32": getattr(pipeline, "tf32", None),
+                       **settings})
 
 
 def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
@@ -74,9 +75,11 @@ def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [f"{prefix}: {json.dumps(old)} before, {json.dumps(new)} now"]
 
 
-def check_manifest(outdir: str | os.PathLike, manifest: dict[str, Any]) -> bool:
+def check_manifest(outdir: str | os.PathLike, manifest: dict[str, Any], optional: Sequence[str] = ()) -> bool:
     """True when ``outdir`` has a manifest equal to ``manifest``, False when it has none; raises
-    :class:`ManifestMismatch` listing the differences otherwise (or when the manifest is unreadable)."""
+    :class:`ManifestMismatch` listing the differences otherwise (or when the manifest is unreadable). The
+    top-level keys in ``optional`` are compared only when the folder's manifest has them (settings recorded
+    since a later version that cannot have changed its images, such as ``tf32`` on the CPU)."""
     path = Path(outdir) / FILE
     if not path.is_file():
         return False
@@ -84,6 +87,8 @@ def check_manifest(outdir: str | os.PathLike, manifest: dict[str, Any]) -> bool:
         old = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ManifestMismatch(f"{path} is not readable ({exc}); remove it or use another --outdir") from exc
+    if isinstance(old, dict):
+        manifest = {k: v for k, v in manifest.items() if k in old or k not in optional}
     diffs = _differences(old, manifest)
     if diffs:
         shown = "\n  ".join(diffs[:12]) + (f"\n  ... and {len(diffs) - 12} more" if len(diffs) > 12 else "")

@@ -24,6 +24,7 @@ from relay_diffusion.core.rng import SeedGenerators
 from relay_diffusion.generation.configs import Enhancement
 from relay_diffusion.generation.stages import (DEFAULT_NET_BATCH, Stage, auto_net_batch, check_stages, net_info,
                                                takes_input)
+from relay_diffusion.utils import accel
 from relay_diffusion.utils.dtypes import float32_default
 from relay_diffusion.utils.images import to_uint8
 
@@ -44,14 +45,17 @@ class RelayPipeline:
 
     ``enhancement`` (post-processing) applies to the uint8 images only. ``net_batch``: samples per network
     call, see :class:`FixedBatchDenoiser`; None (the default) is 8 on the CPU, the whole batch elsewhere.
+    ``tf32``: the TF32 setting the pipeline was loaded with (:func:`relay_diffusion.utils.accel.set_numerics`),
+    recorded beside generated images; None when the loader left torch's setting alone.
     """
 
     def __init__(self, stages: Sequence[Stage], enhancement: Enhancement | None = None,
-                 net_batch: int | None = DEFAULT_NET_BATCH) -> None:
+                 net_batch: int | None = DEFAULT_NET_BATCH, tf32: bool | None = None) -> None:
         check_stages(stages)
         self.stages = list(stages)
         self.enhancement = enhancement or Enhancement()
         self.net_batch = net_batch
+        self.tf32 = tf32
 
     # --- properties --------------------------------------------------------------------------------------
     @property
@@ -64,6 +68,22 @@ class RelayPipeline:
     def resolved_net_batch(self) -> int | None:
         """Samples per network call on this pipeline's device (None: the whole batch in one call)."""
         return auto_net_batch(self.net_batch, self.device)
+
+    @property
+    def fixed_shapes(self) -> bool:
+        """Whether a compiled network must be kept on one batch shape: some stage's network is compiled and
+        calls take the whole batch (accelerators; padded chunks of ``net_batch`` are one shape already).
+        Then every network call of a stage is padded to the largest the stage makes (:meth:`stage_net_batch`)
+        and :func:`~relay_diffusion.generation.run.generate_images` pads a short last batch of seeds."""
+        return self.resolved_net_batch is None and any(accel.is_compiled(s.net) for s in self.stages)
+
+    def stage_net_batch(self, stage: Stage, n: int, labels: torch.Tensor | None) -> int | None:
+        """Samples per network call of ``stage`` for ``n`` seeds: ``net_batch``, except with
+        :attr:`fixed_shapes`, where every call is padded to ``2n`` when guidance can apply in the stage (also
+        outside its interval) and to ``n`` otherwise, so that a compiled network is never recompiled."""
+        if not self.fixed_shapes:
+            return self.net_batch
+        return 2 * n if labels is not None and stage.config.cfg_scale > 1 else n
 
     @property
     def label_dim(self) -> int:
@@ -179,7 +199,7 @@ class RelayPipeline:
         outputs, x = [], inputs
         for i, stage in enumerate(self.stages):
             step = None if callback is None else (lambda info, i=i: callback({**info, "stage": i}))
-            x = stage.sample(rng, labels, x, self.net_batch, step)
+            x = stage.sample(rng, labels, x, self.stage_net_batch(stage, len(seeds), labels), step)
             outputs.append(x)
         return outputs
 
@@ -215,8 +235,13 @@ class RelayPipeline:
                 outputs = self.run(seeds, class_labels, inputs, step)
         finally:
             self.stages = stages
-        out = RelayOutput(seeds, outputs[-1], outputs, self.enhancement.apply(to_uint8(outputs[-1])), output_type)
+        out = self.output(seeds, outputs, output_type)
         return out if return_dict else (out.images,)
+
+    def output(self, seeds: Sequence[int], outputs: list[torch.Tensor], output_type: str = "pil") -> "RelayOutput":
+        """The :class:`RelayOutput` of :meth:`run`'s ``outputs`` for ``seeds`` (the post-processing applied)."""
+        return RelayOutput(list(seeds), outputs[-1], outputs, self.enhancement.apply(to_uint8(outputs[-1])),
+                           output_type)
 
     def _call_seeds(self, seeds: Sequence[int] | None, class_labels: ClassLabels, batch_size: int | None,
                     generator: torch.Generator | Sequence[torch.Generator] | None) -> list[int]:

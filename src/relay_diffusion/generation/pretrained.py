@@ -17,6 +17,7 @@ from relay_diffusion.core.process import BlurProcess
 from relay_diffusion.core.sr import SRCondition
 from relay_diffusion.generation.configs import EDMStageConfig, Enhancement, RelayStageConfig, SRStageConfig
 from relay_diffusion.generation.stages import EDMStage, RelayStage, SRStage, stage_extras
+from relay_diffusion.utils import accel
 from relay_diffusion.utils.jsonio import dumps_strict
 from relay_diffusion.utils.strict import decode
 
@@ -155,7 +156,9 @@ def load_pretrained(folder: str | os.PathLike, device: torch.device | str = "cpu
             stages.append(RelayStage(file.net, _decode_config(RelayStageConfig, entry.get("sampler", {}), where),
                                      process, source=file.path))
     enhancement = _decode_config(Enhancement, doc.get("enhancement", {}), f"{path}: enhancement")
-    return {"stages": stages, "enhancement": enhancement, "net_batch": _net_batch(doc.get("net_batch"), path)}
+    tf32 = accel.set_numerics(device, accel.network_precision(s.net for s in stages))
+    return {"stages": stages, "enhancement": enhancement, "net_batch": _net_batch(doc.get("net_batch"), path),
+            "tf32": tf32}
 
 
 def _net_batch(value: Any, path: Path) -> int | None:

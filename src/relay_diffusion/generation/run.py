@@ -8,7 +8,7 @@ from typing import Any, Sequence
 
 import torch
 
-from relay_diffusion.generation.files import check_images, image_path, is_valid_image, load_images, save_images
+from relay_diffusion.generation.files import ImageWriter, check_images, image_path, is_valid_image, load_images
 from relay_diffusion.generation.manifest import FILE as MANIFEST
 from relay_diffusion.generation.manifest import ManifestMismatch, check_manifest, describe, write_manifest
 from relay_diffusion.generation.pipeline import ClassLabels, RelayPipeline
@@ -55,7 +55,11 @@ def generate_images(
     :func:`describe` of the pipeline) is kept beside the images: a folder made with other networks or
     settings is refused (:class:`ManifestMismatch`), as is one with PNGs but no manifest. Every process
     writes the (identical) manifest just before its first image. Samples that are
-    not finite raise :class:`NonFiniteSamplesError` after the batch's finite ones are written."""
+    not finite raise :class:`NonFiniteSamplesError` after the batch's finite ones are written.
+
+    PNGs are encoded and written on a background thread (:class:`ImageWriter`) while the next batch samples;
+    the function returns once every image is on disk, and a write error is raised at the next batch or at
+    the end."""
     from tqdm import tqdm
 
     outdir = Path(outdir)
@@ -66,7 +70,9 @@ def generate_images(
         raise ValueError(f"--outdir {outdir} is the input folder --indir: write the outputs to another folder")
     manifest = describe(pipeline, subdirs=subdirs, class_labels=_labels_key(class_labels)) if manifest is None \
         else manifest
-    if not overwrite and not check_manifest(outdir, manifest):
+    # TF32 does not exist on the CPU: a folder made there before it was recorded stays resumable
+    optional = ("tf32",) if pipeline.device.type == "cpu" else ()
+    if not overwrite and not check_manifest(outdir, manifest, optional):
         existing = next((p for p in outdir.rglob("*.png") if p.name != "grid.png"), None) if outdir.is_dir() else None
         if existing is not None:
             raise ManifestMismatch(f"{outdir} holds PNG images (e.g. {existing.name}) but no {MANIFEST}, so their "
@@ -81,24 +87,41 @@ def generate_images(
     mine = [s for batch in rank_batches(seeds, max_batch_size, rank, world_size) for s in batch]
     todo = [s for s in mine if overwrite or not is_valid_image(image_path(outdir, s, subdirs), shape)]
     written: list[Path] = []
-    with tqdm(total=len(todo), unit="img", disable=not progress, dynamic_ncols=True) as bar:
+    full = min(max_batch_size, len(todo)) if pipeline.fixed_shapes else 0
+    with tqdm(total=len(todo), unit="img", disable=not progress, dynamic_ncols=True) as bar, \
+            ImageWriter(outdir, subdirs) as writer:
         for start in range(0, len(todo), max_batch_size):
             batch = todo[start : start + max_batch_size]
             inputs = load_images(indir, batch, pipeline.input_shape) if pipeline.input_shape is not None else None
-            out = pipeline(batch, class_labels=class_labels, inputs=inputs)
-            finite = torch.isfinite(out.samples).flatten(1).all(1).tolist()
+            seeds, inputs = _padded(batch, inputs, full)
+            out = pipeline.output(seeds, pipeline.run(seeds, class_labels=class_labels, inputs=inputs))
+            samples, array = out.samples[: len(batch)], out.array[: len(batch)]
+            finite = torch.isfinite(samples).flatten(1).all(1).tolist()
             good = [i for i, ok in enumerate(finite) if ok]
             if good and not written:  # just before the first image: a run that fails first leaves no file
                 write_manifest(outdir, manifest)
-            written += save_images(out.array[good], [batch[i] for i in good], outdir, subdirs)
+            written += writer.submit(array[good], [batch[i] for i in good])
             bar.update(len(batch))
             if len(good) < len(batch):
+                writer.flush()
                 bad = [batch[i] for i, ok in enumerate(finite) if not ok]
                 raise NonFiniteSamplesError(
                     f"{len(bad)} of {len(batch)} samples are not finite (NaN or Inf), seeds "
                     f"{', '.join(map(str, bad[:10]))}{' ...' if len(bad) > 10 else ''}; no image was written for "
                     "them. Check the networks' weights and the sampler settings (noise levels, S_noise)")
     return written
+
+
+def _padded(batch: list[int], inputs: torch.Tensor | None, size: int) -> tuple[list[int], torch.Tensor | None]:
+    """``batch`` (and its input images) padded to ``size`` seeds with copies of its last seed, whose images
+    are dropped: a compiled network then sees the short last batch in the shape of the others. A seed's
+    images depend on that seed only, so the real seeds' images do not change."""
+    pad = size - len(batch)
+    if pad <= 0:
+        return batch, inputs
+    if inputs is not None:
+        inputs = torch.cat([inputs, inputs[-1:].expand(pad, *inputs.shape[1:])])
+    return batch + [batch[-1]] * pad, inputs
 
 
 def _labels_key(class_labels: ClassLabels) -> Any:

@@ -67,6 +67,7 @@ class TrainingConfig:
     workers: int = 1                            # data-loading worker processes per training process
     compile: bool = False                       # torch.compile the network (loss, optimizer and EMA stay eager)
     channels_last: bool = False                 # run the network in channels-last memory format
+    tf32: Optional[bool] = None                 # TF32 matmuls/convolutions on CUDA; None = on for fp16/bf16, off for fp32
     desc: Optional[str] = None                  # extra text in the run folder name
     nosubdir: bool = False                      # write into --outdir itself
     tick: float = 50.0                          # progress line every this many kimg

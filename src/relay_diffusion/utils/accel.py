@@ -77,10 +77,45 @@ def prepare_training(net: torch.nn.Module, ema: torch.nn.Module, cfg, device: to
     network and its EMA: ``--precision bf16`` computes in bf16 on the CPU too (both networks, so the sample
     grids do as well); ``--compile`` and ``--channels-last`` apply to the trained network only (the EMA is
     written as safetensors, which wants contiguous tensors, and is used for a few grids only)."""
+    set_numerics(device, cfg.precision, getattr(cfg, "tf32", None))
     cpu_bf16 = cfg.precision == "bf16" and torch.device(device).type == "cpu"
     prepare_network(net, compile=cfg.compile, channels_last=cfg.channels_last, cpu_bf16=cpu_bf16)
     if cpu_bf16:
         allow_cpu_bf16(ema)
+
+
+def default_tf32(precision: str | None) -> bool:
+    """TF32 is on by default for reduced-precision runs (``'fp16'``, ``'bf16'``: their float32 parts, such as
+    the loss and the preconditioning, gain speed and lose nothing the network's precision keeps) and off for
+    ``'fp32'`` (and a network's own precision, ``None``), so that fp32 means IEEE float32."""
+    return precision in ("fp16", "bf16")
+
+
+def network_precision(nets: Iterable[torch.nn.Module]) -> str:
+    """The reduced precision (``'fp16'`` or ``'bf16'``) that any of ``nets`` computes in, else ``'fp32'``."""
+    found = {getattr(net, "precision", "fp32") for net in nets}
+    return next((p for p in ("bf16", "fp16") if p in found), "fp32")
+
+
+def resolve_tf32(precision: str | None, tf32: bool | None = None) -> bool:
+    """``tf32`` when given, else :func:`default_tf32` of ``precision``: the value a run records."""
+    return default_tf32(precision) if tf32 is None else bool(tf32)
+
+
+def set_numerics(device: torch.device | str, precision: str | None, tf32: bool | None = None) -> bool:
+    """The one place where float32 matrix products and convolutions are told whether they may use TF32.
+
+    On CUDA this sets both cuBLAS (``torch.backends.cuda.matmul.allow_tf32``) and cuDNN
+    (``torch.backends.cudnn.allow_tf32``), whose torch defaults differ (off / on), so an fp32 run is IEEE
+    float32 throughout unless TF32 is asked for. The ``allow_tf32`` flags are used on every torch: newer
+    torch keeps its ``fp32_precision`` settings in step with them, while setting ``fp32_precision``
+    directly makes ``torch.get_float32_matmul_precision()`` (read by the compiler) raise. On other devices
+    nothing is set. Returns the resolved value (:func:`resolve_tf32`), which runs record either way."""
+    value = resolve_tf32(precision, tf32)
+    if torch.device(device).type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = value
+        torch.backends.cudnn.allow_tf32 = value
+    return value
 
 
 def adam_options(device: torch.device | str) -> dict:
