@@ -5,7 +5,9 @@ same code paths on the CPU). Run by ``benchmarks/cuda_session.sh``:
 - an image depends on its seed, and on the batch it was computed in only in the last float bits: the largest
   difference between batch 8 and batches of 3 is reported and must stay within a few grey levels;
 - training steps run in fp32, bf16 and fp16 (fused Adam on CUDA, loss scaling, the non-finite clamp) with
-  finite losses close to each other from the same weights.
+  finite losses close to each other from the same weights;
+- a training step never waits for the GPU (``torch.cuda.set_sync_debug_mode('error')``), with and without
+  augmentation, also when an fp16 overflow makes it skip its update (fused Adam's ``found_inf``).
 """
 
 from __future__ import annotations
@@ -86,7 +88,44 @@ def test_training_steps_on_cuda(tmp_path, precision):
     t = Trainer(plan_training(cfg, world_size=1), init("cuda"))
     t._setup()
     assert all(p.device.type == "cuda" for p in t.net.parameters())
-    losses = [t._train_step() for _ in range(3)]
+    losses = [float(t._train_step()) for _ in range(3)]
     assert all(np.isfinite(losses)), losses
     assert all(torch.isfinite(p).all() for p in t.ema.parameters())
     print(f"{precision}: losses {losses}")
+
+
+@pytest.mark.parametrize("augment", [0.0, 0.5])
+def test_a_training_step_never_waits_for_the_gpu(tmp_path, augment):
+    """Every call that waits for the GPU (a value read back, a blocking copy) raises in sync debug mode "error".
+    The batches are put on the GPU beforehand: their copy is the data path's (pinned memory, non_blocking)."""
+    import math
+
+    data = write_dataset(tmp_path / "data-8.zip", 16, 8)
+    cfg = TrainingConfig(**dict(TINY, outdir=str(tmp_path / "runs"), data=str(data), batch=8, duration=1.0,
+                                seed=5, tick=1e9, device="cuda", attn=[4], precision="fp16", augment=augment))
+    t = Trainer(plan_training(cfg, world_size=1), init("cuda"))
+    t._setup()
+    staged = []
+    for _ in range(4):
+        images, labels, positions = next(t.loader)
+        staged.append((images.to("cuda"), labels.to("cuda"), positions))
+    t.loader = iter(staged)
+    t._train_step()  # lazy initialisation (kernels, handles, cached constants) may wait once
+    torch.cuda.synchronize()
+    clean = t.loss_fn
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        t._train_step()
+        before = [p.detach().clone() for p in [*t.net.parameters(), *t.ema.parameters()]]
+        t.loss_fn = lambda *args, **kwargs: clean(*args, **kwargs) * math.inf  # an fp16 overflow
+        t._train_step()
+        t.loss_fn = clean
+        after = [p.detach().clone() for p in [*t.net.parameters(), *t.ema.parameters()]]
+        t._train_step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        t.loss_fn = clean
+    assert all(torch.equal(a, b) for a, b in zip(before, after))  # the skipped step changed nothing
+    summary = t.tally.read()
+    assert (summary.steps, summary.applied, summary.skipped) == (4, 3, 1) and math.isfinite(summary.loss)
+    assert all(torch.isfinite(p).all() for p in t.net.parameters())
