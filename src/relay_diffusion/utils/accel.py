@@ -111,17 +111,20 @@ def clamp_gradients(params: Iterable[torch.nn.Parameter], multi_tensor: bool | N
     the gradients' device: whether any entry was not finite.
 
     Branch-free, so nothing is read back to the host: every gradient goes through ``nan_to_num`` (the identity
-    on finite values), and the flag comes from each tensor's largest magnitude (NaN or inf exactly when the
-    tensor has a non-finite entry; unlike a sum, it cannot overflow). With ``multi_tensor`` (the default off
-    the CPU) those maxima are one ``_foreach_norm`` instead of one reduction per tensor."""
+    on finite values), and the flag comes from each tensor's extremes (NaN or inf exactly when the tensor has a
+    non-finite entry; unlike a sum, they cannot overflow). With ``multi_tensor`` (the default off the CPU) the
+    extremes are one ``_foreach_norm`` (max-norm) instead of one reduction per tensor; on the CPU they are
+    ``aminmax`` per tensor (the max-norm is not vectorised there: 8x slower). Measured on the CPU, one thread,
+    25 M parameters in 386 tensors: 15 ms (aminmax 12, ``nan_to_num`` 5 on their own), against 4 ms for the
+    former one-read check, which read its result back and clamped only when it had to."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return torch.zeros((), dtype=torch.bool)
     if _multi_tensor(grads, multi_tensor):
-        peaks = torch._foreach_norm(grads, math.inf)
+        extremes = torch._foreach_norm(grads, math.inf)
     else:
-        peaks = [torch.linalg.vector_norm(g, math.inf) for g in grads]
-    overflow = ~torch.isfinite(torch.stack(peaks).amax())  # amax propagates NaN
+        extremes = [torch.stack(torch.aminmax(g)) for g in grads]  # NaN propagates into both
+    overflow = ~torch.isfinite(torch.stack(extremes)).all()
     for g in grads:
         torch.nan_to_num(g, nan=0.0, posinf=GRAD_CLAMP, neginf=-GRAD_CLAMP, out=g)
     return overflow
