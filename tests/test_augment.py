@@ -209,3 +209,26 @@ def test_a_sample_does_not_depend_on_its_batch():
     for i in range(6):
         alone, lab = pipe(x[i:i + 1], SeedGenerators([i]))
         assert torch.equal(alone, out[i:i + 1]) and torch.equal(lab, labels[i:i + 1])
+
+
+def test_the_batch_is_resampled_on_the_device_like_each_sample_alone():
+    """:func:`resample` does the whole batch at once with shapes fixed by the image size and reads nothing back
+    to the host; each sample comes out as :func:`resample_batch` makes it alone (its own margin): to float64
+    rounding, and to float32 rounding (the bilinear coordinates are measured on a larger canvas)."""
+    from sync_audit import HostSyncAudit
+
+    pipe = AugmentPipe.edm_preset(1.0)
+    rng = np.random.default_rng(2)
+    for size in (8, 20):
+        p = pipe.draw(SeedGenerators(range(16)), torch.device("cpu"))
+        g_inv = pipe.inverse_matrix(p, size, size).double()
+        images = torch.from_numpy(rng.uniform(-1, 1, size=(16, 3, size, size)))
+        alone = torch.cat([resample_batch(images[i:i + 1], g_inv[i:i + 1]) for i in range(16)])
+        resample(images[:1].float(), g_inv[:1].float())  # the filter is made once per dtype and device
+        with HostSyncAudit() as audit:
+            out64 = resample(images, g_inv)
+            out32 = resample(images.float(), g_inv.float())
+        assert not audit.counts, audit.counts
+        torch.testing.assert_close(out64, alone, rtol=0, atol=1e-12)
+        error = (out32.double() - alone).abs()
+        assert float(error.max()) < 2e-5 and float(error.mean()) < 2e-6

@@ -8,6 +8,8 @@ same code paths on the CPU). Run by ``benchmarks/cuda_session.sh``:
   finite losses close to each other from the same weights;
 - attention runs on the fused kernels (flash and memory-efficient) in bf16 and fp16: each is forced alone, so a
   refused kernel fails the test instead of falling back to the math kernel.
+- a training step never waits for the GPU (``torch.cuda.set_sync_debug_mode('error')``), with and without
+  augmentation, also when an fp16 overflow makes it skip its update (fused Adam's ``found_inf``).
 """
 
 from __future__ import annotations
@@ -92,7 +94,7 @@ def test_training_steps_on_cuda(tmp_path, precision):
     t = Trainer(plan_training(cfg, world_size=1), init("cuda"))
     t._setup()
     assert all(p.device.type == "cuda" for p in t.net.parameters())
-    losses = [t._train_step() for _ in range(3)]
+    losses = [float(t._train_step()) for _ in range(3)]
     assert all(np.isfinite(losses)), losses
     assert all(torch.isfinite(p).all() for p in t.ema.parameters())
     print(f"{precision}: losses {losses}")
@@ -136,7 +138,7 @@ class NoHostSync:
 
 
 @pytest.mark.parametrize("augment", [0.0, 0.5])
-def test_training_steps_make_the_host_wait_nowhere(tmp_path, augment):
+def test_training_steps_with_their_data_transfer_make_the_host_wait_nowhere(tmp_path, augment):
     data = write_dataset(tmp_path / "data-8.zip", 32, 8)
     cfg = TrainingConfig(**dict(TINY, outdir=str(tmp_path / "runs"), data=str(data), batch=8, duration=1.0,
                                 seed=5, tick=1e9, device="cuda", attn=[4], precision="bf16", augment=augment))
@@ -153,3 +155,40 @@ def test_sampler_steps_make_the_host_wait_nowhere():
     pipe.run(list(range(4)))  # warm-up
     with NoHostSync():
         pipe.run(list(range(4)))
+
+
+@pytest.mark.parametrize("augment", [0.0, 0.5])
+def test_a_training_step_never_waits_for_the_gpu(tmp_path, augment):
+    """Every call that waits for the GPU (a value read back, a blocking copy) raises in sync debug mode "error".
+    The batches are put on the GPU beforehand: their copy is the data path's (pinned memory, non_blocking)."""
+    import math
+
+    data = write_dataset(tmp_path / "data-8.zip", 16, 8)
+    cfg = TrainingConfig(**dict(TINY, outdir=str(tmp_path / "runs"), data=str(data), batch=8, duration=1.0,
+                                seed=5, tick=1e9, device="cuda", attn=[4], precision="fp16", augment=augment))
+    t = Trainer(plan_training(cfg, world_size=1), init("cuda"))
+    t._setup()
+    staged = []
+    for _ in range(4):
+        images, labels, positions = next(t.loader)
+        staged.append((images.to("cuda"), labels.to("cuda"), positions))
+    t.loader = iter(staged)
+    t._train_step()  # lazy initialisation (kernels, handles, cached constants) may wait once
+    torch.cuda.synchronize()
+    clean = t.loss_fn
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        t._train_step()
+        before = [p.detach().clone() for p in [*t.net.parameters(), *t.ema.parameters()]]
+        t.loss_fn = lambda *args, **kwargs: clean(*args, **kwargs) * math.inf  # an fp16 overflow
+        t._train_step()
+        t.loss_fn = clean
+        after = [p.detach().clone() for p in [*t.net.parameters(), *t.ema.parameters()]]
+        t._train_step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        t.loss_fn = clean
+    assert all(torch.equal(a, b) for a, b in zip(before, after))  # the skipped step changed nothing
+    summary = t.tally.read()
+    assert (summary.steps, summary.applied, summary.skipped) == (4, 3, 1) and math.isfinite(summary.loss)
+    assert all(torch.isfinite(p).all() for p in t.net.parameters())

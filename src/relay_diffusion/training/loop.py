@@ -6,6 +6,13 @@ process would make on the whole global batch (docs/math.md §5). All randomness 
 and the sample's global position (:mod:`relay_diffusion.training.order`): the run is reproducible, the same
 with one or several processes (up to float rounding; dropout masks excepted), and bit-identical across a
 kill and resume on the CPU.
+
+A step never reads a value back to the host (:mod:`relay_diffusion.training.tally`): losses, skipped and clamped
+steps are counted on the device and read once per tick, where the data order is checked too. A step whose loss
+is not finite (an fp16 overflow) is skipped on the device, without optimizer or EMA update; its images still
+count (``nimg`` and ``step`` advance), so every later step sees the data and random numbers it would have seen
+anyway and a resumed run replays the same steps. Only a tick in which every step was skipped stops the run
+(:class:`NonFiniteLossError`). Non-finite gradient entries under a finite loss are clamped, as EDM does.
 """
 
 from __future__ import annotations
@@ -35,12 +42,13 @@ from relay_diffusion.training.plan import TrainingPlan, build_loss, create_run_d
 from relay_diffusion.training.rundir import RunFolderLock, clean_stale_temps, remove_failed_run
 from relay_diffusion.training.state import latest_state, load_state, save_state, state_name
 from relay_diffusion.training.stats import RunLog, StatsLog, memory_gb, progress_line
+from relay_diffusion.training.tally import TickSummary, TickTally
 
 OPTIONS_FILE = "training_options.json"
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; the run stopped before applying that step."""
+    """The loss was NaN or infinite at every step of a tick; the run stopped with none of them applied."""
 
 
 @contextlib.contextmanager
@@ -120,6 +128,7 @@ class Trainer:
             torch.backends.cudnn.benchmark = cfg.bench
         self._setup_model(state)
         self._setup_data()
+        self.tally = TickTally(self.device)
         self.stats = (StatsLog(self.run_dir, resume_step=self.step if plan.resume_in_place else None)
                       if ctx.is_main else None)
         if ctx.is_main and (self.nimg < cfg.total_images or not (self.run_dir / OPTIONS_FILE).exists()):
@@ -228,18 +237,18 @@ class Trainer:
                                  self.run_dir / "reals-relay-start.png")
 
     # --- one step ----------------------------------------------------------------------------------
-    def _train_step(self) -> float:
-        """One optimizer step on the global batch; returns the mean per-pixel loss over all processes."""
+    def _train_step(self) -> torch.Tensor:
+        """One optimizer step on the global batch; returns the mean per-pixel loss over all processes (a 0-dim
+        float64 tensor on the device, not finite for a skipped step) and adds it to the tick's tally. Nothing
+        is read back to the host: skipping a step with a non-finite loss is decided on the device."""
         cfg, layout = self.cfg, self.layout
         per_process = self.plan.batch_gpu * self.plan.rounds
         self.optimizer.zero_grad(set_to_none=True)
         loss_total = torch.zeros((), dtype=torch.float64, device=self.device)
         for r in range(self.plan.rounds):
             images, labels, positions = next(self.loader)
-            expected = list(layout.positions(self.nimg, r, self.ctx.rank))
-            if positions.tolist() != expected:
-                raise RuntimeError(f"data loader out of order: got {positions.tolist()[:4]}..., "
-                                   f"expected {expected[:4]}...")
+            expected = layout.positions(self.nimg, r, self.ctx.rank)
+            self.tally.expect(self.step, r, expected, positions)  # checked at the tick
             images = images.to(self.device, torch.float32) / 127.5 - 1
             labels = labels.to(self.device, torch.float32) if cfg.cond else None
             rng = SeedGenerators(sample_seeds(self.seed, expected), self.device)
@@ -249,26 +258,29 @@ class Trainer:
                 loss = self.loss_fn(self.ddp, images, rng, labels=labels, augment_pipe=self.augment)
                 loss_total += loss.detach().sum(dtype=torch.float64)
                 (loss.sum() * (cfg.ls / per_process)).backward()
-        distributed.all_reduce_sum(loss_total)
-        mean_loss = float(loss_total) / (cfg.batch * self.pixels)
-        if not math.isfinite(mean_loss):
-            raise NonFiniteLossError(self._non_finite_message())
+        distributed.all_reduce_sum(loss_total)  # the same total, hence the same decision, on every process
+        mean_loss = loss_total / (cfg.batch * self.pixels)
+        skip = ~torch.isfinite(mean_loss)
         for g in self.optimizer.param_groups:
             g["lr"] = learning_rate(cfg.lr, self.nimg, cfg.lr_rampup)
-        accel.clamp_gradients(self.params)  # EDM's nan_to_num(nan=0, posinf=1e5, neginf=-1e5)
-        self.optimizer.step()
-        accel.ema_update(self.ema_params, self.params, ema_beta(self.nimg, cfg.batch, cfg.ema, cfg.ema_rampup))
+        clamped = accel.clamp_gradients(self.params)  # EDM's nan_to_num(nan=0, posinf=1e5, neginf=-1e5)
+        accel.optimizer_step(self.optimizer, skip)
+        beta = torch.where(skip, 1.0, ema_beta(self.nimg, cfg.batch, cfg.ema, cfg.ema_rampup))  # 1: EMA kept
+        accel.ema_update(self.ema_params, self.params, beta)
         if self.phema is not None:
-            self.phema.update(self.net, self.nimg + cfg.batch, cfg.batch)
-        self.nimg += cfg.batch
+            self.phema.update(self.net, self.nimg + cfg.batch, cfg.batch, skip)
+        self.tally.add(mean_loss, skip, clamped)
+        self.nimg += cfg.batch  # also for a skipped step: the data order and random numbers stay aligned
         self.step += 1
         return mean_loss
 
-    def _non_finite_message(self) -> str:
+    def _non_finite_message(self, tick: int, summary: TickSummary) -> str:
         last = latest_state(self.run_dir) if self.run_dir.is_dir() else None
         kept = f"the last good training state is {last}" if last else "no training state was saved yet"
-        return (f"non-finite loss at step {self.step} (kimg {self.nimg / 1000:.3f}); training stopped "
-                f"before applying it, {kept}")
+        first = self.step - summary.steps
+        return (f"non-finite loss at every step of tick {tick} (steps {first}-{self.step - 1}, kimg "
+                f"{(self.nimg - summary.steps * self.cfg.batch) / 1000:.3f}-{self.nimg / 1000:.3f}); training "
+                f"stopped with none of them applied, {kept}")
 
     # --- ticks, snapshots, states -----------------------------------------------------------------
     def _snapshot(self) -> None:
@@ -340,21 +352,25 @@ class Trainer:
             self.log.flush()
             return self.run_dir
         self.log(f"Training for {cfg.duration} Mimg...")
-        tick, tick_nimg, tick_time, tick_losses = 0, self.nimg, time.time(), []
+        tick, tick_nimg, tick_time = 0, self.nimg, time.time()
         tick_cpu = time.process_time()
         memory_gb(self.device)  # reset the peak counters
         try:
             while True:
-                tick_losses.append(self._train_step())
+                self._train_step()
                 done = self.nimg >= total
                 if not done and tick != 0 and self.nimg < tick_nimg + cfg.tick * 1000:
                     continue
+                summary = self.tally.read()  # the tick's one read of the device
+                if summary.applied == 0:
+                    raise NonFiniteLossError(self._non_finite_message(tick, summary))
                 elapsed, cpu = time.time() - tick_time, time.process_time() - tick_cpu
                 sec_per_kimg = elapsed / max((self.nimg - tick_nimg) / 1000, 1e-12)
                 if self.ctx.is_main:
                     record = {
                         "tick": tick, "step": self.step, "kimg": self.nimg / 1000,
-                        "loss": sum(tick_losses) / len(tick_losses), "loss_last": tick_losses[-1],
+                        "loss": summary.loss, "loss_last": summary.loss_last,
+                        "skipped": summary.skipped, "clamped": summary.clamped,
                         "lr": self.optimizer.param_groups[0]["lr"], "sec_per_tick": elapsed,
                         "cpu_sec_per_tick": cpu,  # this process's CPU time (all threads): the compute budget
                         "sec_per_kimg": sec_per_kimg, "eta_sec": (total - self.nimg) / 1000 * sec_per_kimg,
@@ -372,7 +388,7 @@ class Trainer:
                 if done:
                     break
                 tick += 1
-                tick_nimg, tick_losses = self.nimg, []
+                tick_nimg = self.nimg
                 tick_time = time.time()  # snapshots, grids and states are not counted as training time
                 tick_cpu = time.process_time()
         except NonFiniteLossError as exc:

@@ -125,10 +125,13 @@ class PowerEMATracker:
         self.emas = [copy.deepcopy(net).eval().requires_grad_(False) for _ in self.sigma_rels]
 
     @torch.no_grad()
-    def update(self, net: torch.nn.Module, nimg_after: int, batch: int) -> None:
-        """Average in ``net`` after a step of ``batch`` images that brought the total to ``nimg_after``."""
+    def update(self, net: torch.nn.Module, nimg_after: int, batch: int, skip: torch.Tensor | None = None) -> None:
+        """Average in ``net`` after a step of ``batch`` images that brought the total to ``nimg_after``; where the
+        0-dim bool tensor ``skip`` is true (a skipped step), every average stays as it was (decided on the device)."""
         for gamma, ema in zip(self.gammas, self.emas):
             beta = power_ema_beta(gamma, nimg_after, batch)
+            if skip is not None:
+                beta = torch.where(skip, 1.0, beta)  # lerp with weight 1 returns the average itself
             for p_ema, p_net in zip(ema.parameters(), net.parameters()):
                 p_ema.copy_(p_net.detach().lerp(p_ema, beta))
 

@@ -156,7 +156,7 @@ def format_duration(seconds: float) -> str:
 
 
 def progress_line(rec: dict[str, Any]) -> str:
-    """One line per tick: kimg, loss, sec/kimg, ETA, memory."""
+    """One line per tick: kimg, loss, sec/kimg, ETA, memory; skipped and clamped steps when there were any."""
     parts = [
         f"tick {rec['tick']:<5d}",
         f"kimg {rec['kimg']:<10.3f}",
@@ -168,6 +168,7 @@ def progress_line(rec: dict[str, Any]) -> str:
     ]
     if "gpu_mem_gb" in rec:
         parts += [f"gpumem {rec['gpu_mem_gb']:<5.2f}", f"reserved {rec['gpu_reserved_gb']:<5.2f}"]
+    parts += [f"{key} {rec[key]}" for key in ("skipped", "clamped") if rec.get(key)]
     return " ".join(parts)
 
 

@@ -8,6 +8,7 @@ bf16 to a few 1e-2. Parameter names, ``state_dict`` and checkpoints are unchange
 
 from __future__ import annotations
 
+import math
 from typing import Iterable
 
 import torch
@@ -138,38 +139,65 @@ def _multi_tensor(tensors: list[torch.Tensor], multi_tensor: bool | None) -> boo
     return multi_tensor
 
 
-def clamp_gradients(params: Iterable[torch.nn.Parameter], multi_tensor: bool | None = None) -> int:
-    """EDM's treatment of (fp16) overflow: NaN gradient entries become 0 and +-inf become +-:data:`GRAD_CLAMP`,
-    in place, and the step is applied anyway (there is no skipped step and no dynamic scale: the loss
-    scale ``--ls`` is a constant, which Adam's update is invariant to up to ``eps``). Returns the number of
-    tensors that had non-finite entries.
+def clamp_gradients(params: Iterable[torch.nn.Parameter], multi_tensor: bool | None = None) -> torch.Tensor:
+    """EDM's treatment of (fp16) gradient overflow: NaN gradient entries become 0 and +-inf become
+    +-:data:`GRAD_CLAMP`, in place, and the step is applied anyway (there is no dynamic scale: the loss scale
+    ``--ls`` is a constant, which Adam's update is invariant to up to ``eps``). Returns a 0-dim bool tensor on
+    the gradients' device: whether any entry was not finite.
 
-    Fast path: one read of every gradient (the sum of a tensor with a NaN or an inf is not finite) instead
-    of EDM's read and write of every gradient; only when that sum is not finite (also when finite values
-    overflow it) is each tensor checked and clamped. Same result as ``nan_to_num`` on every tensor. With
-    ``multi_tensor`` (the default off the CPU) the read is one ``_foreach_norm`` (L1) over all gradients
-    instead of a sum per tensor: a few kernel launches instead of one per tensor."""
+    Branch-free, so nothing is read back to the host: every gradient goes through ``nan_to_num`` (the identity
+    on finite values), and the flag comes from each tensor's extremes (NaN or inf exactly when the tensor has a
+    non-finite entry; unlike a sum, they cannot overflow). With ``multi_tensor`` (the default off the CPU) the
+    extremes are one ``_foreach_norm`` (max-norm) instead of one reduction per tensor; on the CPU they are
+    ``aminmax`` per tensor (the max-norm is not vectorised there: 8x slower). Measured on the CPU, one thread,
+    25 M parameters in 386 tensors: 15 ms (aminmax 12, ``nan_to_num`` 5 on their own), against 4 ms for the
+    former one-read check, which read its result back and clamped only when it had to."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
-        return 0
+        return torch.zeros((), dtype=torch.bool)
     if _multi_tensor(grads, multi_tensor):
-        total = torch.stack(torch._foreach_norm(grads, 1)).sum()
+        extremes = torch._foreach_norm(grads, math.inf)
     else:
-        total = torch.stack([g.sum() for g in grads]).sum()
-    if bool(torch.isfinite(total)):
-        return 0
-    bad = 0
+        extremes = [torch.stack(torch.aminmax(g)) for g in grads]  # NaN propagates into both
+    overflow = ~torch.isfinite(torch.stack(extremes)).all()
     for g in grads:
-        if not bool(torch.isfinite(g).all()):
-            torch.nan_to_num(g, nan=0.0, posinf=GRAD_CLAMP, neginf=-GRAD_CLAMP, out=g)
-            bad += 1
-    return bad
+        torch.nan_to_num(g, nan=0.0, posinf=GRAD_CLAMP, neginf=-GRAD_CLAMP, out=g)
+    return overflow
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None:
+    """``optimizer.step()``, or no change at all where the 0-dim bool tensor ``skip`` is true, decided on the
+    device (no host read).
+
+    A fused optimizer takes the flag the way ``torch.amp.GradScaler`` hands it over (``found_inf``): its kernel
+    leaves parameters, moments and step count as they were. Any other optimizer steps, then puts the old
+    values back where ``skip`` (state it created in that step goes back to zeros, the fresh state of Adam):
+    a few copies of the parameters, for torch builds without a fused kernel."""
+    if optimizer.defaults.get("fused"):
+        optimizer.found_inf = skip.to(torch.float32)
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf
+        return
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    kept = {id(t): t.clone() for p in params for t in [p, *optimizer.state.get(p, {}).values()]
+            if isinstance(t, torch.Tensor)}
+    optimizer.step()
+    with torch.no_grad():
+        for p in params:
+            for t in [p, *optimizer.state[p].values()]:
+                if isinstance(t, torch.Tensor):
+                    old = kept.get(id(t))
+                    t.copy_(torch.where(skip.to(t.device), torch.zeros_like(t) if old is None else old, t))
 
 
 @torch.no_grad()
-def ema_update(ema_params: Iterable[torch.Tensor], net_params: Iterable[torch.Tensor], beta: float,
+def ema_update(ema_params: Iterable[torch.Tensor], net_params: Iterable[torch.Tensor], beta: float | torch.Tensor,
                multi_tensor: bool | None = None) -> None:
-    """``ema = lerp(net, ema, beta) = net + beta (ema - net)`` for every pair, written in place.
+    """``ema = lerp(net, ema, beta) = net + beta (ema - net)`` for every pair, written in place. ``beta``: a
+    number, or a 0-dim tensor on the parameters' device (e.g. 1 for a skipped step, which keeps the EMA exactly;
+    the same values as the number otherwise).
 
     Bit-identical to EDM's ``ema.copy_(net.lerp(ema, beta))``. On the CPU (the default there) each pair is one
     ``lerp`` written straight into the EMA, without EDM's temporary and second pass (about 0.7x the time;
@@ -177,8 +205,12 @@ def ema_update(ema_params: Iterable[torch.Tensor], net_params: Iterable[torch.Te
     ``_foreach_lerp`` and one ``_foreach_copy_`` over all tensors: the same values, a few kernel launches
     instead of one per tensor. ``ema.lerp_(net, 1 - beta)`` would round differently, so it is not used."""
     emas, nets = list(ema_params), [p.detach() for p in net_params]
+    if isinstance(beta, torch.Tensor) and emas:
+        beta = beta.to(emas[0].dtype)
     if _multi_tensor(emas, multi_tensor):
-        values = torch._foreach_lerp(nets, emas, beta)
+        # A tensor weight goes in as a list (the scalar overload would read it back to the host); torch may then
+        # run the list tensor by tensor, with the same values.
+        values = torch._foreach_lerp(nets, emas, [beta] * len(emas) if isinstance(beta, torch.Tensor) else beta)
         if hasattr(torch, "_foreach_copy_"):
             torch._foreach_copy_(emas, values)
         else:  # older torch
