@@ -37,7 +37,8 @@ from relay_diffusion.checkpoints.loading import load_network
 from relay_diffusion.core.process import BlurProcess
 from relay_diffusion.core.rng import SeedGenerators
 from relay_diffusion.core.samplers import edm_sampler, relay_sampler, relay_time_steps
-from relay_diffusion.core.solvers import multistep_edm_sampler, multistep_relay_sampler, nfe_first, nfe_second
+from relay_diffusion.core.registry import nfe_first, nfe_second
+from relay_diffusion.core.solvers import multistep_edm_sampler, multistep_relay_sampler
 
 FIRST_BUDGETS = [5, 7, 9, 13, 17, 25, 35]               # stage-1 NFE (Heun: (NFE + 1) / 2 steps)
 SECOND_FAMILIES = {0.740: [10, 16, 22, 28, 34, 46], 0.898: [18, 52]}  # t_0 -> stage-2 num_steps

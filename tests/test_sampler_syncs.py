@@ -19,7 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from conftest import tiny_adm
 from relay_diffusion.core.process import BlurProcess
 from relay_diffusion.generation import EDMStage, EDMStageConfig, RelayPipeline, RelayStage, RelayStageConfig
-from relay_diffusion.core.solvers import SOLVERS_FIRST, SOLVERS_SECOND
+from relay_diffusion.core.registry import SOLVERS_FIRST, SOLVERS_SECOND
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -20,7 +20,8 @@ from relay_diffusion.core.blur_toy import BlurGaussianToyDenoiser
 from relay_diffusion.core.process import BlurProcess
 from relay_diffusion.core.rng import SeedGenerators
 from relay_diffusion.core.samplers import denoise, edm_sampler, relay_sampler, relay_time_steps, time_steps
-from relay_diffusion.core.solvers import multistep_edm_sampler, multistep_relay_sampler, nfe_first, nfe_second
+from relay_diffusion.core.registry import nfe_first, nfe_second
+from relay_diffusion.core.solvers import multistep_edm_sampler, multistep_relay_sampler
 from relay_diffusion.core.toy import GaussianToyDenoiser
 
 F64 = torch.float64

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 import torch
 
-from relay_diffusion.core.blur import MIN_SCALE, blur_schedule, blur_strength
+from relay_diffusion.core.blur import MIN_SCALE, block_noise, blur_schedule, blur_strength
 
 
 def _help(text: str) -> Any:
@@ -58,6 +58,15 @@ class BlurProcess:
     def factors(self, t: torch.Tensor | float) -> torch.Tensor:
         """``A(t)`` in patch layout ``[*t.shape, p, 1, p]``, float64."""
         return blur_schedule(t, self.up_scale, self.blur_sigma_max, self.prob_length, self.min_scale)
+
+    def noise(self, rng: Any, like: torch.Tensor) -> torch.Tensor:
+        """The process's unit noise ``eps + block_scale block_noise(eps')`` shaped like ``like`` ``[N, C, H, W]``,
+        drawn from the per-seed generators ``rng`` in docs/math.md §8 order (``eps'`` only when block_scale > 0):
+        the one draw every relay sampler and solver makes."""
+        eps = rng.randn_like(like)
+        if self.block_scale > 0:
+            eps = eps + self.block_scale * block_noise(rng.randn_like(like), self.up_scale)
+        return eps
 
     # --- files -------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from relay_diffusion.core.blur import block_noise, dct, idct, to_patches
+from relay_diffusion.core.blur import dct, idct, to_patches
 from relay_diffusion.core.process import BlurProcess
 from relay_diffusion.core.rng import SeedGenerators
 
@@ -202,7 +202,7 @@ def relay_sampler(
     ``S_noise``) before every network call, whose noise is drawn at every step, also when ``gamma = 0``.
     Returns float64 images.
     """
-    p, s_block = process.up_scale, process.block_scale
+    p = process.up_scale
     t_steps = relay_time_steps(num_steps, sigma_min, sigma_max, rho, truncation_sigma, net, latents.device)
     steps = len(t_steps) - 1
     levels = host_levels(t_steps)
@@ -211,11 +211,8 @@ def relay_sampler(
     x = latents.to(F64)
     shape = x.shape
 
-    def noise() -> torch.Tensor:  # eps (+ block_scale * block_noise(eps')), drawn in docs/math.md §8 order
-        eps = rng.randn_like(x)
-        if s_block > 0:
-            eps = eps + s_block * block_noise(rng.randn_like(x), p)
-        return eps
+    def noise() -> torch.Tensor:
+        return process.noise(rng, x)
 
     def patches(u: torch.Tensor) -> torch.Tensor:
         return to_patches(dct(u, p), p)

@@ -54,14 +54,12 @@ from typing import Callable
 
 import torch
 
-from relay_diffusion.core.blur import block_noise, dct, idct, to_patches
+from relay_diffusion.core.blur import dct, idct, to_patches
 from relay_diffusion.core.process import BlurProcess
 from relay_diffusion.core.rng import SeedGenerators
 from relay_diffusion.core.samplers import Callback, denoise, host_levels, relay_time_steps, time_steps
 
 F64 = torch.float64
-SOLVERS_FIRST = ("heun", "multistep")
-SOLVERS_SECOND = ("reference", "multistep")
 
 
 def multistep_edm_sampler(
@@ -141,17 +139,9 @@ def multistep_relay_sampler(
         raise ValueError(f"s_noise must be in [0, 1], got {s_noise}")
     t_steps = relay_time_steps(num_steps, sigma_min, sigma_max, rho, truncation_sigma, net, latents.device)
     x = latents.to(F64)
-    x = x + t_steps[0] * _relay_noise(rng, x, process)
+    x = x + t_steps[0] * process.noise(rng, x)
     return _multistep_relay(net, x, t_steps, rng, class_labels, process, s_noise, cfg_scale, guidance_interval,
                             order, callback)
-
-
-def _relay_noise(rng: SeedGenerators, x: torch.Tensor, process: BlurProcess) -> torch.Tensor:
-    """``eps + s_block block_noise(eps')`` in docs/math.md §8 order (``eps'`` only when ``s_block > 0``)."""
-    eps = rng.randn_like(x)
-    if process.block_scale > 0:
-        eps = eps + process.block_scale * block_noise(rng.randn_like(x), process.up_scale)
-    return eps
 
 
 def _multistep_relay(
@@ -182,30 +172,10 @@ def _multistep_relay(
         prev = (u0, h)
         x = idct(u_next.reshape(shape), p)
         if s_noise > 0:
-            x = x + s_noise * t_next * _relay_noise(rng, x, process)
+            x = x + s_noise * t_next * process.noise(rng, x)
         if callback is not None:
             callback(dict(i=i, num_steps=steps, t=levels[i], x=x, denoised=x0))
     raise AssertionError("unreachable")  # the last step returns
-
-
-def nfe_first(solver: str, num_steps: int) -> int:
-    """Denoiser evaluations of stage 1 (network calls are twice as many with classifier-free guidance)."""
-    _check_solver(solver, SOLVERS_FIRST, "solver_first")
-    return 2 * num_steps - 1 if solver == "heun" else num_steps
-
-
-def nfe_second(solver: str, num_steps: int, sigma_min: float = 0.008, sigma_max: float = 80.0, rho: float = 7.0,
-               truncation_sigma: float = 0.9, net: object = None) -> int:
-    """Denoiser evaluations of a relay stage: its grid after truncation has ``N'`` steps; the reference sampler
-    evaluates twice per step but the last, the multistep solver once."""
-    _check_solver(solver, SOLVERS_SECOND, "solver_second")
-    steps = len(relay_time_steps(num_steps, sigma_min, sigma_max, rho, truncation_sigma, net)) - 1
-    return 2 * steps - 1 if solver == "reference" else steps
-
-
-def _check_solver(solver: str, choices: tuple[str, ...], name: str) -> None:
-    if solver not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {solver!r}")
 
 
 def _check_order(order: int) -> None:

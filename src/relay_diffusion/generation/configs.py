@@ -15,6 +15,7 @@ from typing import Any, Mapping, Optional
 import numpy as np
 
 from relay_diffusion.core.process import BlurProcess
+from relay_diffusion.core.registry import nfe_first, nfe_second, solver, solver_help, solver_names
 
 __all__ = ["EDMStageConfig", "SRStageConfig", "RelayStageConfig", "Enhancement", "Preset", "PRESETS", "knob"]
 
@@ -60,6 +61,24 @@ def _check_common(n: Any, cfg: Any) -> None:
            f"got {cfg.S_noise}")
 
 
+def _check_solver(n: Any, cfg: Any, kind: str) -> None:
+    """The solver exists for this stage kind, and the settings it cannot honour are off."""
+    found = solver(kind, cfg.solver, n("solver"))
+    for name, allowed in found.refuses:
+        value = getattr(cfg, name)
+        _check(value == allowed, f"{n('solver')} {cfg.solver} takes no {n(name)} (got {value})")
+
+
+def _solver_kwargs(cfg: Any, kind: str) -> dict[str, Any]:
+    """The keyword arguments of the config's solver: its settings, less those the solver has no use for."""
+    kwargs = dataclasses.asdict(cfg)
+    kwargs.pop("solver")
+    kwargs["guidance_interval"] = _interval(cfg.guidance_interval)
+    for name in solver(kind, cfg.solver).unused:
+        kwargs.pop(name, None)
+    return kwargs
+
+
 def _finite_positive(n: Any, cfg: Any, *keys: str) -> None:
     for k in keys:
         v = getattr(cfg, k)
@@ -82,8 +101,7 @@ class EDMStageConfig:
     S_noise: float = knob(1.0, "Churn noise inflation")
     sde_scale: Optional[float] = knob(None, "SDE steps with g = sde_scale * t (docs/math.md §6b); none = Heun steps",
                                       min=0)
-    solver: str = knob("heun", "heun: the reference's sampler (2 NFE per step); multistep: DPM-Solver++(2M)-style, "
-                               "1 NFE per step, deterministic", choices=("heun", "multistep"))
+    solver: str = knob(solver_names("edm")[0], solver_help("edm"), choices=solver_names("edm"))
     guidance_interval: Optional[tuple] = knob(None, "Guidance only for noise levels LO < t <= HI (LO,HI)",
                                               kind="interval")
 
@@ -94,30 +112,20 @@ class EDMStageConfig:
         _check(self.sde_scale is None or 0 <= self.sde_scale < 1, f"{n('sde_scale')} must be in [0, 1)")
         _check(self.sde_scale is None or self.cfg_scale <= 1,
                f"{n('cfg_scale')} > 1 is not available with {n('sde_scale')} (docs/math.md §6b has no guidance)")
-        _check(self.solver in ("heun", "multistep"), f"{n('solver')} must be heun or multistep, got {self.solver!r}")
-        if self.solver == "multistep":
-            _check(self.S_churn == 0 and self.sde_scale is None, f"{n('solver')} multistep is deterministic: it takes "
-                   f"no {n('S_churn')} (got {self.S_churn}) and no {n('sde_scale')} (got {self.sde_scale})")
+        _check_solver(n, self, "edm")
         _check_interval(n("guidance_interval"), self.guidance_interval)
         return self
 
     def sampler_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of the chosen sampler: :func:`relay_diffusion.core.samplers.edm_sampler` (heun) or
         :func:`relay_diffusion.core.solvers.multistep_edm_sampler` (multistep)."""
-        kwargs = dataclasses.asdict(self)
-        kwargs.pop("solver")
-        kwargs["guidance_interval"] = _interval(self.guidance_interval)
-        if self.solver == "multistep":
-            for k in ("S_churn", "S_min", "S_max", "S_noise", "sde_scale"):
-                kwargs.pop(k)
-        elif self.sde_scale is not None:
+        kwargs = _solver_kwargs(self, "edm")
+        if "sde_scale" in kwargs and self.sde_scale is not None:
             kwargs["cfg_scale"] = 1.0
         return kwargs
 
     def nfe(self) -> int:
         """Denoiser evaluations per image (network calls double where guidance applies)."""
-        from relay_diffusion.core.solvers import nfe_first
-
         return nfe_first(self.solver, self.num_steps)
 
 
@@ -161,8 +169,7 @@ class RelayStageConfig:
     S_min: float = knob(0.0, "Churn min noise level", min=0)
     S_max: float = knob(math.inf, "Churn max noise level", min=0)
     S_noise: float = knob(1.0, "Churn noise inflation")
-    solver: str = knob("reference", "reference: the reference's relay sampler (2 NFE per step); multistep: "
-                                    "second order with 1 NFE per step", choices=("reference", "multistep"))
+    solver: str = knob(solver_names("relay")[0], solver_help("relay"), choices=solver_names("relay"))
     guidance_interval: Optional[tuple] = knob(None, "Guidance only for noise levels LO < t <= HI (LO,HI)",
                                               kind="interval")
 
@@ -171,9 +178,7 @@ class RelayStageConfig:
         _check_common(n, self)
         _finite_positive(n, self, "truncation_sigma")
         _check(0 <= self.s_noise <= 1, f"{n('s_noise')} must be in [0, 1], got {self.s_noise}")
-        _check(self.solver in ("reference", "multistep"),
-               f"{n('solver')} must be reference or multistep, got {self.solver!r}")
-        _check(self.solver != "multistep" or not self.churn, f"{n('solver')} multistep takes no {n('churn')}")
+        _check_solver(n, self, "relay")
         _check_interval(n("guidance_interval"), self.guidance_interval)
         return self
 
@@ -181,18 +186,10 @@ class RelayStageConfig:
         """Keyword arguments (without ``process``) of the chosen sampler:
         :func:`relay_diffusion.core.samplers.relay_sampler` (reference) or
         :func:`relay_diffusion.core.solvers.multistep_relay_sampler` (multistep)."""
-        kwargs = dataclasses.asdict(self)
-        kwargs.pop("solver")
-        kwargs["guidance_interval"] = _interval(self.guidance_interval)
-        if self.solver == "multistep":
-            for k in ("churn", "S_churn", "S_min", "S_max", "S_noise"):
-                kwargs.pop(k)
-        return kwargs
+        return _solver_kwargs(self, "relay")
 
     def nfe(self, net: Any = None) -> int:
         """Denoiser evaluations per image of this stage (after truncation)."""
-        from relay_diffusion.core.solvers import nfe_second
-
         return nfe_second(self.solver, self.num_steps, self.sigma_min, self.sigma_max, self.rho,
                           self.truncation_sigma, net)
 

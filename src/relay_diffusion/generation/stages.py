@@ -18,8 +18,8 @@ import torch.nn.functional as F
 
 from relay_diffusion.core.process import BlurProcess
 from relay_diffusion.core.rng import SeedGenerators
-from relay_diffusion.core.samplers import Callback, edm_sampler, relay_sampler
-from relay_diffusion.core.solvers import multistep_edm_sampler, multistep_relay_sampler
+from relay_diffusion.core.registry import solver
+from relay_diffusion.core.samplers import Callback
 from relay_diffusion.core.sr import SRCondition, condition_input
 from relay_diffusion.generation.configs import EDMStageConfig, RelayStageConfig, SRStageConfig
 
@@ -153,7 +153,7 @@ class EDMStage(_StageBase):
         if inputs is not None:
             raise ValueError("a stage-1 (EDM) stage takes no input images")
         latents = rng.randn([channels, self.resolution, self.resolution])  # float32, like the reference
-        sampler = multistep_edm_sampler if self.config.solver == "multistep" else edm_sampler
+        sampler = solver("edm", self.config.solver).sampler
         return sampler(FixedBatchDenoiser(self.net, net_batch), latents, rng, labels, callback=callback,
                        **self.config.sampler_kwargs())
 
@@ -179,7 +179,7 @@ class RelayStage(_RefiningStage):
         if inputs is None:
             raise ValueError("a relay stage needs input images (a previous stage's output or --indir)")
         latents = F.interpolate(inputs.to(torch.float64), scale_factor=self.up_scale, mode="nearest")
-        sampler = multistep_relay_sampler if self.config.solver == "multistep" else relay_sampler
+        sampler = solver("relay", self.config.solver).sampler
         return sampler(FixedBatchDenoiser(self.net, net_batch), latents, rng, labels, process=self.process,
                        callback=callback, **self.config.sampler_kwargs())
 
@@ -214,7 +214,7 @@ class SRStage(_RefiningStage):
         eps = rng.randn(low.shape[1:]).to(low.device) if self.config.cond_level > 0 else None
         cond = condition_input(low, level, eps, self.up_scale)
         denoiser = FixedBatchDenoiser(self.net, net_batch, extra={"cond": cond, "cond_level": level})
-        sampler = multistep_edm_sampler if self.config.solver == "multistep" else edm_sampler
+        sampler = solver("edm", self.config.solver).sampler
         return sampler(denoiser, latents, rng, labels, callback=callback, **self.config.sampler_kwargs())
 
 
