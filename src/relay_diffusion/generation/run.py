@@ -15,6 +15,7 @@ from relay_diffusion.generation.manifest import ManifestMismatch, check_manifest
 from relay_diffusion.generation.pipeline import ClassLabels, RelayPipeline
 from relay_diffusion.generation.stages import net_info
 from relay_diffusion.core.rng import parse_int_list
+from relay_diffusion.utils import distributed
 
 
 def rank_batches(seeds: Sequence[int], max_batch_size: int, rank: int = 0, world_size: int = 1) -> list[list[int]]:
@@ -77,25 +78,44 @@ def generate_images(
     shape = (pipeline.resolution, pipeline.resolution, net_info(pipeline.stages[-1].net)[1])
     mine = [s for batch in rank_batches(seeds, max_batch_size, rank, world_size) for s in batch]
     todo = [s for s in mine if overwrite or not is_valid_image(image_path(outdir, s, subdirs), shape)]
+    batches = [todo[i : i + max_batch_size] for i in range(0, len(todo), max_batch_size)]
     written: list[Path] = []
     with tqdm(total=len(todo), unit="img", disable=not progress, dynamic_ncols=True) as bar:
-        for start in range(0, len(todo), max_batch_size):
-            batch = todo[start : start + max_batch_size]
-            inputs = load_images(indir, batch) if pipeline.input_shape is not None else None
-            out = pipeline(batch, class_labels=class_labels, inputs=inputs)
-            finite = torch.isfinite(out.samples).flatten(1).all(1).tolist()
-            good = [i for i, ok in enumerate(finite) if ok]
-            if good and not written:  # just before the first image: a run that fails first leaves no file
-                write_manifest(outdir, manifest)
-            written += save_images(out.array[good], [batch[i] for i in good], outdir, subdirs)
-            bar.update(len(batch))
-            if len(good) < len(batch):
-                bad = [batch[i] for i, ok in enumerate(finite) if not ok]
-                raise NonFiniteSamplesError(
-                    f"{len(bad)} of {len(batch)} samples are not finite (NaN or Inf), seeds "
-                    f"{', '.join(map(str, bad[:10]))}{' ...' if len(bad) > 10 else ''}; no image was written for "
-                    "them. Check the networks' weights and the sampler settings (noise levels, S_noise)")
+        # Every process takes part in the same number of rounds, so that an error in one process ends all of
+        # them at the end of that batch (one small collective per batch) instead of at a later barrier.
+        for i in range(distributed.all_max(len(batches))):
+            error = None
+            if i < len(batches):
+                try:
+                    _render(pipeline, batches[i], class_labels, indir, outdir, subdirs, manifest, written)
+                except Exception as exc:  # noqa: BLE001 -- raised below, after the other processes know
+                    error = exc
+                bar.update(len(batches[i]))
+            if distributed.any_failed(error is not None):
+                if error is not None:
+                    raise error
+                raise distributed.PeerFailure("another process failed (its error is reported by that process)",
+                                              reported=True)
     return written
+
+
+def _render(pipeline: RelayPipeline, batch: list[int], class_labels: ClassLabels, indir: Any, outdir: Path,
+            subdirs: bool, manifest: dict[str, Any], written: list[Path]) -> None:
+    """Sample and save one batch, appending the paths to ``written``; samples that are not finite raise
+    :class:`NonFiniteSamplesError` after the finite ones are saved."""
+    inputs = load_images(indir, batch) if pipeline.input_shape is not None else None
+    out = pipeline(batch, class_labels=class_labels, inputs=inputs)
+    finite = torch.isfinite(out.samples).flatten(1).all(1).tolist()
+    good = [i for i, ok in enumerate(finite) if ok]
+    if good and not written:  # just before the first image: a run that fails first leaves no file
+        write_manifest(outdir, manifest)
+    written += save_images(out.array[good], [batch[i] for i in good], outdir, subdirs)
+    if len(good) < len(batch):
+        bad = [batch[i] for i, ok in enumerate(finite) if not ok]
+        raise NonFiniteSamplesError(
+            f"{len(bad)} of {len(batch)} samples are not finite (NaN or Inf), seeds "
+            f"{', '.join(map(str, bad[:10]))}{' ...' if len(bad) > 10 else ''}; no image was written for "
+            "them. Check the networks' weights and the sampler settings (noise levels, S_noise)")
 
 
 def _labels_key(class_labels: ClassLabels) -> Any:
