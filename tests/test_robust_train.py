@@ -162,3 +162,25 @@ def test_disk_full_during_a_state_write_is_one_line_and_keeps_the_previous_state
     for name in before:
         if name.startswith("training-state-"):
             assert (out / name).read_bytes() == before[name]
+
+
+def test_a_filesystem_without_lockf_locks_with_an_owner_file(tmp_path, data, monkeypatch):
+    import errno
+    import fcntl
+    import socket
+
+    from relay_diffusion.training.rundir import OWNER_FILE
+
+    def no_locks(*args):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "lockf", no_locks)
+    out = tmp_path / "run"
+    assert train(out, data, "--nosubdir").exit_code == 0
+    assert not (out / OWNER_FILE).exists()  # released at the end
+    (out / OWNER_FILE).write_text(f"4242@other-{socket.gethostname()}\n")
+    result = train(out, data, "--nosubdir", "--resume", str(out), "--duration=0.000032")
+    clean_error(result, f"{out} is in use by process 4242 on other-", OWNER_FILE)
+    assert len([line for line in result.output.splitlines() if line.strip()]) == 1, result.output
+    (out / OWNER_FILE).unlink()
+    assert train(out, data, "--nosubdir", "--resume", str(out), "--duration=0.000032").exit_code == 0

@@ -88,7 +88,7 @@ def generate_images(
             if i < len(batches):
                 try:
                     _render(pipeline, batches[i], class_labels, indir, outdir, subdirs, manifest, written)
-                except Exception as exc:  # noqa: BLE001 -- raised below, after the other processes know
+                except Exception as exc:  # raised below, once the other processes know
                     error = exc
                 bar.update(len(batches[i]))
             if distributed.any_failed(error is not None):
