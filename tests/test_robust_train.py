@@ -217,3 +217,25 @@ def test_fp16_on_the_cpu_is_named_and_noted_as_the_fp32_it_computes_in(tmp_path,
     bf16 = train(tmp_path / "runs2", data, "--precision=bf16", "--device=cpu")
     assert bf16.exit_code == 0, bf16.output
     assert next((tmp_path / "runs2").iterdir()).name.endswith("-bf16") and "computes in" not in bf16.output
+
+
+def test_a_filesystem_without_lockf_locks_with_an_owner_file(tmp_path, data, monkeypatch):
+    import errno
+    import fcntl
+    import socket
+
+    from relay_diffusion.training.rundir import OWNER_FILE
+
+    def no_locks(*args):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "lockf", no_locks)
+    out = tmp_path / "run"
+    assert train(out, data, "--nosubdir").exit_code == 0
+    assert not (out / OWNER_FILE).exists()  # released at the end
+    (out / OWNER_FILE).write_text(f"4242@other-{socket.gethostname()}\n")
+    result = train(out, data, "--nosubdir", "--resume", str(out), "--duration=0.000032")
+    clean_error(result, f"{out} is in use by process 4242 on other-", OWNER_FILE)
+    assert len([line for line in result.output.splitlines() if line.strip()]) == 1, result.output
+    (out / OWNER_FILE).unlink()
+    assert train(out, data, "--nosubdir", "--resume", str(out), "--duration=0.000032").exit_code == 0

@@ -78,6 +78,8 @@ def _activations_of(data: str, batch: int, detector: str, max_images: int | None
         ctx = distributed.init(device_name)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--device") from exc
+    except distributed.LaunchError as exc:
+        raise click.ClickException(str(exc)) from None
     device, rank, world = ctx.device, ctx.rank, ctx.world_size
     try:
         detector_path(detector)  # the files exist (cheap) before the dataset is listed and the weights loaded

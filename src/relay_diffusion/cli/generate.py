@@ -19,6 +19,7 @@ from relay_diffusion.cli.options import FieldOptions
 from relay_diffusion.core.process import BlurProcess
 from relay_diffusion.generation.configs import PRESETS, EDMStageConfig, RelayStageConfig, SRStageConfig
 from relay_diffusion.generation.stages import DEFAULT_NET_BATCH
+from relay_diffusion.utils.distributed import DEFAULT_TIMEOUT_MIN
 
 _SUFFIX_FIRST = {"S_churn", "S_min", "S_max", "S_noise"}  # the reference names these without _first
 _PROCESS_ALIASES = {"prob_length": "truncation_t", "block_scale": "s_block"}  # canonical -> reference name
@@ -89,6 +90,9 @@ def _options(command: Any) -> Any:
 @click.option("--net_batch", type=click.IntRange(min=1, max=65536), default=DEFAULT_NET_BATCH,
               help="Samples per network call (padded); results depend on it, never on --batch  [default: 8 on the "
                    "CPU, the whole batch in one call on CUDA]")
+@click.option("--timeout", metavar="MIN", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_TIMEOUT_MIN,
+              show_default=True, help="With several processes: minutes a process waits for the others at a "
+                                      "collective before it stops with an error")
 @click.option("--compile", "compile_net", is_flag=True, help="torch.compile the networks (the samplers stay eager)")
 @click.option("--channels_last", is_flag=True, help="Run the networks in channels-last memory format")
 @click.option("--tf32/--no-tf32", default=None, help="TF32 matrix products and convolutions on CUDA  [default: on "
@@ -121,10 +125,13 @@ def generate(**opts: Any) -> None:
         raise click.UsageError("--sampler_stages second needs --indir (the stage-1 images)")
 
     try:
-        ctx = distributed.init(opts["device"])
+        ctx = distributed.init(opts["device"], opts["timeout"])
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--device") from exc
+    except distributed.LaunchError as exc:
+        raise click.ClickException(str(exc)) from None
     rank, world_size, device = ctx.rank, ctx.world_size, ctx.device
+    failed = True
     try:
         built = build(paths, first, second, process_overrides, preset, enhancement, opts, device,
                       first_is_relay=stages_kind == "second", sr=sr)
@@ -150,8 +157,13 @@ def generate(**opts: Any) -> None:
             if opts["grid"]:
                 click.echo(f"Grid: {save_seed_grid(opts['outdir'], seeds, opts['subdirs'])}")
             click.echo("Done.")
+        failed = False
+    except distributed.PeerFailure as exc:
+        if exc.reported:  # the failing process prints its own error; this one only exits with failure
+            raise click.exceptions.Exit(1) from None
+        raise click.ClickException(str(exc)) from None
     finally:
-        distributed.shutdown()
+        distributed.shutdown(failed=failed and world_size > 1)
 
 
 def _parse_seeds(text: str) -> list[int]:

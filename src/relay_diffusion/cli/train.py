@@ -11,6 +11,7 @@ import click
 from relay_diffusion.training.config import (
     ARCHS, PRECISIONS, PRECOND_CHOICES, ConfigError, TrainingConfig, merge_options, saved_config,
 )
+from relay_diffusion.utils.distributed import DEFAULT_TIMEOUT_MIN, LaunchError, PeerFailure
 
 
 def _int_list(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int] | None:
@@ -87,6 +88,9 @@ def _bad(exc: ConfigError) -> click.BadParameter:
               help="Accepted for compatibility: attention always runs through SDPA, laid out for the fused kernels "
                    "(flash / memory-efficient on CUDA)")
 @click.option("--device", metavar="STR", type=str, help="cpu, cuda, cuda:N, mps  [default: cuda if available]")
+@click.option("--timeout", metavar="MIN", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_TIMEOUT_MIN,
+              show_default=True, help="With several processes: minutes a process waits for the others at a "
+                                      "collective before it stops with an error")
 # I/O-related.
 @click.option("--desc", metavar="STR", type=str, help="String to include in result dir name")
 @click.option("--nosubdir", is_flag=True, help="Do not create a subdirectory for results")
@@ -113,7 +117,7 @@ def _bad(exc: ConfigError) -> click.BadParameter:
               help="Maximum blur strength")
 @click.pass_context
 def train(ctx: click.Context, config_file: str | None, fp16: bool, precision: str | None, eff_attn: bool,
-          dry_run: bool, **opts) -> None:
+          dry_run: bool, timeout: float, **opts) -> None:
     """Train a stage-1 (EDM) or stage-2 (blur) relay diffusion model.
 
     \b
@@ -148,16 +152,22 @@ def train(ctx: click.Context, config_file: str | None, fp16: bool, precision: st
         plan = plan_training(TrainingConfig(**opts))
     except ConfigError as exc:
         raise _bad(exc) from None
+    except LaunchError as exc:  # e.g. a stale WORLD_SIZE without the rest of torchrun's environment
+        raise click.ClickException(str(exc)) from None
     if dry_run:
         click.echo(plan.to_json(preview_run_dir(plan)))
         return
     from relay_diffusion.training.rundir import RunFolderBusy
 
     try:
-        run_training(plan)
+        run_training(plan, timeout_min=timeout)
+    except PeerFailure as exc:
+        if exc.reported:  # the failing process prints its own error; this one only exits with failure
+            raise click.exceptions.Exit(1) from None
+        raise click.ClickException(str(exc)) from None
     except ConfigError as exc:  # found only once the training state is read (e.g. --ema-profiles on resume)
         raise _bad(exc) from None
-    except (NonFiniteLossError, RunFolderBusy) as exc:
+    except (NonFiniteLossError, RunFolderBusy, LaunchError) as exc:
         raise click.ClickException(str(exc)) from None
     except (ValueError, OSError) as exc:  # e.g. a damaged dataset image found while training
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]

@@ -13,6 +13,7 @@ from relay_diffusion.generation.manifest import FILE as MANIFEST
 from relay_diffusion.generation.manifest import ManifestMismatch, check_manifest, describe, write_manifest
 from relay_diffusion.generation.pipeline import ClassLabels, RelayPipeline
 from relay_diffusion.generation.stages import net_info
+from relay_diffusion.utils import distributed
 from relay_diffusion.utils.dtypes import float32_default
 
 
@@ -86,30 +87,50 @@ def generate_images(
     shape = (pipeline.resolution, pipeline.resolution, net_info(pipeline.stages[-1].net)[1])
     mine = [s for batch in rank_batches(seeds, max_batch_size, rank, world_size) for s in batch]
     todo = [s for s in mine if overwrite or not is_valid_image(image_path(outdir, s, subdirs), shape)]
+    batches = [todo[i : i + max_batch_size] for i in range(0, len(todo), max_batch_size)]
     written: list[Path] = []
     full = min(max_batch_size, len(todo)) if pipeline.fixed_shapes else 0
     with tqdm(total=len(todo), unit="img", disable=not progress, dynamic_ncols=True) as bar, \
             ImageWriter(outdir, subdirs) as writer:
-        for start in range(0, len(todo), max_batch_size):
-            batch = todo[start : start + max_batch_size]
-            inputs = load_images(indir, batch, pipeline.input_shape) if pipeline.input_shape is not None else None
-            seeds, inputs = _padded(batch, inputs, full)
-            out = pipeline.output(seeds, pipeline.run(seeds, class_labels=class_labels, inputs=inputs))
-            samples, array = out.samples[: len(batch)], out.array[: len(batch)]
-            finite = torch.isfinite(samples).flatten(1).all(1).tolist()
-            good = [i for i, ok in enumerate(finite) if ok]
-            if good and not written:  # just before the first image: a run that fails first leaves no file
-                write_manifest(outdir, manifest)
-            written += writer.submit(array[good], [batch[i] for i in good])
-            bar.update(len(batch))
-            if len(good) < len(batch):
-                writer.flush()
-                bad = [batch[i] for i, ok in enumerate(finite) if not ok]
-                raise NonFiniteSamplesError(
-                    f"{len(bad)} of {len(batch)} samples are not finite (NaN or Inf), seeds "
-                    f"{', '.join(map(str, bad[:10]))}{' ...' if len(bad) > 10 else ''}; no image was written for "
-                    "them. Check the networks' weights and the sampler settings (noise levels, S_noise)")
+        # Every process takes part in the same number of rounds, so that an error in one process ends all of
+        # them at the end of that batch (one small collective per batch) instead of at a later barrier.
+        for i in range(distributed.all_max(len(batches))):
+            error = None
+            if i < len(batches):
+                try:
+                    _render(pipeline, batches[i], full, class_labels, indir, outdir, manifest, writer, written)
+                except Exception as exc:  # raised below, once the other processes know
+                    error = exc
+                bar.update(len(batches[i]))
+            if distributed.any_failed(error is not None):
+                if error is not None:
+                    raise error
+                raise distributed.PeerFailure("another process failed (its error is reported by that process)",
+                                              reported=True)
     return written
+
+
+def _render(pipeline: RelayPipeline, batch: list[int], full: int, class_labels: ClassLabels, indir: Any,
+            outdir: Path, manifest: dict[str, Any], writer: ImageWriter, written: list[Path]) -> None:
+    """Sample one batch (padded to ``full`` seeds for a compiled network) and hand its images to ``writer``,
+    appending their paths to ``written``; samples that are not finite raise :class:`NonFiniteSamplesError`
+    once the finite ones are on disk."""
+    inputs = load_images(indir, batch, pipeline.input_shape) if pipeline.input_shape is not None else None
+    seeds, inputs = _padded(batch, inputs, full)
+    out = pipeline.output(seeds, pipeline.run(seeds, class_labels=class_labels, inputs=inputs))
+    samples, array = out.samples[: len(batch)], out.array[: len(batch)]
+    finite = torch.isfinite(samples).flatten(1).all(1).tolist()
+    good = [i for i, ok in enumerate(finite) if ok]
+    if good and not written:  # just before the first image: a run that fails first leaves no file
+        write_manifest(outdir, manifest)
+    written += writer.submit(array[good], [batch[i] for i in good])
+    if len(good) < len(batch):
+        writer.flush()
+        bad = [batch[i] for i, ok in enumerate(finite) if not ok]
+        raise NonFiniteSamplesError(
+            f"{len(bad)} of {len(batch)} samples are not finite (NaN or Inf), seeds "
+            f"{', '.join(map(str, bad[:10]))}{' ...' if len(bad) > 10 else ''}; no image was written for "
+            "them. Check the networks' weights and the sampler settings (noise levels, S_noise)")
 
 
 def _padded(batch: list[int], inputs: torch.Tensor | None, size: int) -> tuple[list[int], torch.Tensor | None]:

@@ -344,6 +344,16 @@ class Trainer:
             if self.lock is not None:
                 self.lock.__exit__()
 
+    def _step(self) -> float:
+        """:meth:`_train_step`, with a collective that failed because another process did as :class:`PeerFailure`."""
+        try:
+            return self._train_step()
+        except RuntimeError as exc:
+            failure = distributed.peer_failure(exc) if self.ctx.distributed else None
+            if failure is None:
+                raise
+            raise failure from None
+
     def _run(self) -> Path:
         self._setup()
         cfg, total = self.cfg, self.cfg.total_images
@@ -357,7 +367,7 @@ class Trainer:
         memory_gb(self.device)  # reset the peak counters
         try:
             while True:
-                self._train_step()
+                self._step()
                 done = self.nimg >= total
                 if not done and tick != 0 and self.nimg < tick_nimg + cfg.tick * 1000:
                     continue
@@ -403,12 +413,17 @@ class Trainer:
         return self.run_dir
 
 
-def run_training(plan: TrainingPlan) -> Path:
-    """Train according to ``plan`` in this process (joining ``torchrun``'s process group when there is one)."""
+def run_training(plan: TrainingPlan, timeout_min: float = distributed.DEFAULT_TIMEOUT_MIN) -> Path:
+    """Train according to ``plan`` in this process (joining ``torchrun``'s process group when there is one;
+    its collectives fail after ``timeout_min`` minutes). An error in one process ends the others at their next
+    collective (:class:`~relay_diffusion.utils.distributed.PeerFailure`)."""
     created = not torch.distributed.is_initialized()
-    ctx = distributed.init(plan.config.device)
+    ctx = distributed.init(plan.config.device, timeout_min)
+    failed = True
     try:
-        return Trainer(plan, ctx).run()
+        out = Trainer(plan, ctx).run()
+        failed = False
+        return out
     finally:
         if created:
-            distributed.shutdown()
+            distributed.shutdown(failed=failed and ctx.distributed)
