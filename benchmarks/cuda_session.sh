@@ -13,7 +13,8 @@
 #    test counts as a failure here: on this machine every one of them must run;
 # 3. benchmarks/bench_adm256.py: the reference's ImageNet-256 stage-2 network (550 M parameters) in bf16 at
 #    batch 8, 16, 32 per GPU, the earlier attention layout against the current one, and compiled if the budget
-#    allows (adm256.md, ADM_BUDGET seconds, default 200; 0 skips it);
+#    allows (adm256.md, ADM_BUDGET seconds, default 200; 0 skips it; ADM_BATCHES and ADM_EXTRA, e.g.
+#    "--layout-batch 0 --compile-batch 0", narrow it);
 # 4. benchmarks/bench_cuda.py at batch 64 within BENCH_BUDGET seconds (default 330; 0 skips it): the bundled
 #    stages' configurations in order (previous defaults, fp32, bf16, bf16 + compile, ...), the table rewritten
 #    after each (cuda.md, cuda.jsonl, bench.log).
@@ -44,7 +45,7 @@ echo "tests: exit $tests_rc after $((SECONDS - start)) s" | tee -a "$OUTDIR/test
 adm_rc=0
 if [ "${ADM_BUDGET:-200}" -gt 0 ]; then
     timeout $(( ${ADM_BUDGET:-200} + 90 )) "$PY" benchmarks/bench_adm256.py --device cuda --precision bf16 \
-        --batches "${ADM_BATCHES:-8,16,32}" --budget "${ADM_BUDGET:-200}" --out "$OUTDIR/adm256.md" 2>&1 \
+        --batches "${ADM_BATCHES:-8,16,32}" --budget "${ADM_BUDGET:-200}" ${ADM_EXTRA:-} --out "$OUTDIR/adm256.md" 2>&1 \
         | tee "$OUTDIR/adm256.log"
     adm_rc=${PIPESTATUS[0]}
     echo "adm256: exit $adm_rc after $((SECONDS - start)) s in all" | tee -a "$OUTDIR/adm256.log"
@@ -53,7 +54,7 @@ fi
 bench_rc=0
 if [ "${BENCH_BUDGET:-330}" -gt 0 ]; then
     timeout $(( ${BENCH_BUDGET:-330} + 60 )) "$PY" benchmarks/bench_cuda.py --device cuda --batch 64 --repeats 3 \
-        --budget "${BENCH_BUDGET:-330}" --out "$OUTDIR/cuda.md" 2>&1 | tee "$OUTDIR/bench.log"
+        --budget "${BENCH_BUDGET:-330}" ${BENCH_EXTRA:-} --out "$OUTDIR/cuda.md" 2>&1 | tee "$OUTDIR/bench.log"
     bench_rc=${PIPESTATUS[0]}
     echo "benchmark: exit $bench_rc after $((SECONDS - start)) s in all" | tee -a "$OUTDIR/bench.log"
 fi

@@ -70,7 +70,7 @@ def test_xflip_max_size_and_cache(tmp_path):
     np.testing.assert_array_equal(ds[13][0], ds[3][0][:, :, ::-1])
     np.testing.assert_array_equal(ds[3][0], images[3].transpose(2, 0, 1))
 
-    sub = ImageFolderDataset(path, max_size=4, cache=True)
+    sub = ImageFolderDataset(path, max_size=4, cache=True, cache_dir=tmp_path / "cache")
     again = ImageFolderDataset(path, max_size=4)
     firsts = [tuple(sub[i][0][:, 0, 0]) for i in range(4)]
     assert len(sub) == 4 and firsts == [tuple(again[i][0][:, 0, 0]) for i in range(4)]

@@ -78,8 +78,15 @@ def _bad(exc: ConfigError) -> click.BadParameter:
 @click.option("--precision", type=click.Choice(PRECISIONS), help="Network precision (overrides --fp16; bf16 also on the CPU)")
 @click.option("--ls", metavar="FLOAT", type=float, default=1, show_default=True, help="Loss scaling")
 @click.option("--bench", type=bool, default=True, show_default=True, help="Enable cuDNN benchmarking")
-@click.option("--cache", type=bool, default=True, show_default=True, help="Cache dataset in CPU memory")
-@click.option("--workers", metavar="INT", type=int, default=1, show_default=True, help="DataLoader worker processes")
+@click.option("--cache", type=bool, default=False, show_default=True,
+              help="Decode the dataset once into a file that every process of the machine memory-maps (one copy "
+                   "per machine, shared by all ranks and workers; refused if larger than the available memory). "
+                   "Off: loader workers decode images as they are read and keep none")
+@click.option("--cache-dir", metavar="DIR", type=str,
+              help="Where --cache keeps the decoded copy (a local disk)  [default: ~/.cache/relay-diffusion/datasets]")
+@click.option("--workers", metavar="INT", type=click.IntRange(min=0),
+              help="DataLoader worker processes per process  [default: 2, fewer if the machine has under 3 cores "
+                   "per process]")
 @click.option("--compile", type=bool, default=False, show_default=True, help="torch.compile the network")
 @click.option("--channels-last", type=bool, default=False, show_default=True, help="Channels-last memory format")
 @click.option("--tf32/--no-tf32", default=None, help="TF32 matrix products and convolutions on CUDA  [default: on "

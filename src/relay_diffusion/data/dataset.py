@@ -4,6 +4,7 @@ with labels in an optional ``dataset.json`` ``{"labels": [["00000/img00000000.pn
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import zipfile
@@ -12,6 +13,7 @@ import numpy as np
 import PIL.Image
 import torch
 
+from relay_diffusion.data.cache import SharedImageCache, default_cache_dir, source_fingerprint
 from relay_diffusion.data.transforms import to_array
 from relay_diffusion.data.files import (
     ZIP_ERRORS,
@@ -32,6 +34,10 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     doubles the length, indices ``>= n`` being the mirrored images. A zip is opened lazily in each process, so
     the dataset works in DataLoader worker processes. Only the first image's shape is read up front; an image of
     another shape raises a ValueError when it is loaded.
+
+    Images are decoded when they are read and not kept: a process holds no decoded copy of the dataset.
+    ``cache=True`` decodes the kept images once into a file in ``cache_dir`` that every process of the machine
+    maps read-only (:mod:`relay_diffusion.data.cache`): one copy per machine, shared by all ranks and workers.
     """
 
     def __init__(
@@ -41,14 +47,16 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         use_labels: bool = False,  # read labels from dataset.json (none there: label_dim 0)
         max_size: int | None = None,  # keep at most this many images
         xflip: bool = False,  # append horizontally mirrored copies
-        cache: bool = False,  # keep decoded images in memory (per process)
+        cache: bool = False,  # read decoded images from one memory-mapped file per machine
         random_seed: int = 0,  # picks the max_size subset
+        cache_dir: str | os.PathLike | None = None,  # where that file lives; None: default_cache_dir()
+        cache_workers: int = 0,  # processes decoding while the file is built (0: this one)
     ) -> None:
         self._path = check_dataset_path(path)
         self._is_zip = os.path.isfile(self._path)
         self._zip: zipfile.ZipFile | None = None
         self._zip_pid: int | None = None
-        self._cache: dict[int, np.ndarray] | None = {} if cache else None
+        self._shared: SharedImageCache | None = None
         self._fnames = list_image_files(self._path)
         if not self._fnames:
             raise ValueError(f"no image files in {self._path!r}")
@@ -65,6 +73,36 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             idx = np.sort(np.random.default_rng(random_seed).permutation(n)[:max_size])
         self._raw_idx = np.tile(idx, 2) if xflip else idx
         self._xflip = np.arange(len(self._raw_idx)) >= len(idx)
+        self._kept = idx  # sorted raw indices of the kept images: row r of the cache is image _kept[r]
+        if cache:
+            self._shared = self._open_cache(os.fspath(cache_dir) if cache_dir is not None else default_cache_dir(),
+                                            cache_workers)
+
+    # --- the shared decoded copy ---------------------------------------------------------------------------
+    def _open_cache(self, folder: str, workers: int) -> SharedImageCache:
+        fingerprint = dict(source_fingerprint(self._path, self._fnames),
+                           kept=hashlib.sha256(self._kept.astype(np.int64).tobytes()).hexdigest())
+        return SharedImageCache.open(folder, self.name, fingerprint, [len(self._kept), *self._image_shape],
+                                     decode=lambda row: self._decode(int(self._kept[row])),
+                                     rows=lambda: self._decoded_rows(workers))
+
+    def _decoded_rows(self, workers: int):
+        """Every kept image in row order, checked against the first image's shape."""
+        rows = _DecodeRows(self)
+        if workers > 0:
+            loader = torch.utils.data.DataLoader(rows, batch_size=None, num_workers=workers, prefetch_factor=8)
+            return (np.asarray(image) for image in loader)
+        return (rows[r] for r in range(len(rows)))
+
+    @property
+    def cache_status(self) -> str | None:
+        """None without a cache; else what opening it did (``built``, ``reused``, ``rebuilt (why)``) and where."""
+        return None if self._shared is None else f"{self._shared.status}: {self._shared.path}"
+
+    @property
+    def decoded_bytes(self) -> int:
+        """Size of the kept images decoded (what ``cache=True`` stores once per machine)."""
+        return len(self._kept) * int(np.prod(self._image_shape))
 
     # --- reading -------------------------------------------------------------------------------------------
     def _zipfile(self) -> zipfile.ZipFile:
@@ -80,8 +118,11 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             return f.read()
 
     def _load_image(self, raw_idx: int) -> np.ndarray:
-        if self._cache is not None and raw_idx in self._cache:
-            return self._cache[raw_idx]
+        if self._shared is not None:
+            return self._shared.array()[int(np.searchsorted(self._kept, raw_idx))]
+        return self._decode(raw_idx)
+
+    def _decode(self, raw_idx: int) -> np.ndarray:
         fname = self._fnames[raw_idx]
         try:
             data = self._read_bytes(fname)
@@ -93,8 +134,6 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             image = np.ascontiguousarray(to_array(img).transpose(2, 0, 1))
         except Exception as exc:  # PIL raises many types on damaged files (OSError, SyntaxError, struct.error, ...)
             raise ValueError(f"cannot decode {fname!r} in {self._path!r}: {type(exc).__name__}: {exc}") from None
-        if self._cache is not None:
-            self._cache[raw_idx] = image
         return image
 
     def _load_labels(self) -> np.ndarray | None:
@@ -127,15 +166,18 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, idx: int) -> tuple[np.ndarray, np.ndarray]:
         raw_idx = int(self._raw_idx[idx])
-        image = self._load_image(raw_idx)
+        image = self._check_shape(raw_idx, self._load_image(raw_idx))
+        if self._xflip[idx]:
+            image = image[:, :, ::-1]
+        return image.copy(), self.get_label(idx)
+
+    def _check_shape(self, raw_idx: int, image: np.ndarray) -> np.ndarray:
         if list(image.shape) != self._image_shape:
             raise ValueError(
                 f"{self._path!r}: {self._fnames[raw_idx]!r} has shape {list(image.shape)} but the first image has "
                 f"{self._image_shape} ([C, H, W]); rebuild the dataset with rdm dataset --resolution=WxH"
             )
-        if self._xflip[idx]:
-            image = image[:, :, ::-1]
-        return image.copy(), self.get_label(idx)
+        return image
 
     def get_label(self, idx: int) -> np.ndarray:
         """Label of item ``idx``: float32 one-hot ``[label_dim]`` for class labels, the vector for vector labels."""
@@ -194,3 +236,17 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     @property
     def has_labels(self) -> bool:
         return self.label_dim != 0
+
+
+class _DecodeRows(torch.utils.data.Dataset):
+    """Row ``r`` of a dataset's cache: its kept image ``r``, decoded and shape-checked (for building the cache)."""
+
+    def __init__(self, dataset: ImageFolderDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset._kept)
+
+    def __getitem__(self, row: int) -> np.ndarray:
+        raw_idx = int(self.dataset._kept[row])
+        return self.dataset._check_shape(raw_idx, self.dataset._decode(raw_idx))

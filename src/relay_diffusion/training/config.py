@@ -63,8 +63,9 @@ class TrainingConfig:
     precision: str = "fp32"                     # fp32 | fp16 | bf16 network arithmetic (reduced on CUDA; bf16 also on the CPU)
     ls: float = 1.0                             # loss scaling
     bench: bool = True                          # cudnn benchmark mode
-    cache: bool = True                          # keep decoded images in memory
-    workers: int = 1                            # data-loading worker processes per training process
+    cache: bool = False                         # one decoded copy per machine, memory-mapped (False: decode as read)
+    cache_dir: Optional[str] = None             # where that copy is kept; None = ~/.cache/relay-diffusion/datasets
+    workers: Optional[int] = None               # loader worker processes per training process; None = 2 if cores allow
     compile: bool = False                       # torch.compile the network (loss, optimizer and EMA stay eager)
     channels_last: bool = False                 # run the network in channels-last memory format
     tf32: Optional[bool] = None                 # TF32 matmuls/convolutions on CUDA; None = on for fp16/bf16, off for fp32
@@ -111,7 +112,7 @@ class TrainingConfig:
         _probability("--label-dropout", self.label_dropout)
         _probability("--augment", self.augment)
         _positive("--ls", self.ls)
-        if self.workers < 0:
+        if self.workers is not None and self.workers < 0:
             raise ConfigError("--workers", f"must be >= 0, got {self.workers}")
         _positive("--tick", self.tick)
         for opt, v in (("--snap", self.snap), ("--dump", self.dump)):
@@ -227,7 +228,7 @@ def saved_config(path: str) -> dict[str, Any]:
 
 #: Options a resumed run may change: they decide how long, where and how fast it runs, not what it computes.
 RESUME_MUTABLE = frozenset({
-    "outdir", "duration", "tick", "snap", "dump", "workers", "device", "bench", "cache", "batch_gpu", "resume",
+    "outdir", "duration", "tick", "snap", "dump", "workers", "device", "bench", "cache", "cache_dir", "batch_gpu", "resume",
     "desc", "nosubdir", "grid", "transfer",
 })
 

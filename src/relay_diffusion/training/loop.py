@@ -36,7 +36,8 @@ from relay_diffusion.training import grids
 from relay_diffusion.training.augment import AugmentPipe
 from relay_diffusion.training.phema import PowerEMATracker
 from relay_diffusion.training.posthoc import save_profile_snapshots
-from relay_diffusion.training.order import DataOrder, StepLayout, dropout_seed, make_loader, sample_seeds
+from relay_diffusion.training.order import (DataOrder, StepLayout, device_batch, dropout_seed, make_loader,
+                                            sample_seeds)
 from relay_diffusion.training.config import ConfigError
 from relay_diffusion.training.plan import TrainingPlan, build_loss, create_run_dir, open_dataset
 from relay_diffusion.training.rundir import RunFolderLock, clean_stale_temps, remove_failed_run
@@ -189,10 +190,13 @@ class Trainer:
                 raise ConfigError("--ema-profiles", f"{exc} (resume with the same --ema-profiles)") from None
 
     def _setup_data(self) -> None:
-        """The dataset and this process's loader, positioned at the images seen so far."""
-        self.dataset = open_dataset(self.cfg)
+        """The dataset (with ``--cache``, the machine's one decoded copy, built by the first process to get
+        there) and this process's loader, positioned at the images seen so far."""
+        self.dataset = open_dataset(self.cfg, workers=self.plan.workers)
+        if self.dataset.cache_status is not None:
+            self.log(f"Data cache:    {self.dataset.cache_status}")
         self.order = DataOrder(len(self.dataset), self.seed)
-        self.loader = make_loader(self.dataset, self.order, self.layout, self.ctx.rank, self.nimg, self.cfg.workers,
+        self.loader = make_loader(self.dataset, self.order, self.layout, self.ctx.rank, self.nimg, self.plan.workers,
                                   pin_memory=self.device.type == "cuda")
         self.pixels = int(math.prod(self.dataset.image_shape))
 
@@ -249,8 +253,7 @@ class Trainer:
             images, labels, positions = next(self.loader)
             expected = layout.positions(self.nimg, r, self.ctx.rank)
             self.tally.expect(self.step, r, expected, positions)  # checked at the tick
-            images = images.to(self.device, torch.float32) / 127.5 - 1
-            labels = labels.to(self.device, torch.float32) if cfg.cond else None
+            images, labels = device_batch(images, labels if cfg.cond else None, self.device)
             rng = SeedGenerators(sample_seeds(self.seed, expected), self.device)
             last = r == self.plan.rounds - 1
             sync = self.ddp.no_sync() if (self.ctx.distributed and not last) else contextlib.nullcontext()

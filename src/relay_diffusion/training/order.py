@@ -11,7 +11,8 @@ seeded per step, process and round: reproducible, but it depends on how the batc
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+import os
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -101,11 +102,39 @@ class PositionDataset(torch.utils.data.Dataset):
         return torch.as_tensor(np.ascontiguousarray(image)), torch.as_tensor(label), int(position)
 
 
+#: Loader workers per training process by default, where the machine has the cores for them.
+DEFAULT_WORKERS = 2
+
+
+def default_workers(local_processes: int = 1, cpus: Optional[int] = None) -> int:
+    """``--workers`` left out: :data:`DEFAULT_WORKERS` per process, but never more than its share of this
+    machine's CPUs minus one (the training process's own core); 0 loads in the training process itself."""
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(DEFAULT_WORKERS, cpus // max(1, local_processes) - 1))
+
+
 def make_loader(dataset, order: DataOrder, layout: StepLayout, rank: int, nimg: int, workers: int,
                 pin_memory: bool) -> Iterator:
-    """Batches ``(images uint8 [b, C, H, W], labels [b, L], positions [b])`` for this rank, from ``nimg`` on."""
+    """Batches ``(images uint8 [b, C, H, W], labels [b, L], positions [b])`` for this rank, from ``nimg`` on.
+
+    The one iterator lives as long as the run (the batch sampler is endless), so its workers persist; each
+    keeps two batches ready. ``pin_memory``: batches arrive in page-locked memory, for asynchronous copies.
+    """
     return iter(torch.utils.data.DataLoader(
         PositionDataset(dataset, order), batch_sampler=layout.rank_batches(rank, nimg),
         num_workers=workers, pin_memory=pin_memory, prefetch_factor=2 if workers > 0 else None,
-        persistent_workers=False,
     ))
+
+
+def device_batch(images: torch.Tensor, labels: Optional[torch.Tensor],
+                 device: torch.device) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """A loader batch on ``device``: images ``[b, C, H, W]`` uint8 -> float32 in [-1, 1], labels float32.
+
+    The uint8 batch is copied as it is (a quarter of the float32 bytes; asynchronous from pinned memory) and
+    converted on the device; the result is bit-identical to converting first.
+    """
+    images = images.to(device, non_blocking=True).to(torch.float32) / 127.5 - 1
+    if labels is not None:
+        labels = labels.to(device, non_blocking=True).to(torch.float32)
+    return images, labels

@@ -17,9 +17,11 @@ import torch
 
 from relay_diffusion.core.process import BlurProcess
 from relay_diffusion.core.sr import SRCondition
+from relay_diffusion.data.cache import cache_refusal
 from relay_diffusion.training.config import (AUGMENT_DIM, PRECOND_NETWORKS, STAGE2_PRECONDS, ConfigError, TrainingConfig,
                                              resume_conflicts)
 from relay_diffusion.utils.distributed import env_world_size
+from relay_diffusion.training.order import default_workers
 from relay_diffusion.training.rundir import run_files
 from relay_diffusion.training.state import check_state, latest_intact_state
 from relay_diffusion.utils.jsonio import dumps_strict
@@ -106,6 +108,7 @@ class TrainingPlan:
     resume_state: Optional[str] = None  # training-state file to start from
     resume_in_place: bool = False       # --resume named a run folder: keep writing into it
     notes: list[str] = field(default_factory=list)
+    workers: int = 0                    # loader worker processes per process (--workers, or its default here)
 
     @property
     def stage(self) -> int:
@@ -125,6 +128,7 @@ class TrainingPlan:
             "loss": self.loss.to_dict(),
             "optimizer": {"name": "Adam", "lr": self.config.lr, "betas": [0.9, 0.999], "eps": 1e-8},
             "resume_state": self.resume_state,
+            "workers": self.workers,
             "notes": self.notes,
         }
 
@@ -132,12 +136,14 @@ class TrainingPlan:
         return dumps_strict(self.options(run_dir), indent=2)
 
 
-def open_dataset(cfg: TrainingConfig, cache: Optional[bool] = None):
-    """The training images of ``--data`` (with labels when ``--cond``)."""
+def open_dataset(cfg: TrainingConfig, cache: Optional[bool] = None, workers: int = 0):
+    """The training images of ``--data`` (with labels when ``--cond``); with ``--cache``, backed by the
+    machine's shared decoded copy (built first, with ``workers`` decoding processes, if there is none)."""
     from relay_diffusion.data.dataset import ImageFolderDataset
 
     return ImageFolderDataset(cfg.data, use_labels=cfg.cond, xflip=cfg.xflip,
-                              cache=cfg.cache if cache is None else cache)
+                              cache=cfg.cache if cache is None else cache, cache_dir=cfg.cache_dir,
+                              cache_workers=workers)
 
 
 def network_spec(cfg: TrainingConfig, resolution: int, channels: int, label_dim: int) -> NetworkSpec:
@@ -191,6 +197,10 @@ def plan_training(cfg: TrainingConfig, world_size: Optional[int] = None) -> Trai
     except (ValueError, OSError) as exc:
         raise ConfigError("--data", f"cannot read the dataset: {exc}") from exc
     cfg.check_dataset(info.resolution, info.label_dim > 0, info.size)
+    if cfg.cache:
+        refusal = cache_refusal(ds.decoded_bytes)
+        if refusal is not None:
+            raise ConfigError("--cache", refusal)
     network = network_spec(cfg, info.resolution, info.channels, info.label_dim)
     _check_network_builds(network)
 
@@ -241,9 +251,12 @@ def plan_training(cfg: TrainingConfig, world_size: Optional[int] = None) -> Trai
         except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type for a damaged header
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ConfigError("--transfer", f"{cfg.transfer} is not a readable safetensors file ({reason})") from None
+    local = os.environ.get("LOCAL_WORLD_SIZE", "")
+    local_processes = min(world_size, int(local)) if local.isdigit() and int(local) > 0 else world_size
+    workers = cfg.workers if cfg.workers is not None else default_workers(local_processes)
     return TrainingPlan(config=cfg, world_size=world_size, batch_gpu=batch_gpu, rounds=rounds, dataset=info,
                         network=network, loss=loss_spec(cfg), resume_state=resume_state,
-                        resume_in_place=in_place, notes=notes)
+                        resume_in_place=in_place, notes=notes, workers=workers)
 
 
 def saved_run_config(resume_state: str, in_place: bool) -> Optional[dict[str, Any]]:
