@@ -55,7 +55,8 @@ HELP_SECTIONS: dict[str, list[tuple[str, Callable[[str], bool]]]] = {
                                                      "batch", "tf32", "timeout"}),
     ],
     "training": [
-        ("Data and output", lambda n: n in {"outdir", "data", "config", "cond", "xflip", "cache", "workers", "desc",
+        ("Data and output", lambda n: n in {"outdir", "data", "config", "cond", "xflip", "cache", "cache_dir",
+                                             "workers", "desc",
                                              "nosubdir", "resume", "transfer", "n", "dry_run", "seed"}),
         ("Network", lambda n: n in {"arch", "precond", "cbase", "cres", "num_blocks", "attn", "dropout",
                                      "eff_attn"}),
