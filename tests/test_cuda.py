@@ -150,11 +150,31 @@ def test_training_steps_with_their_data_transfer_make_the_host_wait_nowhere(tmp_
             t._train_step()
 
 
-def test_sampler_steps_make_the_host_wait_nowhere():
+@pytest.mark.parametrize("solvers", [("heun", "reference"), ("multistep", "multistep")])
+def test_sampler_steps_make_the_host_wait_nowhere(solvers):
+    """From the end of each stage's first step to its last: the steps themselves. (A sampling reads its schedule
+    once, before its loop, and a stage hands its output on after it; those are not steps.)"""
+    import dataclasses
+
     pipe = RelayPipeline.from_bundled("cuda")
+    for stage, name in zip(pipe.stages, solvers):
+        stage.config = dataclasses.replace(stage.config, solver=name).validate()
+    steps = []
+
+    def watch(info):
+        steps.append(info["i"])
+        if info["i"] == 0:
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+        if info["i"] == info["num_steps"] - 1:
+            torch.cuda.set_sync_debug_mode("default")
+
     pipe.run(list(range(4)))  # warm-up
-    with NoHostSync():
-        pipe.run(list(range(4)))
+    try:
+        pipe.run(list(range(4)), callback=watch)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert steps.count(0) == 2 and len(steps) > 10
 
 
 @pytest.mark.parametrize("augment", [0.0, 0.5])
