@@ -126,3 +126,13 @@ def test_a_folder_from_before_tf32_was_recorded_still_resumes_on_the_cpu(tmp_pat
     res = CliRunner().invoke(rdm, args)
     assert res.exit_code == 0, res.output
     assert (out / "000001.png").is_file()
+
+
+def test_a_deeply_nested_manifest_is_one_line(tmp_path):
+    out = tmp_path / "gen"
+    out.mkdir()
+    (out / "generation.json").write_text("[" * 100_000 + "]" * 100_000)
+    res = CliRunner().invoke(rdm, ["generate", f"--outdir={out}", "--seeds=0", "--device=cpu",
+                                   "--sampler_stages=first", "--num_steps_first=2"])
+    assert res.exit_code != 0 and "Traceback" not in res.output and "nested too deeply" in res.output, res.output
+    assert sorted(p.name for p in out.iterdir()) == ["generation.json"]

@@ -35,7 +35,7 @@ def _is_report(path: str) -> bool:
     try:
         with open(path, "rb") as f:
             data = json.loads(f.read(1 << 20))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return False
     return isinstance(data, dict) and "source_kind" in data and "outputs" in data
 

@@ -85,8 +85,9 @@ def check_manifest(outdir: str | os.PathLike, manifest: dict[str, Any], optional
         return False
     try:
         old = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ManifestMismatch(f"{path} is not readable ({exc}); remove it or use another --outdir") from exc
+    except (OSError, ValueError, RecursionError) as exc:  # RecursionError: JSON nested too deeply
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else exc
+        raise ManifestMismatch(f"{path} is not readable ({reason}); remove it or use another --outdir") from None
     if isinstance(old, dict):
         manifest = {k: v for k, v in manifest.items() if k in old or k not in optional}
     diffs = _differences(old, manifest)

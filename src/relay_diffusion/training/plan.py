@@ -273,7 +273,7 @@ def saved_run_config(resume_state: str, in_place: bool) -> Optional[dict[str, An
     try:
         state = torch.load(resume_state, map_location="cpu", weights_only=True, mmap=True)
         options = json.loads(state.get("options") or "{}")
-    except (ValueError, RuntimeError, OSError):
+    except (ValueError, RuntimeError, OSError, RecursionError):
         return None
     config = options.get("config") if isinstance(options, dict) else None
     if not isinstance(config, dict):

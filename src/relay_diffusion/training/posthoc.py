@@ -199,7 +199,7 @@ def _run_data(run_dir: Path, num_images: int, device: torch.device):
         options = json.loads(path.read_text())
         cfg = TrainingConfig.from_dict(options["config"])
         dataset = open_dataset(cfg, cache=False)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
         raise ConfigError("--run", f"cannot read the run's options and data ({path}): {exc}") from None
     n = min(num_images, len(dataset))
     items = [dataset[i] for i in range(n)]
