@@ -1,6 +1,7 @@
 """End-to-end ``rdm train`` and ``rdm generate`` throughput against the network's own time at the same batch.
 
-    .venv/bin/python benchmarks/bench_e2e.py [--what train,generate,compile,compile-train,compile-generate] [--batch 16] [--repeats 5]
+    .venv/bin/python benchmarks/bench_e2e.py [--what train,generate,compile,compile-train,compile-generate]
+        [--batch 16] [--repeats 5]
         [--threads 1] [--device cpu] [--precision fp32|bf16] [--compile] [--channels-last] [--json FILE]
 
 The networks are the bundled emoji stages (stage 1: ADM cbase 64, channel_mult 1,2,2, 2 blocks, attention at

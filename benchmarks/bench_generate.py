@@ -17,7 +17,7 @@ import tempfile
 import time
 
 import torch
-from common import TimedNet, small_adm
+from common import small_adm
 
 from relay_diffusion.core.process import BlurProcess
 from relay_diffusion.generation import EDMStage, RelayPipeline, RelayStage, generate_images

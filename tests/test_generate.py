@@ -17,14 +17,12 @@ from click.testing import CliRunner
 from conftest import REPO, fixtures_dir, tiny_adm
 from relay_diffusion.checkpoints.snapshot import save_network
 from relay_diffusion.cli import main as rdm
-from relay_diffusion.utils.images import to_uint8
 from relay_diffusion.core.process import BlurProcess
 from relay_diffusion.generation import (
     PRESETS, EDMStage, EDMStageConfig, Enhancement, RelayPipeline, RelayStage, RelayStageConfig,
 )
 from relay_diffusion.generation.configs import from_reference_kwargs
 from relay_diffusion.generation.files import image_path, load_images
-from relay_diffusion.networks.precond import build_network
 from relay_diffusion.core.toy import GaussianToyDenoiser
 
 STAGE1_OPTIONS = ["--num_steps_first=5"]

@@ -27,7 +27,7 @@ def images(n=4, c=3, r=8):
 ALL = [losses.EDMLoss(), losses.VPLoss(), losses.VELoss(), losses.BlurLoss(losses.BlurLossConfig(BlurProcess(up_scale=4)))]
 
 
-@pytest.mark.parametrize("loss", ALL, ids=lambda l: type(l).__name__)
+@pytest.mark.parametrize("loss", ALL, ids=lambda loss: type(loss).__name__)
 def test_loss_depends_on_sample_seed_only(loss):
     y = images()
     net = GaussianToyDenoiser(3, 8)

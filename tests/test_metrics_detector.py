@@ -401,7 +401,8 @@ def test_a_missing_detector_file_is_named_even_when_the_logits_are_stored(tmp_pa
                                            f"--activations_ref={tmp_path / 'a.npz'}", f"--detector={tmp_path / 'no.pth'}"])
     assert result.exit_code == 1 and f"detector file not found: {tmp_path / 'no.pth'}" in result.output
     result = CliRunner().invoke(evaluate, ["calc", "-m", "is", "--is-split-size=5",
-                                           f"--activations_sample={tmp_path / 'a.npz'}", f"--activations_ref={tmp_path / 'a.npz'}"])
+                                           f"--activations_sample={tmp_path / 'a.npz'}",
+                                           f"--activations_ref={tmp_path / 'a.npz'}"])
     assert result.exit_code == 0, result.output  # stored logits: no detector needed, none searched for
 
 

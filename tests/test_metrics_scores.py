@@ -160,7 +160,8 @@ def _kid_torch_fidelity(f1: np.ndarray, f2: np.ndarray, subsets: int, size: int,
     for i in range(subsets):
         x = f1[rng.choice(len(f1), size, replace=False)]
         y = f2[rng.choice(len(f2), size, replace=False)]
-        kernel = lambda a, b: (a @ b.T / a.shape[1] + 1) ** 3
+        def kernel(a, b):
+            return (a @ b.T / a.shape[1] + 1) ** 3
         k_xx, k_yy, k_xy = kernel(x, x), kernel(y, y), kernel(x, y)
         m = size
         mmds[i] = ((k_xx.sum() - np.trace(k_xx)) + (k_yy.sum() - np.trace(k_yy))) / (m * (m - 1)) \

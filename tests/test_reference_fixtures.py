@@ -8,7 +8,6 @@ Nothing here depends on case names or on the particular settings of the shipped 
 from __future__ import annotations
 
 import json
-import math
 
 import numpy as np
 import pytest

@@ -56,7 +56,7 @@ def refused(result, *names: str) -> str:
     assert result.exit_code not in (0, None), out
     assert "Traceback" not in out and not isinstance(result.exception, (AssertionError, TypeError)), out
     assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-    assert "Error" in out and len([l for l in out.splitlines() if "Error" in l]) == 1, out
+    assert "Error" in out and len([line for line in out.splitlines() if "Error" in line]) == 1, out
     for name in names:
         assert name in out, (name, out)
     return out

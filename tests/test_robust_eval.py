@@ -48,7 +48,7 @@ def refused(result, *names: str, figures: bool = False) -> str:
     out = result.output
     assert result.exit_code not in (0, None), out
     assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-    assert "Traceback" not in out and len([l for l in out.splitlines() if "Error" in l]) == 1, out
+    assert "Traceback" not in out and len([line for line in out.splitlines() if "Error" in line]) == 1, out
     assert figures or not re.search(r"^(s?FID|KID|Precision|Recall|Inception Score): ", out, re.M), out
     for name in names:
         assert name in out, (name, out)
@@ -182,7 +182,7 @@ def test_json_is_strict_and_never_holds_nan(tmp_path, monkeypatch):
     # should a figure ever come out NaN, the file is not written
     monkeypatch.setattr(cli_evaluate, "calc_metrics", lambda *a, **k: {"fid": float("nan")})
     before = snapshot(tmp_path)
-    out = refused(calc(sample, ref, f"--json={tmp_path / 'm.json'}"), "m.json", "not finite")
+    refused(calc(sample, ref, f"--json={tmp_path / 'm.json'}"), "m.json", "not finite")
     assert snapshot(tmp_path) == before
 
 

@@ -89,7 +89,8 @@ def test_nothing_to_do_leaves_the_options_file_alone(tmp_path, data):
 def test_a_run_folder_in_use_is_refused(tmp_path, data):
     out = tmp_path / "run"
     assert train(out, data, "--nosubdir").exit_code == 0
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True,
                               env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")})
     try:
         line = holder.stdout.readline().strip()

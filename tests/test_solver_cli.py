@@ -13,7 +13,7 @@ from relay_diffusion.cli import main as rdm
 from relay_diffusion.core.process import BlurProcess
 from relay_diffusion.core.rng import SeedGenerators
 from relay_diffusion.core.solvers import multistep_edm_sampler, multistep_relay_sampler
-from relay_diffusion.generation import EDMStage, EDMStageConfig, RelayPipeline, RelayStage, RelayStageConfig
+from relay_diffusion.generation import EDMStage, RelayPipeline
 from relay_diffusion.generation.stages import FixedBatchDenoiser
 from test_stage_unit import snapshot, tiny
 
@@ -24,7 +24,8 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 def nets(tmp_path_factory) -> list[str]:
     root = tmp_path_factory.mktemp("nets")
     return [f"--network_first={snapshot(root / 'a.safetensors', 4, 'edm', label_dim=2, seed=1)}",
-            f"--network_second={snapshot(root / 'b.safetensors', 8, 'relay', label_dim=2, seed=2, process=BlurProcess(up_scale=2))}"]
+            "--network_second=" + str(snapshot(root / 'b.safetensors', 8, 'relay', label_dim=2, seed=2,
+                                                process=BlurProcess(up_scale=2)))]
 
 
 def gen(outdir, *args):

@@ -3,7 +3,6 @@ every command samples through the same pipeline."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,6 @@ from relay_diffusion.checkpoints.snapshot import save_network
 from relay_diffusion.cli import main as rdm
 from relay_diffusion.core.process import BlurProcess
 from relay_diffusion.generation import EDMStage, EDMStageConfig, RelayPipeline, RelayStage, RelayStageConfig
-from relay_diffusion.networks.precond import build_network
 from relay_diffusion.training import TrainingConfig, plan_training, run_training
 from test_training import TINY, write_dataset
 

@@ -8,7 +8,6 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-import torch
 from click.testing import CliRunner
 
 pytest.importorskip("tensorboard")

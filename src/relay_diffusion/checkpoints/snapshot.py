@@ -127,7 +127,8 @@ STAGE_KINDS = ("edm", "relay", "sr")
 
 
 def stage_kind(config: dict[str, Any]) -> str | None:
-    """``'edm'`` (stage 1), ``'relay'`` (a relay stage), ``'sr'`` (super-resolution) or None (not recorded, e.g. a converted reference file).
+    """``'edm'`` (stage 1), ``'relay'`` (a relay stage), ``'sr'`` (super-resolution) or None (not recorded, e.g. a
+    converted reference file).
     Reads ``stage_kind`` and, for older snapshots, ``stage`` (1 or 2)."""
     kind = config.get("stage_kind")
     if kind is None:

@@ -6,8 +6,8 @@ from collections.abc import Sequence
 
 import click
 
+from relay_diffusion.data.destinations import REPORT_SUFFIX
 from relay_diffusion.data.tool import (
-    REPORT_SUFFIX,
     BuildOptions,
     DatasetToolError,
     build_datasets,

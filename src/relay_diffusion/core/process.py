@@ -38,7 +38,8 @@ class BlurProcess:
 
     def validate(self, names: Mapping[str, str] | None = None) -> "BlurProcess":
         """Raise ``ValueError`` naming the bad field (as ``names[field]`` when given, e.g. a CLI flag)."""
-        n = (lambda k: (names or {}).get(k, k))
+        def n(k: str) -> str:
+            return (names or {}).get(k, k)
         _check(isinstance(self.up_scale, int) and self.up_scale >= 1, f"{n('up_scale')} must be an integer >= 1, "
                f"got {self.up_scale}")
         _check(math.isfinite(self.blur_sigma_max) and self.blur_sigma_max >= 0,

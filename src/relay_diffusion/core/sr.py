@@ -36,7 +36,8 @@ class SRCondition:
         "help": "Largest noise-conditioning augmentation level of the low-resolution input in training (0 = off)"})
 
     def validate(self, names: Mapping[str, str] | None = None) -> "SRCondition":
-        n = (lambda k: (names or {}).get(k, k))
+        def n(k: str) -> str:
+            return (names or {}).get(k, k)
         if not (isinstance(self.up_scale, int) and self.up_scale >= 1):
             raise ValueError(f"{n('up_scale')} must be an integer >= 1, got {self.up_scale}")
         if not (math.isfinite(self.noise_aug) and 0 <= self.noise_aug <= 10):

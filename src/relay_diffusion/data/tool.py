@@ -35,13 +35,12 @@ from relay_diffusion.data.transforms import (
     make_outputs,
     to_array,
 )
-from relay_diffusion.data.destinations import REPORT_SUFFIX, DatasetToolError, check_dests, report_path_of
+from relay_diffusion.data.destinations import DatasetToolError, check_dests, report_path_of
 from relay_diffusion.data.sources import Source, SourceItem, open_source
 from relay_diffusion.data.writer import (
     DatasetWriter,
     WriteError,
     image_name,
-    is_dataset_output,
     remove_stale_temporaries,
 )
 from relay_diffusion.utils.fileio import atomic_write_text, write_error_message

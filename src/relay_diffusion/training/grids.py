@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from relay_diffusion.core.process import BlurProcess
-from relay_diffusion.core.sr import SRCondition, downsample, upsample
+from relay_diffusion.core.sr import SRCondition, downsample
 from relay_diffusion.generation.pipeline import RelayPipeline
 from relay_diffusion.generation.stages import EDMStage, RelayStage, SRStage
 from relay_diffusion.utils import images as images_lib

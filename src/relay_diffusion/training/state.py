@@ -1,8 +1,9 @@
 """Training state for resuming: state_dicts only, saved with ``torch.save`` and read with ``weights_only=True``.
 
-A state holds the network, its EMA, the post-hoc EMA profiles when tracked (``phema``), the optimizer, the step and images seen (which is also the position in
-the data order and the random streams, see :mod:`relay_diffusion.training.order`), the seed and the
-resolved options. No code and no pickled objects: loading cannot execute anything.
+A state holds the network, its EMA, the post-hoc EMA profiles when tracked (``phema``), the optimizer, the step and
+images seen (which is also the position in the data order and the random streams, see
+:mod:`relay_diffusion.training.order`), the seed and the resolved options. No code and no pickled objects:
+loading cannot execute anything.
 """
 
 from __future__ import annotations
