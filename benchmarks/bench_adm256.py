@@ -26,15 +26,15 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 import relay_diffusion.networks.layers as layers
 from relay_diffusion.training import TrainingConfig, plan_training
-from relay_diffusion.training.loop import Trainer, seeded_global_rng
+from relay_diffusion.training.loop import Trainer
 from relay_diffusion.utils.distributed import init
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import make_dataset  # noqa: E402
+from bench_e2e import clock, network_only, sync  # noqa: E402
+from common import make_dataset, strided_attention  # noqa: E402
 
 #: The reference's ImageNet-256 stage-2 network (its ``--arch adm`` at 256x256).
 ADM256 = dict(precond="blur", arch="adm", cbase=256, cres=[1, 1, 2, 2, 4, 4], num_blocks=2, attn=[32, 16, 8],
@@ -45,29 +45,6 @@ SDPA_OPS = {"aten::_scaled_dot_product_flash_attention": "flash",
             "aten::_scaled_dot_product_efficient_attention": "efficient",
             "aten::_scaled_dot_product_cudnn_attention": "cudnn",
             "aten::_scaled_dot_product_attention_math": "math"}
-
-
-def strided_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """The earlier layout: ``[N * heads, HW, C']`` views with last-dimension stride ``HW`` (math kernel only)."""
-    n, c3, h, w = qkv.shape
-    c = c3 // 3
-    q, k, v = qkv.reshape(n * num_heads, c // num_heads, 3, h * w).unbind(2)
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-    return out.transpose(1, 2).reshape(n, c, h, w)
-
-
-def sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-
-
-def clock(fn, dev: torch.device, n: int) -> float:
-    sync(dev)
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    sync(dev)
-    return (time.perf_counter() - t0) / n
 
 
 def peak_gb(dev: torch.device, fn) -> float:
@@ -100,18 +77,8 @@ def make_trainer(root: Path, data: Path, batch: int, args, compile: bool) -> Tra
 
 
 def fwd_bwd_fn(trainer: Trainer):
-    dev, b = trainer.device, trainer.plan.batch_gpu
-    g = torch.Generator().manual_seed(0)
-    shape = (b, *trainer.dataset.image_shape)
-    x, y = torch.randn(shape, generator=g).to(dev), torch.rand(shape, generator=g).to(dev) * 2 - 1
-    sigma = (torch.randn(b, generator=g) * 1.2 - 1.2).exp().to(dev)
-
-    def fwd_bwd():
-        trainer.optimizer.zero_grad(set_to_none=True)
-        with seeded_global_rng(0, dev):
-            (trainer.ddp(x, sigma) - y).square().sum().backward()
-
-    return fwd_bwd
+    """Forward + backward of the trained network on fixed tensors of the step's batch (bench_e2e's)."""
+    return network_only(trainer)[0]
 
 
 def bench_step(trainer: Trainer, args, warmup: int) -> dict:

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 import torch
+import torch.nn.functional as F
 
 from relay_diffusion.networks.precond import build_network
 
@@ -49,3 +50,14 @@ def make_dataset(path: Path, count: int, res: int) -> Path:
             PIL.Image.fromarray(rng.integers(0, 256, (res, res, 3), dtype=np.uint8)).save(buf, format="PNG")
             z.writestr(f"00000/img{i:08d}.png", buf.getvalue())
     return path
+
+
+def strided_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Self-attention in the earlier layout: ``[N * heads, HW, C']`` views whose last dimension has stride
+    ``HW``, which the fused CUDA kernels refuse (the math kernel runs). The reference of the layout tests and of
+    ``bench_adm256.py``'s comparison."""
+    n, c3, h, w = qkv.shape
+    c = c3 // 3
+    q, k, v = qkv.reshape(n * num_heads, c // num_heads, 3, h * w).unbind(2)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2).reshape(n, c, h, w)

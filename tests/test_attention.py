@@ -3,6 +3,9 @@ fused CUDA kernels need), and the images stay those of the earlier layout bit fo
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -11,16 +14,10 @@ from PIL import Image
 import relay_diffusion.networks.layers as layers
 from relay_diffusion.generation import RelayPipeline, generate_images
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from common import strided_attention  # noqa: E402  (the earlier layout, shared with bench_adm256.py)
+
 SEEDS = list(range(4))
-
-
-def strided_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """The earlier layout: ``[N * heads, HW, C']`` views whose last dimension has stride ``HW``."""
-    n, c3, h, w = qkv.shape
-    c = c3 // 3
-    q, k, v = qkv.reshape(n * num_heads, c // num_heads, 3, h * w).unbind(2)
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-    return out.transpose(1, 2).reshape(n, c, h, w)
 
 
 def generate(folder) -> np.ndarray:

@@ -215,17 +215,21 @@ def finish(procs: list[subprocess.Popen], timeout: float = 120) -> list[tuple[in
     return out
 
 
-def test_non_finite_samples_in_one_process_end_all_of_them(tmp_path):
-    out = tmp_path / "out"
-    start = time.monotonic()
-    procs = launch(["generate", f"--outdir={out}", "--seeds=0-11", "--batch=1", "--timeout=5", *FAST],
-                   patch_rank=1, patch=NON_FINITE)
+def _all_failed(procs) -> tuple[list[str], str]:
+    """Wait for ``procs``; every one must have failed without a traceback. Their error lines and output."""
     results = finish(procs)
-    elapsed = time.monotonic() - start
     text = "\n".join(o for _, o in results)
     assert all(rc != 0 for rc, _ in results), text
     assert "Traceback" not in text, text
-    lines = _error_lines(text)
+    return _error_lines(text), text
+
+
+def test_non_finite_samples_in_one_process_end_all_of_them(tmp_path):
+    out = tmp_path / "out"
+    start = time.monotonic()
+    lines, text = _all_failed(launch(["generate", f"--outdir={out}", "--seeds=0-11", "--batch=1", "--timeout=5",
+                                      *FAST], patch_rank=1, patch=NON_FINITE))
+    elapsed = time.monotonic() - start
     assert len(lines) == 1 and "1 of 1 samples are not finite" in lines[0] and "seeds 1;" in lines[0], text
     assert elapsed < 60, elapsed
     # Rank 0 stopped at the end of the batch where rank 1 failed (seed 0), not after its whole share.
@@ -240,12 +244,8 @@ def test_an_error_in_one_training_process_ends_all_of_them(tmp_path):
     procs = launch(["train", f"--outdir={tmp_path / 'runs'}", f"--data={data}", "--batch=4", "--batch-gpu=2",
                     "--duration=0.0001", "--tick=1", "--grid=0", "--workers=0", "--timeout=5", "--device=cpu",
                     *TINY_ARGS], patch_rank=1, patch=STEP_FAILS)
-    results = finish(procs)
+    lines, text = _all_failed(procs)
     elapsed = time.monotonic() - start
-    text = "\n".join(o for _, o in results)
-    assert all(rc != 0 for rc, _ in results), text
-    assert "Traceback" not in text, text
-    lines = _error_lines(text)
     assert lines == ["Error: injected: image 7 of the dataset is damaged"], text
     assert elapsed < 60, elapsed
 
