@@ -136,3 +136,19 @@ def test_a_deeply_nested_manifest_is_one_line(tmp_path):
                                    "--sampler_stages=first", "--num_steps_first=2"])
     assert res.exit_code != 0 and "Traceback" not in res.output and "nested too deeply" in res.output, res.output
     assert sorted(p.name for p in out.iterdir()) == ["generation.json"]
+
+
+def test_generation_json_records_each_stage_s_network_evaluations(tmp_path):
+    import json
+
+    out = tmp_path / "gen"
+    args = ["generate", f"--outdir={out}", "--seeds=0", "--device=cpu", "--num_steps_first=4",
+            "--num_steps_second=18", "--solver_second=multistep"]
+    res = CliRunner().invoke(rdm, args)
+    assert res.exit_code == 0, res.output
+    manifest = json.loads((out / "generation.json").read_text())
+    assert manifest["nfe"] == [7, 7]  # heun: 2 x 4 - 1; the multistep relay grid truncated to 7 steps
+    assert "NFE per image (denoiser evaluations): 7 + 7 = 14" in res.output
+    del manifest["nfe"]  # a folder from before nfe was recorded
+    (out / "generation.json").write_text(json.dumps(manifest))
+    assert CliRunner().invoke(rdm, args).exit_code == 0

@@ -18,7 +18,7 @@ import click
 from relay_diffusion.cli.options import FieldOptions
 from relay_diffusion.core.process import BlurProcess
 from relay_diffusion.generation.configs import PRESETS, EDMStageConfig, RelayStageConfig, SRStageConfig
-from relay_diffusion.generation.stages import DEFAULT_NET_BATCH
+from relay_diffusion.generation.stages import DEFAULT_NET_BATCH, stage_nfe
 from relay_diffusion.utils.distributed import DEFAULT_TIMEOUT_MIN
 
 _SUFFIX_FIRST = {"S_churn", "S_min", "S_max", "S_noise"}  # the reference names these without _first
@@ -280,7 +280,7 @@ def _print_config(opts: dict[str, Any], pipeline: Any, seeds: list[int], device:
     for i, stage in enumerate(pipeline.stages):
         settings = {**dataclasses.asdict(stage.config), **stage_extras(stage)}
         click.echo(f"{stage_name(i, stage).capitalize()}: {json.dumps(to_strict(settings))}")
-    nfe = [stage.config.nfe(stage.net) if stage.kind == "relay" else stage.config.nfe() for stage in pipeline.stages]
+    nfe = [stage_nfe(stage) for stage in pipeline.stages]
     click.echo(f"NFE per image (denoiser evaluations): {' + '.join(map(str, nfe))} = {sum(nfe)}"
                + (" (x2 network calls where guidance applies)" if any(s.config.cfg_scale > 1 for s in pipeline.stages)
                   else ""))

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import torch
 
 from relay_diffusion.generation.pipeline import RelayPipeline
-from relay_diffusion.generation.stages import stage_extras
+from relay_diffusion.generation.stages import stage_extras, stage_nfe
 from relay_diffusion.utils.jsonio import dumps_strict, to_strict
 
 FILE = "generation.json"
@@ -59,9 +59,10 @@ def describe(pipeline: RelayPipeline, **settings: Any) -> dict[str, Any]:
         if hasattr(stage.net, "precision"):
             entry["precision"] = stage.net.precision
         stages.append(entry)
+    nfe = [stage_nfe(stage) for stage in pipeline.stages]
     return to_strict({"format": FORMAT, "stages": stages, "enhancement": dataclasses.asdict(pipeline.enhancement),
                        "net_batch": pipeline.resolved_net_batch, "tf32": getattr(pipeline, "tf32", None),
-                       **settings})
+                       "nfe": nfe, **settings})
 
 
 def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:

@@ -71,8 +71,9 @@ def generate_images(
         raise ValueError(f"--outdir {outdir} is the input folder --indir: write the outputs to another folder")
     manifest = describe(pipeline, subdirs=subdirs, class_labels=_labels_key(class_labels)) if manifest is None \
         else manifest
-    # TF32 does not exist on the CPU: a folder made there before it was recorded stays resumable
-    optional = ("tf32",) if pipeline.device.type == "cpu" else ()
+    # Recorded since a later version without changing the images: "nfe" (the network evaluations per image of
+    # each stage follow from the sampler settings, which are compared), and "tf32" on the CPU (it has no TF32)
+    optional = ("nfe", "tf32") if pipeline.device.type == "cpu" else ("nfe",)
     if not overwrite and not check_manifest(outdir, manifest, optional):
         existing = next((p for p in outdir.rglob("*.png") if p.name != "grid.png"), None) if outdir.is_dir() else None
         if existing is not None:

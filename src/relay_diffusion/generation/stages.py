@@ -223,6 +223,12 @@ Stage = Union[EDMStage, RelayStage, SRStage]
 KIND_NAMES = {"edm": "EDM", "relay": "relay", "sr": "super-resolution"}
 
 
+def stage_nfe(stage: Stage) -> int:
+    """Denoiser evaluations per image of the stage with its sampler settings (a relay stage's grid after
+    truncation depends on its network's noise levels)."""
+    return stage.config.nfe(stage.net) if stage.kind == "relay" else stage.config.nfe()
+
+
 def stage_extras(stage: Stage) -> dict[str, Any]:
     """What the stage's network was trained with, as files record it: ``{"process": ...}`` for a relay
     stage, ``{"condition": ...}`` for a super-resolution stage, nothing for stage 1."""
