@@ -240,3 +240,14 @@ def test_a_filesystem_without_lockf_locks_with_an_owner_file(tmp_path, data, mon
     assert len([line for line in result.output.splitlines() if line.strip()]) == 1, result.output
     (out / OWNER_FILE).unlink()
     assert train(out, data, "--nosubdir", "--resume", str(out), "--duration=0.000032").exit_code == 0
+
+
+def test_a_damaged_image_read_in_a_loader_worker_is_named(tmp_path, data):
+    folder = tmp_path / "images"
+    with zipfile.ZipFile(data) as zf:
+        zf.extractall(folder)
+        victim = sorted(n for n in zf.namelist() if n.endswith(".png"))[5]
+    (folder / victim).write_bytes(b"\x89PNG not an image")
+    result = train(tmp_path / "runs", folder, "--workers=1")
+    clean_error(result, victim, "cannot decode")
+    assert "DataLoader worker" not in result.output

@@ -18,6 +18,7 @@ import torch
 from relay_diffusion.cli.forgiving import SuggestingGroup
 from relay_diffusion.utils import distributed
 from relay_diffusion.data.dataset import ImageFolderDataset
+from relay_diffusion.utils.errors import one_line
 from relay_diffusion.utils.fileio import atomic_write_text, write_error_message
 from relay_diffusion.metrics import (
     METRICS,
@@ -36,13 +37,8 @@ from relay_diffusion.metrics import (
 
 
 def _one_line(exc: BaseException) -> str:
-    """The message of ``exc`` without the worker traceback torch's DataLoader puts into errors it re-raises
-    (``Caught ValueError in DataLoader worker process 0. Original Traceback ...``): its last line."""
-    message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-    if "Original Traceback" in message:
-        last = message.strip().splitlines()[-1]
-        message = last.split(": ", 1)[1] if ": " in last else last
-    return message
+    """The message of ``exc`` on one line (a DataLoader worker's error: the original one)."""
+    return one_line(exc)
 
 
 def _write(path: str, write) -> None:

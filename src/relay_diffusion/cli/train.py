@@ -176,9 +176,10 @@ def train(ctx: click.Context, config_file: str | None, fp16: bool, precision: st
         raise _bad(exc) from None
     except (NonFiniteLossError, RunFolderBusy, LaunchError) as exc:
         raise click.ClickException(str(exc)) from None
-    except (ValueError, OSError) as exc:  # e.g. a damaged dataset image found while training
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise click.ClickException(first) from None
+    except (ValueError, OSError) as exc:  # e.g. a damaged dataset image found while training (in a worker)
+        from relay_diffusion.utils.errors import one_line
+
+        raise click.ClickException(one_line(exc)) from None
 
 
 def _resumed_options(resume: str) -> dict | None:
