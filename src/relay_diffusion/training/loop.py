@@ -31,6 +31,7 @@ from relay_diffusion.checkpoints.snapshot import save_network
 from relay_diffusion.utils.fileio import atomic_write_text
 from relay_diffusion.utils.jsonio import dumps_strict
 from relay_diffusion.core.rng import SeedGenerators
+from relay_diffusion.core.sr import upsample
 from relay_diffusion.utils import accel, distributed
 from relay_diffusion.training import grids
 from relay_diffusion.training.augment import AugmentPipe
@@ -237,7 +238,7 @@ class Trainer:
         if self.cfg.cond:
             self.grid_labels = torch.stack([torch.as_tensor(lab) for _, lab in items]).to(self.device)
         grids.save_training_grid(reals, self.run_dir / "reals.png")
-        grids.save_training_grid(grids.upsample(self.grid_starts, self.cfg.up_scale),
+        grids.save_training_grid(upsample(self.grid_starts, self.cfg.up_scale),
                                  self.run_dir / "reals-relay-start.png")
 
     # --- one step ----------------------------------------------------------------------------------
