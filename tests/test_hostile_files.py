@@ -322,3 +322,17 @@ def test_a_sub_folder_that_cannot_be_listed_is_an_error_not_a_skip(tmp_path, mon
     monkeypatch.setattr(os, "scandir", scandir)
     with pytest.raises(ValueError, match="locked.*Permission denied"):
         list_files(tmp_path / "data")
+
+
+def test_the_dataset_tool_takes_no_grid_from_a_generate_folder(tmp_path):
+    from relay_diffusion.data.sources import open_source
+
+    folder = tmp_path / "samples"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((8, 8, 3), 10 * i, np.uint8)).save(folder / f"{i:06d}.png")
+    Image.fromarray(np.zeros((24, 24, 3), np.uint8)).save(folder / "grid.png")
+    (folder / "generation.json").write_text("{}")
+    assert len(open_source(str(folder))) == 3
+    (folder / "generation.json").unlink()  # an ordinary folder: every image counts
+    assert len(open_source(str(folder))) == 4

@@ -251,3 +251,9 @@ def test_a_damaged_image_read_in_a_loader_worker_is_named(tmp_path, data):
     result = train(tmp_path / "runs", folder, "--workers=1")
     clean_error(result, victim, "cannot decode")
     assert "DataLoader worker" not in result.output
+
+
+def test_a_path_that_is_not_utf8_is_named_before_anything_is_written(tmp_path, data):
+    out = os.fsdecode(bytes(tmp_path) + b"/runs\xff")
+    clean_error(train(out, data), "--outdir", "not valid UTF-8")
+    assert list(tmp_path.iterdir()) == []

@@ -20,9 +20,8 @@ from relay_diffusion.checkpoints.unpickle import UnpicklePolicy, encode_text, re
 from relay_diffusion.utils.limits import MAX_IMAGE_BYTES, TooLargeError, read_file, read_member, read_stream
 from relay_diffusion.data.files import (
     LABELS_FILE,
-    is_hidden_name,
-    is_image_name,
     list_files,
+    list_image_files,
     read_labels_file,
 )
 
@@ -68,7 +67,7 @@ class FileSource(Source):
     def __init__(self, path: str, labels_from_folders: bool = False) -> None:
         super().__init__(path, kind="zip" if os.path.isfile(path) else "image-folder")
         all_names = list_files(path)
-        self.names = [n for n in all_names if is_image_name(n) and not is_hidden_name(n)]
+        self.names = list_image_files(path)  # an rdm generate folder's grid.png is not one of its images
         images = set(self.names)
         self.ignored = [n for n in all_names if n not in images and n != LABELS_FILE]
         if not self.names:

@@ -27,6 +27,14 @@ PRECOND_NETWORKS = {"vp": "VPPrecond", "ve": "VEPrecond", "edm": "EDMPrecond", "
 AUGMENT_DIM = 9
 
 
+def _utf8(text: str) -> bool:
+    try:
+        str(text).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 class ConfigError(ValueError):
     """A bad option; ``option`` is its command-line name (e.g. ``--batch-gpu``)."""
 
@@ -88,6 +96,11 @@ class TrainingConfig:
     # ----------------------------------------------------------------------------------------------
     def validate(self) -> "TrainingConfig":
         """Check every option on its own; raises :class:`ConfigError` naming the first bad one."""
+        for option, path in (("--outdir", self.outdir), ("--data", self.data), ("--transfer", self.transfer),
+                              ("--resume", self.resume)):
+            if path is not None and not _utf8(path):  # the run records its paths in JSON files
+                raise ConfigError(option, f"{path!r} is not valid UTF-8; the run records its paths in "
+                                          "training_options.json, so rename it")
         _choice("--arch", self.arch, ARCHS)
         _choice("--precond", self.precond, PRECOND_CHOICES)
         _choice("--precision", self.precision, PRECISIONS)
