@@ -197,3 +197,26 @@ def test_convert_on_broken_checkpoints(tmp_path, content):
     result = CliRunner().invoke(rdm, ["convert", str(src), str(tmp_path / "out")])
     assert_clean_error(result, "ref.pkl")
     assert not list(tmp_path.glob("out*"))
+
+
+def test_a_second_generation_into_a_folder_in_use_is_refused(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "out"
+    first = subprocess.Popen([sys.executable, "-m", "relay_diffusion", "generate", f"--outdir={out}", "--seeds=0-199",
+                              "--batch=1", "--device=cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 120
+        while not list(out.glob("*.png")) and time.time() < deadline and first.poll() is None:
+            time.sleep(0.1)  # until the first job is writing
+        assert first.poll() is None, "the first generation ended before the second started"
+        before = sorted(p.name for p in out.glob("*.png"))
+        res = CliRunner().invoke(rdm, ["generate", f"--outdir={out}", "--seeds=0-3", "--device=cpu",
+                                       "--num_steps_first=3"])  # other settings
+        assert res.exit_code != 0 and "is in use by another generation" in res.output, res.output
+        assert set(before) <= {p.name for p in out.glob("*.png")}
+    finally:
+        first.kill()
+        first.wait()

@@ -19,6 +19,7 @@ from relay_diffusion.cli.options import FieldOptions
 from relay_diffusion.core.process import BlurProcess
 from relay_diffusion.generation.configs import PRESETS, EDMStageConfig, RelayStageConfig, SRStageConfig
 from relay_diffusion.generation.stages import DEFAULT_NET_BATCH, stage_nfe
+from relay_diffusion.utils.locks import RunFolderBusy
 from relay_diffusion.utils.distributed import DEFAULT_TIMEOUT_MIN
 
 _SUFFIX_FIRST = {"S_churn", "S_min", "S_max", "S_noise"}  # the reference names these without _first
@@ -147,7 +148,7 @@ def generate(**opts: Any) -> None:
                 indir=opts["indir"], subdirs=opts["subdirs"], overwrite=opts["overwrite"], rank=rank,
                 world_size=world_size, progress=rank == 0,
             )
-        except (ValueError, FileNotFoundError) as exc:
+        except (ValueError, FileNotFoundError, RunFolderBusy) as exc:  # RunFolderBusy: --outdir in use
             raise click.ClickException(str(exc)) from exc
         except OSError as exc:  # e.g. no space left on device, a read-only --outdir
             where = f" {exc.filename}" if exc.filename else f" into {opts['outdir']}"

@@ -15,6 +15,7 @@ from relay_diffusion.generation.pipeline import ClassLabels, RelayPipeline
 from relay_diffusion.generation.stages import net_info
 from relay_diffusion.utils import distributed
 from relay_diffusion.utils.dtypes import float32_default
+from relay_diffusion.utils.locks import FolderLock
 
 
 def rank_batches(seeds: Sequence[int], max_batch_size: int, rank: int = 0, world_size: int = 1) -> list[list[int]]:
@@ -61,14 +62,47 @@ def generate_images(
     PNGs are encoded and written on a background thread (:class:`ImageWriter`) while the next batch samples;
     the function returns once every image is on disk, and a write error is raised at the next batch or at
     the end."""
-    from tqdm import tqdm
-
     outdir = Path(outdir)
     if outdir.exists() and not outdir.is_dir():
         raise ValueError(f"--outdir {outdir} exists and is not a folder")
     if indir is not None and outdir.resolve() == Path(indir).resolve():
         # the outputs would replace the inputs (or, without --overwrite, the inputs would pass for outputs)
         raise ValueError(f"--outdir {outdir} is the input folder --indir: write the outputs to another folder")
+    args = (pipeline, seeds, outdir, max_batch_size, class_labels, indir, subdirs, overwrite, rank, world_size,
+            progress, manifest)
+    if rank != 0:  # the first process holds the folder for the whole job
+        return _generate(*args)
+    created = not outdir.exists()
+    outdir.mkdir(parents=True, exist_ok=True)
+    lock = FolderLock(outdir, "rdm-generate", "generation (rdm generate): two with other settings would mix "
+                                              "their images")
+    lock_was_there, manifest_before = lock.path.exists(), _stat(outdir / MANIFEST)
+    try:
+        with lock:
+            return _generate(*args)
+    finally:
+        # the manifest is (re)written before a run's first image: unchanged, the run wrote nothing, and the
+        # folder is left as it was
+        if not lock_was_there and _stat(outdir / MANIFEST) == manifest_before:
+            lock.path.unlink(missing_ok=True)
+            if created and not any(outdir.iterdir()):
+                outdir.rmdir()
+
+
+def _stat(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_mtime_ns, st.st_size
+
+
+def _generate(pipeline: RelayPipeline, seeds: Sequence[int], outdir: Path, max_batch_size: int,
+              class_labels: ClassLabels, indir: str | os.PathLike | None, subdirs: bool, overwrite: bool, rank: int,
+              world_size: int, progress: bool, manifest: dict[str, Any] | None) -> list[Path]:
+    """:func:`generate_images` once the output folder is this job's."""
+    from tqdm import tqdm
+
     manifest = describe(pipeline, subdirs=subdirs, class_labels=_labels_key(class_labels)) if manifest is None \
         else manifest
     # Recorded since a later version without changing the images: "nfe" (the network evaluations per image of
