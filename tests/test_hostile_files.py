@@ -336,3 +336,27 @@ def test_the_dataset_tool_takes_no_grid_from_a_generate_folder(tmp_path):
     assert len(open_source(str(folder))) == 3
     (folder / "generation.json").unlink()  # an ordinary folder: every image counts
     assert len(open_source(str(folder))) == 4
+
+
+def test_a_fifo_as_the_dataset_source_is_refused_at_once(tmp_path):
+    import os
+    import time
+
+    fifo = tmp_path / "source.zip"
+    os.mkfifo(fifo)
+    start = time.monotonic()
+    res = run("dataset", f"--source={fifo}", f"--dest={tmp_path / 'out.zip'}", cwd=tmp_path)
+    assert time.monotonic() - start < 60 and res.returncode == 2, res.stderr
+    assert str(fifo) in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "out.zip").exists()
+
+
+@pytest.mark.parametrize("seeds", ["", ",", "5-3"])
+def test_an_empty_seed_list_is_one_error_line(tmp_path, seeds):
+    from click.testing import CliRunner
+
+    from relay_diffusion.cli import main as rdm
+
+    res = CliRunner().invoke(rdm, ["generate", f"--outdir={tmp_path / 'o'}", f"--seeds={seeds}", "--device=cpu"])
+    assert res.exit_code == 2 and "--seeds" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "o").exists()

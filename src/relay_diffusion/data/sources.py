@@ -248,6 +248,8 @@ def open_source(path: str, labels_from_folders: bool = False) -> Source:
     path = os.fspath(path)
     if not os.path.exists(path):
         raise ValueError(f"{path!r} does not exist")
+    if not (os.path.isdir(path) or os.path.isfile(path)):  # a FIFO or a device would block the first read
+        raise ValueError(f"{path!r} is neither a folder nor a regular file")
     if os.path.isdir(path):
         if os.path.isfile(os.path.join(path, MNIST_IMAGES)):
             source: Source = MnistSource(path)
