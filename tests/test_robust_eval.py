@@ -339,3 +339,17 @@ def test_a_non_finite_late_figure_prints_no_earlier_figure(tmp_path, monkeypatch
     monkeypatch.setattr(scores, "kernel_inception_distance", lambda *a, **k: (float("nan"), float("nan")))
     refused(calc(sample, ref, f"--json={tmp_path / 'm.json'}"), "kid = nan", "not finite")  # no FID line before it
     assert not (tmp_path / "m.json").exists()
+
+
+def test_ref_of_too_few_activations_names_the_file(tmp_path):
+    few = write_npz(tmp_path / "few.npz", acts(0, n=1))
+    refused(evaluate("ref", f"--data={few}", f"--dest={tmp_path / 'stats.npz'}"), "few.npz", "has 1 rows")
+    assert not (tmp_path / "stats.npz").exists()
+
+
+def test_a_report_nested_too_deeply_is_not_taken_for_one_of_ours(tmp_path):
+    from relay_diffusion.data.destinations import _is_report
+
+    path = tmp_path / "out.zip.report.json"
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    assert _is_report(str(path)) is False
