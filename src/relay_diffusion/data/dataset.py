@@ -5,16 +5,16 @@ with labels in an optional ``dataset.json`` ``{"labels": [["00000/img00000000.pn
 from __future__ import annotations
 
 import hashlib
-import io
 import os
-import zipfile
+from typing import BinaryIO
 
 import numpy as np
-import PIL.Image
 import torch
 
 from relay_diffusion.data.cache import SharedImageCache, default_cache_dir, source_fingerprint
 from relay_diffusion.data.transforms import to_array
+from relay_diffusion.data.zipindex import ZipIndex
+from relay_diffusion.utils.limits import MAX_IMAGE_BYTES, TooLargeError, open_image, read_file
 from relay_diffusion.data.files import (
     ZIP_ERRORS,
     check_dataset_path,
@@ -54,19 +54,23 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     ) -> None:
         self._path = check_dataset_path(path)
         self._is_zip = os.path.isfile(self._path)
-        self._zip: zipfile.ZipFile | None = None
+        self._zip: BinaryIO | None = None  # this process's handle on the zip file
         self._zip_pid: int | None = None
         self._shared: SharedImageCache | None = None
-        self._fnames = list_image_files(self._path)
-        if not self._fnames:
+        names = list_image_files(self._path)
+        if not names:
             raise ValueError(f"no image files in {self._path!r}")
+        # names and (for a zip) member positions as numpy arrays, not a Python object per image: forked loader
+        # workers share them instead of each copying ~1.4 KB per image (data/zipindex.py)
+        self._fnames = np.array([n.encode("utf-8", "surrogateescape") for n in names])
+        self._index = ZipIndex(self._path, names) if self._is_zip else None
         self._image_shape = list(self._load_image(0).shape)
         if resolution is not None and self._image_shape[1:] != [resolution, resolution]:
             raise ValueError(
                 f"{self._path!r}: images are {self._image_shape[2]}x{self._image_shape[1]}, not the requested "
                 f"resolution {resolution}x{resolution}"
             )
-        self._labels = self._load_labels() if use_labels else None
+        self._labels = self._load_labels(names) if use_labels else None
         n = len(self._fnames)
         idx = np.arange(n)
         if max_size is not None and n > max_size:
@@ -80,7 +84,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
     # --- the shared decoded copy ---------------------------------------------------------------------------
     def _open_cache(self, folder: str, workers: int) -> SharedImageCache:
-        fingerprint = dict(source_fingerprint(self._path, self._fnames),
+        fingerprint = dict(source_fingerprint(self._path, self.image_fnames),
                            kept=hashlib.sha256(self._kept.astype(np.int64).tobytes()).hexdigest())
         return SharedImageCache.open(folder, self.name, fingerprint, [len(self._kept), *self._image_shape],
                                      decode=lambda row: self._decode(int(self._kept[row])),
@@ -105,17 +109,20 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         return len(self._kept) * int(np.prod(self._image_shape))
 
     # --- reading -------------------------------------------------------------------------------------------
-    def _zipfile(self) -> zipfile.ZipFile:
+    def _fname(self, raw_idx: int) -> str:
+        return self._fnames[raw_idx].decode("utf-8", "surrogateescape")
+
+    def _zipfile(self) -> BinaryIO:
         if self._zip is None or self._zip_pid != os.getpid():  # a forked worker must not share the parent's handle
-            self._zip = zipfile.ZipFile(self._path)
+            self._zip = open(self._path, "rb")
             self._zip_pid = os.getpid()
         return self._zip
 
-    def _read_bytes(self, fname: str) -> bytes:
-        if self._is_zip:
-            return self._zipfile().read(fname)
-        with open(os.path.join(self._path, fname), "rb") as f:
-            return f.read()
+    def _read_bytes(self, raw_idx: int) -> bytes:
+        fname = self._fname(raw_idx)
+        if self._index is not None:
+            return self._index.read(self._zipfile(), raw_idx, fname)
+        return read_file(os.path.join(self._path, fname), MAX_IMAGE_BYTES)
 
     def _load_image(self, raw_idx: int) -> np.ndarray:
         if self._shared is not None:
@@ -123,28 +130,28 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         return self._decode(raw_idx)
 
     def _decode(self, raw_idx: int) -> np.ndarray:
-        fname = self._fnames[raw_idx]
+        fname = self._fname(raw_idx)
         try:
-            data = self._read_bytes(fname)
-        except ZIP_ERRORS as exc:
+            data = self._read_bytes(raw_idx)
+        except (*ZIP_ERRORS, TooLargeError) as exc:
             raise ValueError(f"cannot read {fname!r} in {self._path!r}: {exc}") from None
         try:
-            img = PIL.Image.open(io.BytesIO(data))
+            img = open_image(data, fname)  # refused from its header when it claims too many pixels
             img.load()
             image = np.ascontiguousarray(to_array(img).transpose(2, 0, 1))
         except Exception as exc:  # PIL raises many types on damaged files (OSError, SyntaxError, struct.error, ...)
             raise ValueError(f"cannot decode {fname!r} in {self._path!r}: {type(exc).__name__}: {exc}") from None
         return image
 
-    def _load_labels(self) -> np.ndarray | None:
+    def _load_labels(self, names: list[str]) -> np.ndarray | None:
         table = read_labels_file(self._path)
         if table is None:
             return None
-        missing = [f for f in self._fnames if f not in table]
+        missing = [f for f in names if f not in table]
         if missing:
             raise ValueError(f"dataset.json in {self._path!r} has no label for {missing[0]!r}")
         # read_labels_file has checked every label (class index in [0, MAX_CLASSES) or finite vector, one kind)
-        labels = np.array([table[f] for f in self._fnames])
+        labels = np.array([table[f] for f in names])
         if labels.ndim == 1:
             return labels.astype(np.int64)
         labels = labels.astype(np.float32)
@@ -174,7 +181,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     def _check_shape(self, raw_idx: int, image: np.ndarray) -> np.ndarray:
         if list(image.shape) != self._image_shape:
             raise ValueError(
-                f"{self._path!r}: {self._fnames[raw_idx]!r} has shape {list(image.shape)} but the first image has "
+                f"{self._path!r}: {self._fname(raw_idx)!r} has shape {list(image.shape)} but the first image has "
                 f"{self._image_shape} ([C, H, W]); rebuild the dataset with rdm dataset --resolution=WxH"
             )
         return image
@@ -202,7 +209,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     @property
     def image_fnames(self) -> list[str]:
         """Relative names of all images, sorted (before ``max_size`` and ``xflip``)."""
-        return list(self._fnames)
+        return [n.decode("utf-8", "surrogateescape") for n in self._fnames]
 
     @property
     def image_shape(self) -> list[int]:
