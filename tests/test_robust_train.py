@@ -257,3 +257,20 @@ def test_a_path_that_is_not_utf8_is_named_before_anything_is_written(tmp_path, d
     out = os.fsdecode(bytes(tmp_path) + b"/runs\xff")
     clean_error(train(out, data), "--outdir", "not valid UTF-8")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("minutes, states", [("0", 1), ("0.000001", 3)])
+def test_checkpoint_minutes_saves_a_state_at_least_that_often(tmp_path, data, monkeypatch, minutes, states):
+    from relay_diffusion.training.loop import Trainer
+
+    saved, real = [], Trainer._save_state
+
+    def count(self):
+        saved.append(self.step)
+        return real(self)
+
+    monkeypatch.setattr(Trainer, "_save_state", count)
+    result = train(tmp_path / "run", data, "--tick=1000", "--dump=1000", f"--checkpoint-minutes={minutes}")
+    assert result.exit_code == 0, result.output
+    assert len(saved) == states, saved  # 3 steps of 8 images: with 0.00006 s every step is due; with 0 only the end
+    assert saved[-1] == 3

@@ -106,6 +106,9 @@ def _bad(exc: ConfigError) -> click.BadParameter:
               help="How often to save snapshots")
 @click.option("--dump", metavar="TICKS", type=click.IntRange(min=1), default=500, show_default=True,
               help="How often to dump state")
+@click.option("--checkpoint-minutes", metavar="MIN", type=click.FloatRange(min=0), default=20.0, show_default=True,
+              help="Also a snapshot and a resumable state at least this often, in wall-clock minutes (a kill never "
+                   "loses more; 0: only at --snap / --dump)")
 @click.option("--grid", metavar="INT", type=click.IntRange(min=0), default=64, show_default=True,
               help="Images in the sample grid of every snapshot (0: none)")
 @click.option("--seed", metavar="INT", type=int, help="Random seed  [default: random]")

@@ -80,6 +80,7 @@ class TrainingConfig:
     desc: Optional[str] = None                  # extra text in the run folder name
     nosubdir: bool = False                      # write into --outdir itself
     tick: float = 50.0                          # progress line every this many kimg
+    checkpoint_minutes: float = 20.0            # a snapshot and a state at least this often (0: --snap/--dump only)
     snap: Optional[int] = 50                    # network snapshot + sample grid every this many ticks (None = never)
     dump: Optional[int] = 500                   # training state every this many ticks (None = only at the end)
     seed: Optional[int] = None                  # None = random (drawn once, recorded in the run folder)
@@ -118,6 +119,7 @@ class TrainingConfig:
             raise ConfigError("--attn", f"resolutions must be positive, got {self.attn}")
         _positive("--lr", self.lr)
         _non_negative("--lr-rampup", self.lr_rampup)
+        _non_negative("--checkpoint-minutes", self.checkpoint_minutes)
         _non_negative("--ema", self.ema)
         if self.ema_profiles is not None:
             _ema_profiles(self.ema_profiles)
@@ -242,7 +244,7 @@ def saved_config(path: str) -> dict[str, Any]:
 #: Options a resumed run may change: they decide how long, where and how fast it runs, not what it computes.
 RESUME_MUTABLE = frozenset({
     "outdir", "duration", "tick", "snap", "dump", "workers", "device", "bench", "cache", "cache_dir", "batch_gpu", "resume",
-    "desc", "nosubdir", "grid", "transfer",
+    "desc", "nosubdir", "grid", "transfer", "checkpoint_minutes",
 })
 
 

@@ -358,6 +358,15 @@ class Trainer:
                 raise
             raise failure from None
 
+    def _checkpoint_due(self, saved_at: float) -> bool:
+        """Whether ``--checkpoint-minutes`` have passed since the last state. Every process must end the tick
+        at the same step, so with several the first one's clock decides, shared every 16 steps."""
+        minutes = self.cfg.checkpoint_minutes
+        due = bool(minutes) and time.time() - saved_at >= minutes * 60
+        if not self.ctx.distributed:
+            return due
+        return bool(distributed.broadcast_object(due)) if self.step % 16 == 0 else False
+
     def _run(self) -> Path:
         self._setup()
         cfg, total = self.cfg, self.cfg.total_images
@@ -368,12 +377,14 @@ class Trainer:
         self.log(f"Training for {cfg.duration} Mimg...")
         tick, tick_nimg, tick_time = 0, self.nimg, time.time()
         tick_cpu = time.process_time()
+        saved_at = time.time()  # the last state: --checkpoint-minutes counts from here
         memory_gb(self.device)  # reset the peak counters
         try:
             while True:
                 self._step()
                 done = self.nimg >= total
-                if not done and tick != 0 and self.nimg < tick_nimg + cfg.tick * 1000:
+                due = self._checkpoint_due(saved_at)
+                if not done and not due and tick != 0 and self.nimg < tick_nimg + cfg.tick * 1000:
                     continue
                 summary = self.tally.read()  # the tick's one read of the device
                 if summary.applied == 0:
@@ -393,10 +404,11 @@ class Trainer:
                     self.log(progress_line(record))
                     self.stats.append(record)
                     self.stats.flush()  # before the state: a state never has fewer records than its step
-                    if cfg.snap is not None and (done or tick % cfg.snap == 0):
+                    if due or (cfg.snap is not None and (done or tick % cfg.snap == 0)):
                         self._snapshot()
-                    if done or (cfg.dump is not None and tick % cfg.dump == 0 and tick != 0):
+                    if due or done or (cfg.dump is not None and tick % cfg.dump == 0 and tick != 0):
                         self._save_state()
+                        saved_at = time.time()
                     self.log.flush()
                 distributed.barrier()
                 if done:
