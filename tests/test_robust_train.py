@@ -274,3 +274,22 @@ def test_checkpoint_minutes_saves_a_state_at_least_that_often(tmp_path, data, mo
     assert result.exit_code == 0, result.output
     assert len(saved) == states, saved  # 3 steps of 8 images: with 0.00006 s every step is due; with 0 only the end
     assert saved[-1] == 3
+
+
+def test_several_processes_count_checkpoint_minutes_in_steps_agreed_at_the_tick():
+    """No collective inside the steps: the first process's pace over a tick sets the step budget."""
+    import types
+
+    from relay_diffusion.training.loop import Trainer
+
+    t = object.__new__(Trainer)
+    t.cfg, t.ctx, t._checkpoint_steps = types.SimpleNamespace(checkpoint_minutes=1.0), \
+        types.SimpleNamespace(distributed=True), None
+    t.step = 100
+    assert not t._checkpoint_due(saved_at=0.0, saved_step=0)  # no tick measured yet
+    t._agree_checkpoint_steps(seconds=30.0, steps=10)  # 3 s a step: 20 steps a minute
+    assert t._checkpoint_steps == 20
+    t.step = 24
+    assert not t._checkpoint_due(saved_at=0.0, saved_step=5)
+    t.step = 25
+    assert t._checkpoint_due(saved_at=0.0, saved_step=5)

@@ -110,6 +110,7 @@ class Trainer:
         self.plan, self.ctx, self.cfg = plan, ctx, plan.config
         self.device = ctx.device
         self.layout = StepLayout(self.cfg.batch, plan.batch_gpu, ctx.world_size)
+        self._checkpoint_steps: Optional[int] = None  # --checkpoint-minutes in steps (several processes)
 
     # --- setup -------------------------------------------------------------------------------------
     def _setup(self) -> None:
@@ -358,14 +359,23 @@ class Trainer:
                 raise
             raise failure from None
 
-    def _checkpoint_due(self, saved_at: float) -> bool:
-        """Whether ``--checkpoint-minutes`` have passed since the last state. Every process must end the tick
-        at the same step, so with several the first one's clock decides, shared every 16 steps."""
+    def _checkpoint_due(self, saved_at: float, saved_step: int) -> bool:
+        """Whether ``--checkpoint-minutes`` have passed since the last state. Several processes must end the tick
+        at the same step without a collective inside the steps: they count steps instead, as many as the first
+        process's last tick says fit in those minutes (:meth:`_agree_checkpoint_steps`)."""
         minutes = self.cfg.checkpoint_minutes
-        due = bool(minutes) and time.time() - saved_at >= minutes * 60
+        if not minutes:
+            return False
         if not self.ctx.distributed:
-            return due
-        return bool(distributed.broadcast_object(due)) if self.step % 16 == 0 else False
+            return time.time() - saved_at >= minutes * 60
+        return self._checkpoint_steps is not None and self.step - saved_step >= self._checkpoint_steps
+
+    def _agree_checkpoint_steps(self, seconds: float, steps: int) -> None:
+        """At a tick's end (several processes): the steps of ``--checkpoint-minutes`` at the first process's
+        pace over that tick (``seconds`` for ``steps``)."""
+        if self.ctx.distributed and self.cfg.checkpoint_minutes:
+            per_step = float(distributed.broadcast_object(seconds / max(steps, 1)))
+            self._checkpoint_steps = max(1, int(self.cfg.checkpoint_minutes * 60 / max(per_step, 1e-9)))
 
     def _run(self) -> Path:
         self._setup()
@@ -375,15 +385,15 @@ class Trainer:
             self.log.flush()
             return self.run_dir
         self.log(f"Training for {cfg.duration} Mimg...")
-        tick, tick_nimg, tick_time = 0, self.nimg, time.time()
+        tick, tick_nimg, tick_time, tick_step = 0, self.nimg, time.time(), self.step
         tick_cpu = time.process_time()
-        saved_at = time.time()  # the last state: --checkpoint-minutes counts from here
+        saved_at, saved_step = time.time(), self.step  # the last state: --checkpoint-minutes counts from here
         memory_gb(self.device)  # reset the peak counters
         try:
             while True:
                 self._step()
                 done = self.nimg >= total
-                due = self._checkpoint_due(saved_at)
+                due = self._checkpoint_due(saved_at, saved_step)
                 if not done and not due and tick != 0 and self.nimg < tick_nimg + cfg.tick * 1000:
                     continue
                 summary = self.tally.read()  # the tick's one read of the device
@@ -391,6 +401,7 @@ class Trainer:
                     raise NonFiniteLossError(self._non_finite_message(tick, summary))
                 elapsed, cpu = time.time() - tick_time, time.process_time() - tick_cpu
                 sec_per_kimg = elapsed / max((self.nimg - tick_nimg) / 1000, 1e-12)
+                save = due or done or (cfg.dump is not None and tick % cfg.dump == 0 and tick != 0)
                 if self.ctx.is_main:
                     record = {
                         "tick": tick, "step": self.step, "kimg": self.nimg / 1000,
@@ -406,15 +417,17 @@ class Trainer:
                     self.stats.flush()  # before the state: a state never has fewer records than its step
                     if due or (cfg.snap is not None and (done or tick % cfg.snap == 0)):
                         self._snapshot()
-                    if due or done or (cfg.dump is not None and tick % cfg.dump == 0 and tick != 0):
+                    if save:
                         self._save_state()
-                        saved_at = time.time()
                     self.log.flush()
+                if save:
+                    saved_at, saved_step = time.time(), self.step
+                self._agree_checkpoint_steps(elapsed, self.step - tick_step)
                 distributed.barrier()
                 if done:
                     break
                 tick += 1
-                tick_nimg = self.nimg
+                tick_nimg, tick_step = self.nimg, self.step
                 tick_time = time.time()  # snapshots, grids and states are not counted as training time
                 tick_cpu = time.process_time()
         except NonFiniteLossError as exc:
