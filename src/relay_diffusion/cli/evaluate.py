@@ -36,11 +36,6 @@ from relay_diffusion.metrics import (
 )
 
 
-def _one_line(exc: BaseException) -> str:
-    """The message of ``exc`` on one line (a DataLoader worker's error: the original one)."""
-    return one_line(exc)
-
-
 def _write(path: str, write) -> None:
     """``write()`` (which writes ``path``), a failure as one error line naming the file."""
     try:
@@ -82,7 +77,7 @@ def _activations_of(data: str, batch: int, detector: str, max_images: int | None
         dataset = ImageFolderDataset(data, max_size=max_images)
         det = load_detector(detector, device)
     except (DetectorError, ValueError, OSError) as exc:
-        raise click.ClickException(_one_line(exc)) from None
+        raise click.ClickException(one_line(exc)) from None
     if rank == 0:
         click.echo(f"{len(dataset)} images from {data}; detector {det.source} on {device}"
                    + (f", {world} processes" if world > 1 else ""), err=True)
@@ -90,7 +85,7 @@ def _activations_of(data: str, batch: int, detector: str, max_images: int | None
         acts = compute_activations(dataset, det, batch, device=device, num_workers=workers, rank=rank, world_size=world)
         check_finite(acts, f"activations of {data} by {det.source}")
     except (ValueError, OSError) as exc:
-        raise click.ClickException(_one_line(exc)) from None
+        raise click.ClickException(one_line(exc)) from None
     return acts, det, rank
 
 
@@ -159,7 +154,7 @@ def ref(data: str, dest: str, batch: int, detector: str, max_images: int | None,
         try:
             stats = statistics_arrays(ActivationFile(data))
         except (OSError, KeyError, ValueError) as exc:
-            raise click.ClickException(_one_line(exc)) from None
+            raise click.ClickException(one_line(exc)) from None
         rank = 0
     else:
         acts, _, rank = _activations_of(data, batch, detector, max_images, workers, device)
@@ -216,9 +211,9 @@ def calc(metrics: tuple[str, ...], sample: str, reference: str, batch: int, bloc
     try:
         figures = calc_metrics(sample, reference, metrics, options, detector, log=click.echo, skipped=skipped)
     except (DetectorError, OSError, KeyError, ValueError) as exc:
-        raise click.ClickException(_one_line(exc)) from None
+        raise click.ClickException(one_line(exc)) from None
     for metric, reason in skipped.items():
-        click.echo(f"Skipped {metric}: {_one_line(ValueError(reason))}", err=True)
+        click.echo(f"Skipped {metric}: {one_line(ValueError(reason))}", err=True)
     if json_path is not None:
         record = {"metrics": figures, "skipped": skipped, "activations_sample": sample, "activations_ref": reference,
                   "options": asdict(options)}
@@ -274,12 +269,12 @@ def fid(a: str, b: str, json_path: str, detector: str, batch: int, max_images: i
             paths.append(str(cached_activations(side, det, batch, device=dev, workers=workers, max_images=max_images,
                                                 cache_dir=cache_dir, log=lambda line: click.echo(line, err=True))))
         except (DetectorError, ValueError, OSError) as exc:
-            raise click.ClickException(_one_line(exc)) from None
+            raise click.ClickException(one_line(exc)) from None
     options = CalcOptions(device=str(dev))
     try:
         figures = calc_metrics(paths[0], paths[1], ["fid"], options, log=click.echo)
     except (DetectorError, OSError, KeyError, ValueError) as exc:
-        raise click.ClickException(_one_line(exc)) from None
+        raise click.ClickException(one_line(exc)) from None
     record = {"command": FID_COMMAND, "fid": figures["fid"], "a": a, "b": b, "activations": paths,
               "detector": det.source if det is not None else None}
     _write(json_path, lambda: atomic_write_text(json_path, json.dumps(record, indent=2, allow_nan=False) + "\n"))

@@ -21,6 +21,8 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
+from relay_diffusion.utils.fileio import user_cache_dir
+
 try:  # POSIX; elsewhere builders may race, which the temp-file-and-rename write keeps correct
     import fcntl
 except ImportError:  # pragma: no cover
@@ -33,8 +35,7 @@ FORMAT_VERSION = 1
 
 def default_cache_dir() -> str:
     """``$XDG_CACHE_HOME/relay-diffusion/datasets`` (``~/.cache/...`` when unset)."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "relay-diffusion", "datasets")
+    return os.fspath(user_cache_dir("datasets"))
 
 
 def available_memory() -> Optional[int]:

@@ -20,11 +20,11 @@ from relay_diffusion.data.dataset import ImageFolderDataset
 from relay_diffusion.data.files import iter_image_files
 from relay_diffusion.metrics.activations import check_finite, compute_activations, save_activations
 from relay_diffusion.metrics.detector import Detector
+from relay_diffusion.utils.fileio import user_cache_dir
 
 
 def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "relay-diffusion" / "activations"
+    return user_cache_dir("activations")
 
 
 def content_key(data: str | os.PathLike, detector: Detector, max_images: int | None = None) -> str:

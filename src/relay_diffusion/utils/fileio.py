@@ -59,3 +59,9 @@ def write_error_message(exc: OSError, path: str | os.PathLike) -> str:
     else:
         reason = exc.strerror or str(exc) or type(exc).__name__
     return f"cannot write {os.fspath(path)!r}: {reason}"
+
+
+def user_cache_dir(*parts: str) -> Path:
+    """``$XDG_CACHE_HOME/relay-diffusion/<parts>`` (``~/.cache/...`` when the variable is unset)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base, "relay-diffusion", *parts)
