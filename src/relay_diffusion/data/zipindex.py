@@ -44,9 +44,9 @@ class ZipIndex:
     def read(self, f: BinaryIO, i: int, name: str) -> bytes:
         """Member ``i`` (called ``name`` in errors) from the open zip file ``f``."""
         size, method = int(self.size[i]), int(self.method[i])
-        if size > MAX_IMAGE_BYTES:
-            raise TooLargeError(f"{name}: {size >> 20} MiB inflated, more than the {MAX_IMAGE_BYTES >> 20} MiB an "
-                                "image file may hold")
+        if max(size, int(self.compressed[i])) > MAX_IMAGE_BYTES:  # what is inflated, and what is read for it
+            raise TooLargeError(f"{name}: {max(size, int(self.compressed[i])) >> 20} MiB, more than the "
+                                f"{MAX_IMAGE_BYTES >> 20} MiB an image file may hold")
         if self.encrypted[i] or method not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
             with zipfile.ZipFile(self.path) as zf:  # encrypted, bzip2, lzma: rare; zipfile's own reader
                 return zf.read(name)

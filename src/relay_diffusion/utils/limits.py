@@ -47,6 +47,9 @@ def read_member(zf: zipfile.ZipFile, name: str, limit: int) -> bytes:
 def read_file(path: str | os.PathLike, limit: int) -> bytes:
     """The bytes of the file at ``path``, refused past ``limit`` (by its size, then by what is read)."""
     with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > limit:
+            raise TooLargeError(f"{os.fspath(path)}: {_mib(size)}, more than the {_mib(limit)} such a file may hold")
         return read_stream(f, limit, os.fspath(path))
 
 
