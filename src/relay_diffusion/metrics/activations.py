@@ -158,6 +158,7 @@ class ActivationFile:
         except Exception as exc:
             raise ValueError(f"{self.path} is not a readable .npz file: {exc}") from exc
         self.keys = set(self._npz.files)
+        self._stored: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # statistics read (and checked) from the file
 
     def __contains__(self, key: str) -> bool:
         return key in self.keys
@@ -200,6 +201,8 @@ class ActivationFile:
         only statistics (``mu``/``sigma``; ``mu_s``/``sigma_s`` or ``s_mu``/``s_sigma`` for s_feat)."""
         if key in self.keys:
             return feature_statistics(self.features(key, 2, "a covariance"), block=block, device=device)
+        if key in self._stored:  # checked before the metrics, then used by them: one eigendecomposition
+            return self._stored[key]
         mu_names, sigma_names = STAT_KEYS[key]
         mu = next((n for n in mu_names if n in self.keys), None)
         sigma = next((n for n in sigma_names if n in self.keys), None)
@@ -211,6 +214,7 @@ class ActivationFile:
             raise ValueError(f"{self.path}: {sigma!r} has shape {sigma_v.shape}, not [D, D] for {mu!r} of D = "
                              f"{mu_v.shape[0]} >= 1")
         check_covariance(sigma_v, f"{self.path}: {sigma!r}")
+        self._stored[key] = mu_v, sigma_v
         return mu_v, sigma_v
 
     def logits(self, detector: Detector | None = None) -> np.ndarray:
