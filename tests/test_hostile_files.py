@@ -109,9 +109,12 @@ def test_torchscript_tensors_match_what_torchscript_itself_holds(tmp_path):
 
 def peak_rss_of_loading(path: Path) -> tuple[str, float]:
     """The error of loading ``path`` as a network in a fresh process, and that process's peak RSS in GB."""
-    code = ("import resource, sys\nfrom relay_diffusion.checkpoints.loading import load_network_file\n"
+    # VmHWM, not ru_maxrss: Linux keeps ru_maxrss across exec, so a child of a large test process would report
+    # its parent's peak
+    code = ("import sys\nfrom relay_diffusion.checkpoints.loading import load_network_file\n"
             "try:\n    load_network_file(sys.argv[1])\n    print('loaded')\nexcept ValueError as exc:\n    print(exc)\n"
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6)")
+            "hwm = open('/proc/self/status').read().split('VmHWM:')[1].split()[0]\n"
+            "print(int(hwm) / 1e6)")
     res = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120)
     message, rss = res.stdout.strip().rsplit("\n", 1)
     return message, float(rss)
