@@ -18,9 +18,11 @@ from relay_diffusion.utils.limits import MAX_IMAGE_BYTES, TooLargeError, open_im
 from relay_diffusion.data.files import (
     ZIP_ERRORS,
     check_dataset_path,
+    image_names,
     iter_image_files,
     list_image_files,
     read_labels_file,
+    zip_members,
 )
 
 __all__ = ["ImageFolderDataset", "iter_image_files", "list_image_files"]
@@ -57,13 +59,18 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         self._zip: BinaryIO | None = None  # this process's handle on the zip file
         self._zip_pid: int | None = None
         self._shared: SharedImageCache | None = None
-        names = list_image_files(self._path)
+        if self._is_zip:  # the central directory read once, for the names and for the index
+            members = zip_members(self._path)
+            infos = {info.filename: info for info in members}  # a repeated name reads its last copy, as zipfile
+            names = image_names([info.filename for info in members])
+        else:
+            names = list_image_files(self._path)
         if not names:
             raise ValueError(f"no image files in {self._path!r}")
         # names and (for a zip) member positions as numpy arrays, not a Python object per image: forked loader
         # workers share them instead of each copying ~1.4 KB per image (data/zipindex.py)
         self._fnames = np.array([n.encode("utf-8", "surrogateescape") for n in names])
-        self._index = ZipIndex(self._path, names) if self._is_zip else None
+        self._index = ZipIndex(self._path, names, [infos[n] for n in names]) if self._is_zip else None
         self._image_shape = list(self._load_image(0).shape)
         if resolution is not None and self._image_shape[1:] != [resolution, resolution]:
             raise ValueError(

@@ -76,9 +76,14 @@ def list_files(path: str | os.PathLike) -> list[str]:
                 if os.path.isfile(full):
                     names.append(f if rel == "." else os.path.join(rel, f).replace(os.sep, "/"))
         return sorted(names)
+    return [info.filename for info in zip_members(path)]
+
+
+def zip_members(path: str) -> list[zipfile.ZipInfo]:
+    """The regular members of the zip at ``path``, sorted by name (its central directory, read once)."""
     try:
         with zipfile.ZipFile(path) as zf:
-            return sorted(info.filename for info in zf.infolist() if not info.is_dir())
+            return sorted((info for info in zf.infolist() if not info.is_dir()), key=lambda info: info.filename)
     except ZIP_ERRORS as exc:
         raise ValueError(f"cannot read the zip file {path!r}: {exc}") from None
 
@@ -91,7 +96,11 @@ GENERATION_EXTRAS = frozenset({"grid.png"})
 def list_image_files(path: str | os.PathLike) -> list[str]:
     """The images of a folder or zip (visible files with an image extension), as sorted relative names. In a
     folder ``rdm generate`` wrote (it holds ``generation.json``), its sample grid is not an image of the set."""
-    names = list_files(path)
+    return image_names(list_files(path))
+
+
+def image_names(names: list[str]) -> list[str]:
+    """The images among the relative names of a folder's or zip's files (see :func:`list_image_files`)."""
     extras = GENERATION_EXTRAS if GENERATION_MANIFEST in names else frozenset()
     return [name for name in names if is_image_name(name) and not is_hidden_name(name) and name not in extras]
 

@@ -25,12 +25,15 @@ _LOCAL_HEADER = struct.Struct("<4s5H3I2H")  # signature, version, flags, method,
 
 
 class ZipIndex:
-    """The members ``names`` of the zip at ``path``, in that order, readable by position."""
+    """The members ``names`` of the zip at ``path``, in that order, readable by position. ``infos``: their
+    ``ZipInfo`` when the caller has read the central directory already (else it is read here)."""
 
-    def __init__(self, path: str | os.PathLike, names: Sequence[str]) -> None:
+    def __init__(self, path: str | os.PathLike, names: Sequence[str],
+                 infos: Sequence[zipfile.ZipInfo] | None = None) -> None:
         self.path = os.fspath(path)
-        with zipfile.ZipFile(self.path) as zf:
-            infos = [zf.getinfo(name) for name in names]
+        if infos is None:
+            with zipfile.ZipFile(self.path) as zf:
+                infos = [zf.getinfo(name) for name in names]
         self.offset = np.array([i.header_offset for i in infos], dtype=np.int64)
         self.compressed = np.array([i.compress_size for i in infos], dtype=np.int64)
         self.size = np.array([i.file_size for i in infos], dtype=np.int64)
