@@ -16,11 +16,12 @@ import typing
 from collections.abc import Iterable, Mapping
 from typing import Any, TypeVar
 
+from relay_diffusion.utils import jsonio
+
 T = TypeVar("T")
 
-#: The strings strict JSON holds for non-finite floats (``utils.jsonio``).
-NON_FINITE = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan, "Infinity": math.inf, "-Infinity": -math.inf,
-              "NaN": math.nan}
+#: The strings strict JSON holds for non-finite floats (``utils.jsonio``), and JSON's own token spellings.
+NON_FINITE = {**jsonio.NON_FINITE, "Infinity": math.inf, "-Infinity": -math.inf, "NaN": math.nan}
 
 
 class DecodeError(ValueError):
