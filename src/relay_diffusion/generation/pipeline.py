@@ -56,6 +56,7 @@ class RelayPipeline:
         self.enhancement = enhancement or Enhancement()
         self.net_batch = net_batch
         self.tf32 = tf32
+        self._progress_bar_config: dict[str, Any] = {}  # options of __call__'s tqdm bar
 
     # --- properties --------------------------------------------------------------------------------------
     @property
@@ -123,13 +124,11 @@ class RelayPipeline:
             precision = DTYPE_PRECISIONS[dtype]
             if self.device.type == "cpu" and precision == "fp16":
                 raise ValueError("float16 networks run on CUDA only; on the CPU use torch.bfloat16")
-            from relay_diffusion.utils.accel import allow_cpu_bf16
-
             for stage in self.stages:
                 for module in stage.net.modules():
                     if hasattr(module, "precision") and hasattr(module, "compute_dtype"):
                         module.precision = precision
-                allow_cpu_bf16(stage.net, enabled=precision == "bf16")
+                accel.allow_cpu_bf16(stage.net, enabled=precision == "bf16")
         return self
 
     @property
@@ -292,7 +291,7 @@ class RelayPipeline:
     def _progress_bar(self) -> Any:
         import tqdm
 
-        options = {"unit": "step", "leave": False, **getattr(self, "_progress_bar_config", {})}
+        options = {"unit": "step", "leave": False, **self._progress_bar_config}
         return tqdm.tqdm(**options)
 
     # --- files ---------------------------------------------------------------------------------------------
