@@ -17,16 +17,18 @@ __all__ = ["LOCK_FILE", "OWNER_FILE", "RunFolderBusy", "RunFolderLock", "clean_s
 RUN_FILES = re.compile(r"^(training_options\.json|training-state-\d+\.pt|network-snapshot-\d+\.safetensors)$")
 #: Temporary files of :func:`relay_diffusion.utils.fileio.atomic_path` (``.<name>.<random>.tmp``).
 TEMP_FILE = re.compile(r"^\..+\.[A-Za-z0-9_]+\.tmp$")
-LOCK_FILE = ".rdm-train.lock"
-#: The lock where ``lockf`` is not supported: created exclusively, holding ``pid@host``.
-OWNER_FILE = ".rdm-train.owner"
+#: A run folder's lock (:class:`RunFolderLock`): ``LOCK_FILE``, or where ``lockf`` is not supported ``OWNER_FILE``,
+#: created exclusively, holding ``pid@host``.
+LOCK_NAME = "rdm-train"
+LOCK_FILE = f".{LOCK_NAME}.lock"
+OWNER_FILE = f".{LOCK_NAME}.owner"
 
 
 class RunFolderLock(FolderLock):
-    """The lock of a training run's folder (``.rdm-train.lock``; see :class:`FolderLock`)."""
+    """The lock of a training run's folder (:data:`LOCK_FILE`; see :class:`FolderLock`)."""
 
     def __init__(self, folder: Path) -> None:
-        super().__init__(folder, "rdm-train", "training run")
+        super().__init__(folder, LOCK_NAME, "training run")
 
 
 def run_files(folder: Path) -> list[str]:
