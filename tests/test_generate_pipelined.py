@@ -15,7 +15,7 @@ from relay_diffusion.core.process import BlurProcess
 from relay_diffusion.generation import EDMStage, EDMStageConfig, RelayPipeline, RelayStage, RelayStageConfig
 from relay_diffusion.generation import files as files_mod
 from relay_diffusion.generation import pipeline as pipeline_mod
-from relay_diffusion.generation import stages as stages_mod
+from relay_diffusion.generation import batching as batching_mod
 from relay_diffusion.generation.run import generate_images
 from relay_diffusion.utils import accel
 from test_generate import read_pngs
@@ -67,7 +67,7 @@ def test_compiled_pipeline_calls_its_networks_with_one_shape(tmp_path, monkeypat
     """Whole-batch calls (the accelerators' default, forced here on the CPU): with a compiled network every
     call of a stage has the same batch size, across a short last batch and the guidance interval."""
     whole_batch = lambda net_batch, device: net_batch  # noqa: E731 - what auto_net_batch does off the CPU
-    monkeypatch.setattr(stages_mod, "auto_net_batch", whole_batch)
+    monkeypatch.setattr(batching_mod, "auto_net_batch", whole_batch)
     monkeypatch.setattr(pipeline_mod, "auto_net_batch", whole_batch)
     eager, compiled = guided_chain(False), guided_chain(True)
     assert not eager.fixed_shapes and compiled.fixed_shapes

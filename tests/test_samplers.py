@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from relay_diffusion.core.process import BlurProcess
-from relay_diffusion.core.rng import SeedGenerators, parse_int_list
+from relay_diffusion.core.rng import SeedGenerators
+from relay_diffusion.utils.intlist import parse_int_list
 from relay_diffusion.core.samplers import edm_sampler, relay_sampler, relay_time_steps, time_steps
 from relay_diffusion.core.toy import GaussianToyDenoiser
 

@@ -18,8 +18,8 @@ from relay_diffusion.core.process import BlurProcess
 from relay_diffusion.core.rng import SeedGenerators
 from relay_diffusion.core.samplers import denoise, edm_sampler
 from relay_diffusion.generation import EDMStage, EDMStageConfig, RelayPipeline, RelayStage, RelayStageConfig
-from relay_diffusion.generation import stages as stages_mod
-from relay_diffusion.generation.stages import CPU_NET_BATCH, FixedBatchDenoiser, auto_net_batch
+from relay_diffusion.generation import batching as batching_mod
+from relay_diffusion.generation.batching import CPU_NET_BATCH, FixedBatchDenoiser, auto_net_batch
 from relay_diffusion.networks.precond import build_network
 from relay_diffusion.training import TrainingConfig, plan_training
 from relay_diffusion.training.loop import Trainer
@@ -97,7 +97,7 @@ def test_net_batch_is_8_on_the_cpu_and_the_whole_batch_elsewhere():
 def test_whole_batch_calls_and_guidance_in_one_call(monkeypatch):
     """With the accelerators' default (the whole batch), every denoiser evaluation is one network call, also
     with guidance (a 2N batch), and the result equals the separate conditional / unconditional calls."""
-    monkeypatch.setattr(stages_mod, "auto_net_batch", lambda net_batch, device: net_batch)
+    monkeypatch.setattr(batching_mod, "auto_net_batch", lambda net_batch, device: net_batch)
     spy = Spy()
     n, steps = 5, 4
     rng = SeedGenerators(range(n))

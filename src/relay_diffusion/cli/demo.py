@@ -45,9 +45,9 @@ def demo(outdir: str, seeds: str, trajectory_seed: int | None, network_first: st
     """Write a grid of relayed samples from the bundled tiny models."""
     import torch.nn.functional as F
 
-    from relay_diffusion.cli.generate import build, network_paths
+    from relay_diffusion.cli.generate import checked, cli_name
     from relay_diffusion.cli.options import parse_seeds
-    from relay_diffusion.generation.configs import PRESETS, EDMStageConfig, RelayStageConfig
+    from relay_diffusion.generation.settings import GenerationOptions, load, resolve
     from relay_diffusion.utils import distributed
     from relay_diffusion.utils.images import save_grid, to_uint8
 
@@ -57,15 +57,15 @@ def demo(outdir: str, seeds: str, trajectory_seed: int | None, network_first: st
     if trajectory_seed not in seed_list:
         raise click.BadParameter(f"{trajectory_seed} is not one of --seeds", param_hint="--trajectory_seed")
     shown = seed_list.index(trajectory_seed)
-    paths = network_paths(network_first, network_second)
+    options = GenerationOptions(network_first=network_first, network_second=network_second,
+                                first={"num_steps": num_steps_first}, second={"num_steps": num_steps_second},
+                                seeds=seed_list)
+    resolved = checked(resolve, options, cli_name)
     try:
         dev = distributed.pick_device(device, 0)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--device") from exc
-    preset = PRESETS["default"]
-    built = build([("--network_first", paths["first"]), ("--network_second", paths["second"])],
-                  EDMStageConfig(num_steps=num_steps_first), RelayStageConfig(num_steps=num_steps_second), {},
-                  preset, None, {}, dev)
+    built = checked(load, options, dev, cli_name, resolved)
     pipeline = built.pipeline
     for note in built.notes:
         click.echo(f"Note: {note}")

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from relay_diffusion.cli.generate import _options, build, chain_paths, sr_settings, stage_settings
+from relay_diffusion.cli.generate import _options, checked, cli_name, cli_options
 from relay_diffusion.generation.configs import PRESETS
 
 
@@ -25,8 +25,8 @@ from relay_diffusion.generation.configs import PRESETS
 @click.option("--overwrite", is_flag=True, help="Replace the files of an existing pipeline folder")
 def export(**opts: Any) -> None:
     """Write a pipeline folder for RelayPipeline.from_pretrained(DIR)."""
-    from relay_diffusion.generation.configs import Enhancement
     from relay_diffusion.generation.pretrained import FILE
+    from relay_diffusion.generation.settings import load
 
     out = Path(opts["out"])
     if out.exists() and not out.is_dir():
@@ -34,11 +34,7 @@ def export(**opts: Any) -> None:
     if (out / FILE).exists() and not opts["overwrite"]:
         raise click.BadParameter(f"{out / FILE} already exists (use --overwrite to replace it)", param_hint="--out")
     # the stage files are checked too once the chain is known (save_pretrained, overwrite=False)
-    preset = PRESETS[opts["preset"]]
-    first, second, overrides = stage_settings(preset, opts)
-    paths = chain_paths(opts, "both")
-    enhancement = preset.enhancement if opts["enhance"] is not False else Enhancement()
-    built = build(paths, first, second, overrides, preset, enhancement, opts, "cpu", sr=sr_settings(opts))
+    built = checked(load, cli_options(opts), "cpu", cli_name)
     for note in built.notes:
         click.echo(f"Note: {note}")
     try:

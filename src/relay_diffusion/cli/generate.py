@@ -17,8 +17,9 @@ import click
 
 from relay_diffusion.cli.options import FieldOptions
 from relay_diffusion.core.process import BlurProcess
+from relay_diffusion.generation.batching import DEFAULT_NET_BATCH
 from relay_diffusion.generation.configs import PRESETS, EDMStageConfig, RelayStageConfig, SRStageConfig
-from relay_diffusion.generation.stages import DEFAULT_NET_BATCH, stage_nfe
+from relay_diffusion.generation.stages import stage_nfe
 from relay_diffusion.utils.locks import RunFolderBusy
 from relay_diffusion.utils.distributed import DEFAULT_TIMEOUT_MIN
 
@@ -39,13 +40,6 @@ SR = FieldOptions(SRStageConfig, lambda k: [f"--{k}_sr"], "sr_",
 PROCESS = FieldOptions(
     BlurProcess, lambda k: [f"--{k}_second"] + ([f"--{_PROCESS_ALIASES[k]}_second"] if k in _PROCESS_ALIASES else []),
     "process_", lambda f: f"  [default: the network file's, else {f.default} or the preset's]")
-
-
-def default_network_paths() -> dict[str, str] | None:
-    """Networks to use when no network option is given: the bundled tiny emoji models, else None."""
-    from relay_diffusion.checkpoints.bundled import bundled_network_paths
-
-    return bundled_network_paths()
 
 
 class _SeedList(click.ParamType):
@@ -111,166 +105,96 @@ def generate(**opts: Any) -> None:
       torchrun --standalone --nproc_per_node=8 -m relay_diffusion generate --preset=imagenet256 \\
           --outdir=out --network_first=imagenet64.pkl --network_second=imagenet256.pt
     """
-    from relay_diffusion.generation.files import save_seed_grid
-    from relay_diffusion.generation.run import generate_images
+    from relay_diffusion.generation.settings import load, resolve
     from relay_diffusion.utils import distributed
 
-    preset = PRESETS[opts["preset"]]
-    stages_kind = opts["sampler_stages"]
-    first, second, process_overrides = stage_settings(preset, opts)
-    sr = sr_settings(opts)
-    seeds = opts["seeds"] if opts["seeds"] is not None else _parse_seeds(preset.seeds)
-    enhancement = _enhancement(preset, opts["enhance"], stages_kind)
-    paths = chain_paths(opts, stages_kind)
-    if stages_kind == "second" and not opts["indir"]:
-        raise click.UsageError("--sampler_stages second needs --indir (the stage-1 images)")
-
-    try:
-        ctx = distributed.init(opts["device"], opts["timeout"])
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--device") from exc
-    except distributed.LaunchError as exc:
-        raise click.ClickException(str(exc)) from None
-    rank, world_size, device = ctx.rank, ctx.world_size, ctx.device
+    options = cli_options(opts)
+    resolved = checked(resolve, options, cli_name)
+    ctx = init_processes(opts)
     failed = True
     try:
-        built = build(paths, first, second, process_overrides, preset, enhancement, opts, device,
-                      first_is_relay=stages_kind == "second", sr=sr)
-        pipeline = built.pipeline
-        check_options_apply(pipeline, opts)
-        if rank == 0:
+        built = checked(load, options, ctx.device, cli_name, resolved)
+        if ctx.rank == 0:
             for note in built.notes:
                 click.echo(f"Note: {note}")
-            _print_config(opts, pipeline, seeds, device, world_size)
-        try:
-            generate_images(
-                pipeline, seeds, opts["outdir"], max_batch_size=opts["max_batch_size"], class_labels=opts["class_idx"],
-                indir=opts["indir"], subdirs=opts["subdirs"], overwrite=opts["overwrite"], rank=rank,
-                world_size=world_size, progress=rank == 0,
-            )
-        except (ValueError, FileNotFoundError, RunFolderBusy) as exc:  # RunFolderBusy: --outdir in use
-            raise click.ClickException(str(exc)) from exc
-        except OSError as exc:  # e.g. no space left on device, a read-only --outdir
-            where = f" {exc.filename}" if exc.filename else f" into {opts['outdir']}"
-            raise click.ClickException(f"cannot write{where}: {exc.strerror or exc}") from exc
-        distributed.barrier()
-        if rank == 0:
-            if opts["grid"]:
-                click.echo(f"Grid: {save_seed_grid(opts['outdir'], seeds, opts['subdirs'])}")
-            click.echo("Done.")
+            _print_config(opts, built.pipeline, resolved.seeds, ctx.device, ctx.world_size)
+        write_images(built.pipeline, resolved.seeds, opts, ctx)
         failed = False
     except distributed.PeerFailure as exc:
         if exc.reported:  # the failing process prints its own error; this one only exits with failure
             raise click.exceptions.Exit(1) from None
         raise click.ClickException(str(exc)) from None
     finally:
-        distributed.shutdown(failed=failed and world_size > 1)
+        distributed.shutdown(failed=failed and ctx.world_size > 1)
 
 
-def _parse_seeds(text: str) -> list[int]:
-    from relay_diffusion.core.rng import parse_int_list
+def cli_name(group: str, name: str) -> str:
+    """The flag of a setting (:data:`relay_diffusion.generation.settings.Namer`): ``--num_steps_first``."""
+    groups = {"first": FIRST, "second": SECOND, "process": PROCESS, "sr": SR}
+    if not group:
+        return f"--{name}"
+    suffix = "second" if group == "process" else group
+    return groups[group].names().get(name, f"--{name}_{suffix}")
 
-    return parse_int_list(text)
+
+def cli_options(opts: dict[str, Any]) -> Any:
+    """The parsed command line as :class:`~relay_diffusion.generation.settings.GenerationOptions`."""
+    from relay_diffusion.generation.settings import GenerationOptions
+
+    return GenerationOptions(
+        preset=opts["preset"], sampler_stages=opts.get("sampler_stages", "both"),
+        network_first=opts["network_first"], network_second=opts["network_second"],
+        network_next=tuple(opts["network_next"]), first=FIRST.given(opts), second=SECOND.given(opts),
+        process=PROCESS.given(opts), sr=SR.given(opts), enhance=opts["enhance"], seeds=opts.get("seeds"),
+        indir=opts.get("indir"), net_batch=opts.get("net_batch", DEFAULT_NET_BATCH), precision=opts.get("precision"),
+        compile=opts.get("compile_net", False), channels_last=opts.get("channels_last", False), tf32=opts.get("tf32"))
 
 
-def stage_settings(preset: Any, opts: dict[str, Any]) -> tuple[EDMStageConfig, RelayStageConfig, dict[str, Any]]:
-    """The preset's stage configs with every option that was given, and the given forward-process settings."""
-    first_cfg = dataclasses.replace(preset.first, **FIRST.given(opts))
-    second_cfg = dataclasses.replace(preset.second, **SECOND.given(opts))
-    overrides = PROCESS.given(opts)
+def checked(fn: Any, *args: Any) -> Any:
+    """``fn(*args)`` with an :class:`OptionError` as a usage error naming the option."""
+    from relay_diffusion.generation.settings import OptionError
+
     try:
-        first_cfg.validate(FIRST.names())
-        second_cfg.validate(SECOND.names())
-        dataclasses.replace(preset.process, **overrides).validate(PROCESS.names())
-    except ValueError as exc:
+        return fn(*args)
+    except OptionError as exc:
+        if exc.option and exc.option not in str(exc):
+            raise click.BadParameter(str(exc), param_hint=exc.option) from exc
         raise click.UsageError(str(exc)) from exc
-    return first_cfg, second_cfg, overrides
 
 
-def check_options_apply(pipeline: Any, opts: dict[str, Any]) -> None:
-    """Refuse options given for the kind of second stage the chain does not have (they would do nothing):
-    relay options with a super-resolution stage and the reverse. A stage-1-only run ignores them all."""
-    kinds = {stage.kind for stage in pipeline.stages}
-    if kinds == {"edm"}:
-        return
-    for options, kind, what in ((SECOND, "relay", "relay stages"), (PROCESS, "relay", "relay stages"),
-                                (SR, "sr", "super-resolution stages")):
-        given = sorted(options.given(opts))
-        if given and kind not in kinds:
-            flag = options.names()[given[0]]
-            hint = " (use the *_sr options)" if kind == "relay" and "sr" in kinds else ""
-            raise click.UsageError(f"{flag} applies to {what}; this chain has none{hint}")
-
-
-def sr_settings(opts: dict[str, Any]) -> SRStageConfig:
-    """The super-resolution stages' settings: the defaults with every ``*_sr`` option that was given."""
-    config = SRStageConfig(**SR.given(opts))
-    try:
-        config.validate(SR.names())
-    except ValueError as exc:
-        raise click.UsageError(str(exc)) from exc
-    return config
-
-
-def _enhancement(preset: Any, enhance: bool | None, stages_kind: str) -> Any:
-    """The preset's post-processing: on for final images unless --no-enhance; stage-1-only outputs (inputs
-    of a later --sampler_stages second run) get it only with an explicit --enhance."""
-    from relay_diffusion.generation.configs import Enhancement
-
-    on = enhance if enhance is not None else stages_kind != "first"
-    return preset.enhancement if on else Enhancement()
-
-
-def network_paths(network_first: str | None, network_second: str | None,
-                  stages: tuple[str, ...] = ("first", "second")) -> dict[str, str]:
-    """The networks of ``stages`` (``'first'``, ``'second'``). The bundled ones stand in only when no network
-    is given at all: a network of the user's is never paired with a bundled one."""
-    given = {"first": network_first, "second": network_second}
-    any_given = network_first or network_second
-    defaults = {} if any_given else (default_network_paths() or {})
-    paths = {}
-    for which in stages:
-        path = given[which] or defaults.get(which)
-        if not path:
-            why = ("when the other network is given" if any_given
-                   else "(this copy of relay-diffusion has no bundled networks; recipes/emoji.sh trains them)")
-            alone = "second" if which == "first" else "first"  # the stage whose network was given
-            hint = (f"; to run the {'stage-1' if alone == 'first' else 'relay'} network alone, add "
-                    f"--sampler_stages {alone}" + (" with --indir (its input images)" if alone == "second" else "")
-                    if any_given else "")
-            raise click.UsageError(f"--network_{which} is required {why}{hint}")
-        paths[which] = path
-    return paths
-
-
-def chain_paths(opts: dict[str, Any], stages_kind: str) -> list[tuple[str, str]]:
-    """``[(option, path), ...]`` of the stages to run, in chain order."""
-    stages = ("first", "second") if stages_kind == "both" else (stages_kind,)
-    if opts["network_next"] and stages_kind == "first":
-        raise click.UsageError("--network_next adds relay stages; it cannot be used with --sampler_stages first")
-    if opts["network_next"] and not (opts["network_first"] or opts["network_second"]):
-        raise click.UsageError("--network_next needs --network_first and --network_second")
-    paths = network_paths(opts["network_first"], opts["network_second"], stages)
-    return [(f"--network_{w}", paths[w]) for w in stages] + [("--network_next", p) for p in opts["network_next"]]
-
-
-def build(paths: list[tuple[str, str]], first: EDMStageConfig, second: RelayStageConfig,
-          process_overrides: dict[str, Any], preset: Any, enhancement: Any, opts: dict[str, Any], device: Any,
-          first_is_relay: bool = False, sr: SRStageConfig | None = None) -> Any:
-    """The pipeline of ``paths``, with errors as one line naming the option."""
-    from relay_diffusion.generation.build import StageFileError, build_pipeline
+def init_processes(opts: dict[str, Any]) -> Any:
+    """This process's :class:`~relay_diffusion.utils.distributed` context (device, rank, world size)."""
+    from relay_diffusion.utils import distributed
 
     try:
-        return build_pipeline([p for _, p in paths], first=first, relay=second, sr=sr, first_is_relay=first_is_relay,
-                              default_process=preset.process, process_overrides=process_overrides,
-                              enhancement=enhancement, net_batch=opts.get("net_batch", DEFAULT_NET_BATCH),
-                              precision=opts.get("precision"), device=device,
-                              compile=opts.get("compile_net", False), channels_last=opts.get("channels_last", False),
-                              tf32=opts.get("tf32"))
-    except StageFileError as exc:
-        raise click.BadParameter(str(exc), param_hint=paths[exc.index][0]) from exc
+        return distributed.init(opts["device"], opts["timeout"])
     except ValueError as exc:
-        raise click.UsageError(f"{exc}\n(check the network options and --up_scale_second)") from exc
+        raise click.BadParameter(str(exc), param_hint="--device") from exc
+    except distributed.LaunchError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def write_images(pipeline: Any, seeds: list[int], opts: dict[str, Any], ctx: Any) -> None:
+    """This process's share of the seeds to PNGs (then, on rank 0, the grid); errors as one line."""
+    from relay_diffusion.generation.files import save_seed_grid
+    from relay_diffusion.generation.run import generate_images
+    from relay_diffusion.utils import distributed
+
+    try:
+        generate_images(
+            pipeline, seeds, opts["outdir"], max_batch_size=opts["max_batch_size"], class_labels=opts["class_idx"],
+            indir=opts["indir"], subdirs=opts["subdirs"], overwrite=opts["overwrite"], rank=ctx.rank,
+            world_size=ctx.world_size, progress=ctx.rank == 0, names=cli_name)
+    except (ValueError, FileNotFoundError, RunFolderBusy) as exc:  # RunFolderBusy: --outdir in use
+        raise click.ClickException(str(exc)) from exc
+    except OSError as exc:  # e.g. no space left on device, a read-only --outdir
+        where = f" {exc.filename}" if exc.filename else f" into {opts['outdir']}"
+        raise click.ClickException(f"cannot write{where}: {exc.strerror or exc}") from exc
+    distributed.barrier()
+    if ctx.rank == 0:
+        if opts["grid"]:
+            click.echo(f"Grid: {save_seed_grid(opts['outdir'], seeds, opts['subdirs'])}")
+        click.echo("Done.")
 
 
 def _print_config(opts: dict[str, Any], pipeline: Any, seeds: list[int], device: Any, world_size: int) -> None:

@@ -124,7 +124,7 @@ class FieldOptions:
 
 def parse_seeds(text: str, option: str = "--seeds", max_count: int = 10_000_000) -> list[int]:
     """``'0-63,100'`` -> seeds, at least one, all non-negative; else a ``click.BadParameter`` naming ``option``."""
-    from relay_diffusion.core.rng import parse_int_list
+    from relay_diffusion.utils.intlist import parse_int_list
 
     try:
         seeds = parse_int_list(text, max_count=max_count)

@@ -116,7 +116,9 @@ class BlurLossConfig:
     P_mean: float = P_MEAN
     P_std: float = P_STD
     sigma_data: float = 0.5
-    truncate_sigma: float = 0.0075  # smallest trained noise level (before the reference's extra factor L)
+    # smallest trained noise level (before the reference's extra factor L); not the relay sampler's
+    # ``truncation_sigma`` (where sampling starts, generation/configs.py): both names are the reference's
+    truncate_sigma: float = 0.0075
 
 
 def blur_loss_levels(u: torch.Tensor, cfg: BlurLossConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -1,7 +1,9 @@
 """Relay generation.
 
 ``configs``   sampler settings of the stages, post-processing and the reference's presets
-``stages``    stage 1 (EDM), relay and super-resolution stages, batch-invariant network calls, the compatibility check
+``stages``    stage 1 (EDM), relay and super-resolution stages, the compatibility check
+``batching``  network calls of a fixed batch size (results never depend on the batch)
+``settings``  user options -> checked stage settings and a loaded pipeline (the CLI's and the API's one path)
 ``pipeline``  :class:`RelayPipeline`: the one sampling path of every command
 ``build``     stages from network files (stage kinds checked, forward process from the file)
 ``files``     the PNG layout of generated images and stage inputs
@@ -13,12 +15,12 @@ from relay_diffusion.generation.configs import (PRESETS, EDMStageConfig, Enhance
                                                 SRStageConfig)
 from relay_diffusion.generation.pipeline import RelayPipeline
 from relay_diffusion.generation.run import generate_images
-from relay_diffusion.generation.stages import (DEFAULT_NET_BATCH, EDMStage, FixedBatchDenoiser, RelayStage, SRStage,
-                                               check_stages)
+from relay_diffusion.generation.batching import DEFAULT_NET_BATCH, FixedBatchDenoiser
+from relay_diffusion.generation.settings import GenerationOptions, OptionError, load, resolve
+from relay_diffusion.generation.stages import EDMStage, RelayStage, SRStage, check_stages
 
 __all__ = [
     "DEFAULT_NET_BATCH", "PRESETS", "Built", "EDMStage", "EDMStageConfig", "Enhancement", "FixedBatchDenoiser",
-    "Preset", "RelayPipeline", "RelayStage", "RelayStageConfig", "SRStage", "SRStageConfig", "StageFileError",
-    "build_pipeline",
-    "check_stages", "generate_images",
+    "GenerationOptions", "OptionError", "Preset", "RelayPipeline", "RelayStage", "RelayStageConfig", "SRStage",
+    "SRStageConfig", "StageFileError", "build_pipeline", "check_stages", "generate_images", "load", "resolve",
 ]

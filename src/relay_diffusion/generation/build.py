@@ -19,7 +19,8 @@ from relay_diffusion.core.process import BlurProcess
 from relay_diffusion.generation.configs import EDMStageConfig, Enhancement, RelayStageConfig, SRStageConfig
 from relay_diffusion.generation.pipeline import RelayPipeline
 from relay_diffusion.utils import accel
-from relay_diffusion.generation.stages import DEFAULT_NET_BATCH, EDMStage, RelayStage, SRStage, Stage, net_info
+from relay_diffusion.generation.batching import DEFAULT_NET_BATCH
+from relay_diffusion.generation.stages import EDMStage, RelayStage, SRStage, Stage, net_info
 
 
 class StageFileError(ValueError):

@@ -160,6 +160,9 @@ class RelayStageConfig:
     sigma_min: float = knob(0.008, "Lowest noise level", min=0, min_open=True)
     sigma_max: float = knob(80.0, "Highest noise level of the grid", min=0, min_open=True)
     rho: float = knob(7.0, "Time step exponent", min=0, min_open=True)
+    # truncation_sigma (where sampling starts) is not the training loss's ``truncate_sigma`` (the lowest trained
+    # noise level, core/losses.py); both names are the reference's. Likewise ``s_noise`` (the relay sampler's
+    # stochasticity, the reference's ``s_noise``) and ``S_noise`` (EDM churn's noise inflation) are two settings.
     truncation_sigma: float = knob(0.9, "Truncation point of the noise schedule: start below this level",
                                    min=0, min_open=True)
     s_noise: float = knob(0.2, "Strength of stochasticity", min=0, max=1)

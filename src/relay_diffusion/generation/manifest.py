@@ -19,6 +19,7 @@ import torch
 from relay_diffusion.generation.pipeline import RelayPipeline
 from relay_diffusion.generation.stages import stage_extras, stage_nfe
 from relay_diffusion.utils.jsonio import dumps_strict, to_strict
+from relay_diffusion.utils.naming import Namer, field_name
 
 FILE = "generation.json"
 FORMAT = "relay-diffusion/generation-1"
@@ -76,11 +77,13 @@ def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [f"{prefix}: {json.dumps(old)} before, {json.dumps(new)} now"]
 
 
-def check_manifest(outdir: str | os.PathLike, manifest: dict[str, Any], optional: Sequence[str] = ()) -> bool:
+def check_manifest(outdir: str | os.PathLike, manifest: dict[str, Any], optional: Sequence[str] = (),
+                   names: Namer = field_name) -> bool:
     """True when ``outdir`` has a manifest equal to ``manifest``, False when it has none; raises
     :class:`ManifestMismatch` listing the differences otherwise (or when the manifest is unreadable). The
     top-level keys in ``optional`` are compared only when the folder's manifest has them (settings recorded
-    since a later version that cannot have changed its images, such as ``tf32`` on the CPU)."""
+    since a later version that cannot have changed its images, such as ``tf32`` on the CPU). ``names``: how the
+    messages name the ``outdir`` and ``overwrite`` arguments."""
     path = Path(outdir) / FILE
     if not path.is_file():
         return False
@@ -88,14 +91,16 @@ def check_manifest(outdir: str | os.PathLike, manifest: dict[str, Any], optional
         old = json.loads(path.read_text())
     except (OSError, ValueError, RecursionError) as exc:  # RecursionError: JSON nested too deeply
         reason = "nested too deeply" if isinstance(exc, RecursionError) else exc
-        raise ManifestMismatch(f"{path} is not readable ({reason}); remove it or use another --outdir") from None
+        raise ManifestMismatch(f"{path} is not readable ({reason}); remove it or use another "
+                               f"{names('', 'outdir')}") from None
     if isinstance(old, dict):
         manifest = {k: v for k, v in manifest.items() if k in old or k not in optional}
     diffs = _differences(old, manifest)
     if diffs:
         shown = "\n  ".join(diffs[:12]) + (f"\n  ... and {len(diffs) - 12} more" if len(diffs) > 12 else "")
         raise ManifestMismatch(f"{outdir} holds images made with other networks or settings ({path}):\n  {shown}\n"
-                               "use another --outdir, or --overwrite to regenerate every seed with these")
+                               f"use another {names('', 'outdir')}, or {names('', 'overwrite')} to regenerate "
+                               "every seed with these")
     return True
 
 

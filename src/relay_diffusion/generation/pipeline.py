@@ -22,8 +22,8 @@ import torch
 
 from relay_diffusion.core.rng import SeedGenerators
 from relay_diffusion.generation.configs import Enhancement
-from relay_diffusion.generation.stages import (DEFAULT_NET_BATCH, Stage, auto_net_batch, check_stages, net_info,
-                                               takes_input)
+from relay_diffusion.generation.batching import DEFAULT_NET_BATCH, auto_net_batch
+from relay_diffusion.generation.stages import Stage, check_stages, net_info, takes_input
 from relay_diffusion.utils import accel
 from relay_diffusion.utils.dtypes import float32_default
 from relay_diffusion.utils.images import to_uint8

@@ -16,6 +16,7 @@ from relay_diffusion.generation.stages import net_info
 from relay_diffusion.utils import distributed
 from relay_diffusion.utils.dtypes import float32_default
 from relay_diffusion.utils.locks import FolderLock
+from relay_diffusion.utils.naming import Namer, field_name
 
 
 def rank_batches(seeds: Sequence[int], max_batch_size: int, rank: int = 0, world_size: int = 1) -> list[list[int]]:
@@ -47,6 +48,7 @@ def generate_images(
     world_size: int = 1,
     progress: bool = True,
     manifest: dict[str, Any] | None = None,
+    names: Namer = field_name,
 ) -> list[Path]:
     """Generate and save this process's share of ``seeds``. Files do not depend on ``max_batch_size`` or
     ``world_size`` (with a fixed ``net_batch``: always on the CPU, see :class:`FixedBatchDenoiser`). Returns the
@@ -61,15 +63,16 @@ def generate_images(
 
     PNGs are encoded and written on a background thread (:class:`ImageWriter`) while the next batch samples;
     the function returns once every image is on disk, and a write error is raised at the next batch or at
-    the end."""
+    the end. Errors name the arguments by ``names`` (the command line passes its flags)."""
     outdir = Path(outdir)
     if outdir.exists() and not outdir.is_dir():
-        raise ValueError(f"--outdir {outdir} exists and is not a folder")
+        raise ValueError(f"{names('', 'outdir')} {outdir} exists and is not a folder")
     if indir is not None and outdir.resolve() == Path(indir).resolve():
-        # the outputs would replace the inputs (or, without --overwrite, the inputs would pass for outputs)
-        raise ValueError(f"--outdir {outdir} is the input folder --indir: write the outputs to another folder")
+        # the outputs would replace the inputs (or, without overwrite, the inputs would pass for outputs)
+        raise ValueError(f"{names('', 'outdir')} {outdir} is the input folder {names('', 'indir')}: write the "
+                         "outputs to another folder")
     args = (pipeline, seeds, outdir, max_batch_size, class_labels, indir, subdirs, overwrite, rank, world_size,
-            progress, manifest)
+            progress, manifest, names)
     if rank != 0:  # the first process holds the folder for the whole job
         return _generate(*args)
     created = not outdir.exists()
@@ -99,7 +102,7 @@ def _stat(path: Path) -> tuple[int, int] | None:
 
 def _generate(pipeline: RelayPipeline, seeds: Sequence[int], outdir: Path, max_batch_size: int,
               class_labels: ClassLabels, indir: str | os.PathLike | None, subdirs: bool, overwrite: bool, rank: int,
-              world_size: int, progress: bool, manifest: dict[str, Any] | None) -> list[Path]:
+              world_size: int, progress: bool, manifest: dict[str, Any] | None, names: Namer) -> list[Path]:
     """:func:`generate_images` once the output folder is this job's."""
     from tqdm import tqdm
 
@@ -108,14 +111,15 @@ def _generate(pipeline: RelayPipeline, seeds: Sequence[int], outdir: Path, max_b
     # Recorded since a later version without changing the images: "nfe" (the network evaluations per image of
     # each stage follow from the sampler settings, which are compared), and "tf32" on the CPU (it has no TF32)
     optional = ("nfe", "tf32") if pipeline.device.type == "cpu" else ("nfe",)
-    if not overwrite and not check_manifest(outdir, manifest, optional):
+    if not overwrite and not check_manifest(outdir, manifest, optional, names):
         existing = next((p for p in outdir.rglob("*.png") if p.name != "grid.png"), None) if outdir.is_dir() else None
         if existing is not None:
             raise ManifestMismatch(f"{outdir} holds PNG images (e.g. {existing.name}) but no {MANIFEST}, so their "
-                                   "networks and settings are unknown: use another --outdir, or --overwrite")
+                                   f"networks and settings are unknown: use another {names('', 'outdir')}, or "
+                                   f"{names('', 'overwrite')}")
     if pipeline.input_shape is not None:
         if indir is None:
-            raise ValueError("the pipeline starts with a relay stage: give the input folder (--indir)")
+            raise ValueError(f"the pipeline starts with a relay stage: give the input folder ({names('', 'indir')})")
         check_images(indir, seeds)  # all seeds, so that every process stops alike before sampling
     if seeds and isinstance(class_labels, int):
         pipeline.class_labels(seeds[:1], class_labels)  # an out-of-range class fails before any file is written
