@@ -47,7 +47,7 @@ HELP_SECTIONS: dict[str, list[tuple[str, Callable[[str], bool]]]] = {
         ("Input and output", lambda n: n in {"indir", "outdir", "seeds", "subdirs", "class", "grid", "overwrite",
                                               "preset", "enhance", "sampler_stages"}),
         ("Networks", lambda n: n.startswith("network")),
-        ("Guidance", lambda n: n.startswith(("cfg_scale", "guidance_interval"))),
+        ("Guidance", lambda n: n.startswith(("cfg_scale", "guidance_interval", "guide_"))),
         ("Stage 1 sampler", lambda n: n.endswith("_first") or n in {"S_churn", "S_min", "S_max", "S_noise"}),
         ("Relay stage sampler and forward process", lambda n: n.endswith("_second")),
         ("Super-resolution stage", lambda n: n.endswith("_sr")),

@@ -74,6 +74,11 @@ def _options(command: Any) -> Any:
 @click.option("--network_next", metavar="PATH", type=str, multiple=True,
               help="A further relay stage after the second, e.g. 16 -> 64 -> 256 (repeatable; sampled with the "
                    "*_second settings and its own file's forward process)")
+@click.option("--guide_first", metavar="PATH|self-dropout", type=str,
+              help="Autoguidance of stage 1 with --cfg_scale_first > 1: a weaker network of the same stage (smaller "
+                   "or trained shorter), or self-dropout (the network itself with its dropout on)")
+@click.option("--guide_second", metavar="PATH|self-dropout", type=str,
+              help="Autoguidance of the relay stage with --cfg_scale_second > 1 (as --guide_first)")
 @_options
 @click.option("--preset", type=click.Choice(sorted(PRESETS)), default="default", show_default=True,
               help="The reference's settings for: generate.py (default), generate_imagenet.py, generate_celebahq.py")
@@ -144,7 +149,8 @@ def cli_options(opts: dict[str, Any]) -> Any:
     return GenerationOptions(
         preset=opts["preset"], sampler_stages=opts.get("sampler_stages", "both"),
         network_first=opts["network_first"], network_second=opts["network_second"],
-        network_next=tuple(opts["network_next"]), first=FIRST.given(opts), second=SECOND.given(opts),
+        network_next=tuple(opts["network_next"]), guide_first=opts.get("guide_first"),
+        guide_second=opts.get("guide_second"), first=FIRST.given(opts), second=SECOND.given(opts),
         process=PROCESS.given(opts), sr=SR.given(opts), enhance=opts["enhance"], seeds=opts.get("seeds"),
         indir=opts.get("indir"), net_batch=opts.get("net_batch", DEFAULT_NET_BATCH), precision=opts.get("precision"),
         compile=opts.get("compile_net", False), channels_last=opts.get("channels_last", False), tf32=opts.get("tf32"))
@@ -204,10 +210,14 @@ def _print_config(opts: dict[str, Any], pipeline: Any, seeds: list[int], device:
     click.echo(f"Preset: {opts['preset']}")
     for i, stage in enumerate(pipeline.stages):
         settings = {**dataclasses.asdict(stage.config), **stage_extras(stage)}
+        if stage.guide_source:
+            settings["guide"] = stage.guide_source
         click.echo(f"{stage_name(i, stage).capitalize()}: {json.dumps(to_strict(settings))}")
     nfe = [stage_nfe(stage) for stage in pipeline.stages]
-    click.echo(f"NFE per image (denoiser evaluations): {' + '.join(map(str, nfe))} = {sum(nfe)}"
-               + (" (x2 network calls where guidance applies)" if any(s.config.cfg_scale > 1 for s in pipeline.stages)
+    guided = ", guides included" if any(s.guide is not None for s in pipeline.stages) else ""
+    click.echo(f"NFE per image (denoiser evaluations{guided}): {' + '.join(map(str, nfe))} = {sum(nfe)}"
+               + (" (x2 network calls where classifier-free guidance applies)"
+                  if any(s.config.cfg_scale > 1 and s.guide is None for s in pipeline.stages)
                   else ""))
     enhancement = json.dumps(dataclasses.asdict(pipeline.enhancement)) if pipeline.enhancement.enabled else "off"
     click.echo(f"Post-processing (PIL ImageEnhance): {enhancement}")

@@ -76,11 +76,19 @@ def denoise(
     batch whose second half has all-zero labels (which is what "no label" means to the networks). With
     ``guidance_interval = (lo, hi)`` guidance applies only for noise levels ``lo < t <= hi`` (Kynkaanniemi et
     al. 2024, arXiv 2404.07724); outside it ``D(x, t, label)`` alone (one network call). None: at every level.
-    ``level``: ``t`` as a Python float where the caller has it, so that the interval is decided on the host."""
+    ``level``: ``t`` as a Python float where the caller has it, so that the interval is decided on the host.
+
+    Autoguidance (Karras et al. 2024, arXiv 2406.02507): when ``net`` has a ``guide`` (a weaker denoiser of
+    the same task, same labels), ``c D(x, t, label) - (c - 1) D_guide(x, t, label)`` instead, for
+    unconditional networks too; scale and interval are the same settings."""
     sigma = t.to(torch.float32).reshape(-1).expand(x.shape[0])
     x32 = x.to(torch.float32)
-    if cfg_scale > 1 and class_labels is not None and \
+    guide = getattr(net, "guide", None)
+    if cfg_scale > 1 and (guide is not None or class_labels is not None) and \
             in_guidance_interval(t if level is None else level, guidance_interval):
+        if guide is not None:
+            good, bad = net(x32, sigma, class_labels).to(F64), guide(x32, sigma, class_labels).to(F64)
+            return cfg_scale * good - (cfg_scale - 1) * bad
         labels = torch.cat([class_labels, torch.zeros_like(class_labels)])
         cond, uncond = net(torch.cat([x32, x32]), torch.cat([sigma, sigma]), labels).to(F64).chunk(2)
         return cfg_scale * cond - (cfg_scale - 1) * uncond

@@ -49,13 +49,17 @@ class FixedBatchDenoiser:
     ``extra``: per-sample keyword arguments of the network (``{name: [M, ...]}``, e.g. a super-resolution
     stage's conditioning image), indexed like ``x``; a call on ``k M`` samples (guidance doubles the batch)
     repeats them.
+
+    ``guide``: the autoguidance network of ``net`` (:func:`relay_diffusion.core.samplers.denoise`), called the
+    same way as :attr:`guide`; None for none.
     """
 
     def __init__(self, net: Callable, net_batch: int | None = DEFAULT_NET_BATCH,
-                 extra: dict[str, torch.Tensor] | None = None) -> None:
+                 extra: dict[str, torch.Tensor] | None = None, guide: Callable | None = None) -> None:
         if net_batch is not None and net_batch < 1:
             raise ValueError(f"net_batch must be >= 1, got {net_batch}")
         self.net, self.net_batch, self.extra = net, net_batch, dict(extra or {})
+        self.guide = None if guide is None else FixedBatchDenoiser(guide, net_batch, extra)
         self.max_chunk: int | None = None       # set when an unpadded call ran out of memory
         self.sigma_min = getattr(net, "sigma_min", 0.0)
         self.sigma_max = getattr(net, "sigma_max", math.inf)

@@ -94,7 +94,8 @@ class EDMStageConfig:
     sigma_min: float = knob(0.002, "Lowest noise level (clipped to the network's range)", min=0, min_open=True)
     sigma_max: float = knob(80.0, "Highest noise level", min=0, min_open=True)
     rho: float = knob(7.0, "Time step exponent", min=0, min_open=True)
-    cfg_scale: float = knob(1.0, "Classifier-free guidance scale (> 1 enables it)", min=1)
+    cfg_scale: float = knob(1.0, "Guidance scale (> 1 enables it): classifier-free, or autoguidance with a guide "
+                                 "network", min=1)
     S_churn: float = knob(0.0, "Stochasticity strength", min=0)
     S_min: float = knob(0.0, "Churn only for noise levels >= S_min", min=0)
     S_max: float = knob(math.inf, "Churn only for noise levels <= S_max", min=0)
@@ -166,7 +167,8 @@ class RelayStageConfig:
     truncation_sigma: float = knob(0.9, "Truncation point of the noise schedule: start below this level",
                                    min=0, min_open=True)
     s_noise: float = knob(0.2, "Strength of stochasticity", min=0, max=1)
-    cfg_scale: float = knob(1.0, "Classifier-free guidance scale (> 1 enables it)", min=1)
+    cfg_scale: float = knob(1.0, "Guidance scale (> 1 enables it): classifier-free, or autoguidance with a guide "
+                                 "network", min=1)
     churn: bool = knob(False, "EDM churn inside the relay sampler (CelebA-HQ)")
     S_churn: float = knob(0.0, "Churn strength (with churn)", min=0)
     S_min: float = knob(0.0, "Churn min noise level", min=0)

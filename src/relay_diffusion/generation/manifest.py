@@ -48,6 +48,16 @@ def _state_sha256(net: Any) -> str:
     return h.hexdigest()
 
 
+def _guide_entry(stage: Any) -> dict[str, Any]:
+    """How a stage's autoguidance guide is recorded: the in-situ variant by name, a network by its file."""
+    from relay_diffusion.generation.guides import SELF_DROPOUT
+
+    source = stage.guide_source
+    if source and source != SELF_DROPOUT and Path(source).is_file():
+        return {"file": Path(source).name, "sha256": file_sha256(source)}
+    return {"kind": source} if source else {"state_sha256": _state_sha256(stage.guide)}
+
+
 def describe(pipeline: RelayPipeline, **settings: Any) -> dict[str, Any]:
     """What determines the images of ``pipeline`` (plus ``settings`` such as the class and the layout)."""
     stages = []
@@ -57,6 +67,8 @@ def describe(pipeline: RelayPipeline, **settings: Any) -> dict[str, Any]:
         entry = {"kind": stage.kind, "resolution": stage.resolution, "network": network,
                  "sampler": dataclasses.asdict(stage.config)}
         entry.update(stage_extras(stage))
+        if stage.guide is not None:
+            entry["guide"] = _guide_entry(stage)
         if hasattr(stage.net, "precision"):
             entry["precision"] = stage.net.precision
         stages.append(entry)

@@ -80,11 +80,12 @@ class RelayPipeline:
 
     def stage_net_batch(self, stage: Stage, n: int, labels: torch.Tensor | None) -> int | None:
         """Samples per network call of ``stage`` for ``n`` seeds: ``net_batch``, except with
-        :attr:`fixed_shapes`, where every call is padded to ``2n`` when guidance can apply in the stage (also
-        outside its interval) and to ``n`` otherwise, so that a compiled network is never recompiled."""
+        :attr:`fixed_shapes`, where every call is padded to ``2n`` when classifier-free guidance can apply in
+        the stage (also outside its interval) and to ``n`` otherwise (autoguidance calls its guide apart), so
+        that a compiled network is never recompiled."""
         if not self.fixed_shapes:
             return self.net_batch
-        return 2 * n if labels is not None and stage.config.cfg_scale > 1 else n
+        return 2 * n if labels is not None and stage.config.cfg_scale > 1 and stage.guide is None else n
 
     @property
     def label_dim(self) -> int:

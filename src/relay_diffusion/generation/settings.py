@@ -55,6 +55,8 @@ class GenerationOptions:
     network_first: Optional[str] = None
     network_second: Optional[str] = None
     network_next: tuple[str, ...] = ()          # further relay stages after the second
+    guide_first: Optional[str] = None           # autoguidance of stage 1: a network file or "self-dropout"
+    guide_second: Optional[str] = None          # autoguidance of the (first) relay stage
     first: Mapping[str, Any] = field(default_factory=dict)    # EDMStageConfig fields that were set
     second: Mapping[str, Any] = field(default_factory=dict)   # RelayStageConfig fields (every relay stage)
     process: Mapping[str, Any] = field(default_factory=dict)  # BlurProcess fields (override the files')
@@ -189,7 +191,34 @@ def load(options: GenerationOptions, device: torch.device | str = "cpu", names: 
     except ValueError as exc:
         raise OptionError(f"{exc}\n(check the network options and {names('process', 'up_scale')})") from exc
     check_options_apply(built.pipeline, options, names)
+    attach_guides(built.pipeline, options, device, names)
     return built
+
+
+def attach_guides(pipeline: Any, options: GenerationOptions, device: torch.device | str,
+                  names: Namer = field_name) -> None:
+    """Give stage 1 its ``guide_first`` and the first refining stage its ``guide_second`` (autoguidance:
+    :mod:`relay_diffusion.generation.guides`); a guide for a stage the chain does not have is an error."""
+    from relay_diffusion.generation.guides import load_guide
+    from relay_diffusion.generation.stages import takes_input
+
+    stages = pipeline.stages
+    relay = next((i for i, s in enumerate(stages) if takes_input(s)), None)
+    for which, index in (("first", None if takes_input(stages[0]) else 0), ("second", relay)):
+        spec, option = getattr(options, f"guide_{which}"), names("", f"guide_{which}")
+        if spec is None:
+            continue
+        if index is None:
+            raise OptionError(f"{option}: this chain has no {'stage 1' if which == 'first' else 'relay stage'}",
+                              option)
+        stage = stages[index]
+        try:
+            stage.guide, stage.guide_source = load_guide(spec, stage, device, options.precision)
+        except (ValueError, OSError) as exc:
+            raise OptionError(str(exc), option) from exc
+        if stage.config.cfg_scale <= 1:
+            raise OptionError(f"{option} guides only with a guidance scale above 1 "
+                              f"({names(which, 'cfg_scale')})", option)
 
 
 def check_options_apply(pipeline: Any, options: GenerationOptions, names: Namer = field_name) -> None:

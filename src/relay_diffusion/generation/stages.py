@@ -51,6 +51,8 @@ class EDMStage(_StageBase):
     net: Any
     config: EDMStageConfig = field(default_factory=EDMStageConfig)
     source: str | None = None                   # the network's file, for messages
+    guide: Any = None                           # autoguidance (generation/guides.py), used when cfg_scale > 1
+    guide_source: str | None = None             # its file, or "self-dropout"
 
     kind = "edm"
 
@@ -61,7 +63,7 @@ class EDMStage(_StageBase):
             raise ValueError("a stage-1 (EDM) stage takes no input images")
         latents = rng.randn([channels, self.resolution, self.resolution])  # float32, like the reference
         sampler = solver("edm", self.config.solver).sampler
-        return sampler(FixedBatchDenoiser(self.net, net_batch), latents, rng, labels, callback=callback,
+        return sampler(FixedBatchDenoiser(self.net, net_batch, guide=self.guide), latents, rng, labels, callback=callback,
                        **self.config.sampler_kwargs())
 
 
@@ -74,6 +76,8 @@ class RelayStage(_RefiningStage):
     config: RelayStageConfig = field(default_factory=RelayStageConfig)
     process: BlurProcess = field(default_factory=BlurProcess)
     source: str | None = None
+    guide: Any = None
+    guide_source: str | None = None
 
     kind = "relay"
 
@@ -87,7 +91,8 @@ class RelayStage(_RefiningStage):
             raise ValueError("a relay stage needs input images (a previous stage's output, or inputs)")
         latents = F.interpolate(inputs.to(torch.float64), scale_factor=self.up_scale, mode="nearest")
         sampler = solver("relay", self.config.solver).sampler
-        return sampler(FixedBatchDenoiser(self.net, net_batch), latents, rng, labels, process=self.process,
+        return sampler(FixedBatchDenoiser(self.net, net_batch, guide=self.guide), latents, rng, labels,
+                       process=self.process,
                        callback=callback, **self.config.sampler_kwargs())
 
 
@@ -103,6 +108,8 @@ class SRStage(_RefiningStage):
     config: SRStageConfig = field(default_factory=SRStageConfig)
     condition: SRCondition = field(default_factory=SRCondition)
     source: str | None = None
+    guide: Any = None
+    guide_source: str | None = None
 
     kind = "sr"
 
@@ -120,7 +127,7 @@ class SRStage(_RefiningStage):
         level = torch.full([low.shape[0]], float(self.config.cond_level), device=low.device)
         eps = rng.randn(low.shape[1:]).to(low.device) if self.config.cond_level > 0 else None
         cond = condition_input(low, level, eps, self.up_scale)
-        denoiser = FixedBatchDenoiser(self.net, net_batch, extra={"cond": cond, "cond_level": level})
+        denoiser = FixedBatchDenoiser(self.net, net_batch, extra={"cond": cond, "cond_level": level}, guide=self.guide)
         sampler = solver("edm", self.config.solver).sampler
         return sampler(denoiser, latents, rng, labels, callback=callback, **self.config.sampler_kwargs())
 
@@ -132,8 +139,43 @@ KIND_NAMES = {"edm": "EDM", "relay": "relay", "sr": "super-resolution"}
 
 def stage_nfe(stage: Stage) -> int:
     """Denoiser evaluations per image of the stage with its sampler settings (a relay stage's grid after
-    truncation depends on its network's noise levels)."""
-    return stage.config.nfe(stage.net) if stage.kind == "relay" else stage.config.nfe()
+    truncation depends on its network's noise levels), its guide's evaluations included."""
+    nfe = stage.config.nfe(stage.net) if stage.kind == "relay" else stage.config.nfe()
+    return nfe + guide_evaluations(stage)
+
+
+class _Counter:
+    """A stand-in network that counts its calls and returns zeros (see :func:`guide_evaluations`)."""
+
+    def __init__(self, net: Any) -> None:
+        for name in ("img_resolution", "img_channels", "label_dim", "sigma_min", "sigma_max", "round_sigma",
+                     "level_channel"):
+            if hasattr(net, name):
+                setattr(self, name, getattr(net, name))
+        self.calls = 0
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, labels: Any = None, **kwargs: Any) -> torch.Tensor:
+        self.calls += 1
+        return torch.zeros_like(x)
+
+
+def guide_evaluations(stage: Stage) -> int:
+    """Guide evaluations per image: counted on one tiny sampling run with stand-in networks, since which steps
+    the guidance interval covers depends on the solver's evaluation levels."""
+    if stage.guide is None or stage.config.cfg_scale <= 1:
+        return 0
+    import copy
+
+    counted = copy.copy(stage)
+    counted.net, counted.guide = _Counter(stage.net), _Counter(stage.net)
+    _, channels, label_dim = net_info(stage.net)
+    labels = torch.zeros([1, label_dim]) if label_dim else None
+    inputs = None
+    if takes_input(stage):
+        inputs = torch.zeros([1, channels, stage.input_resolution, stage.input_resolution], dtype=torch.float64)
+    with torch.no_grad():
+        counted.sample(SeedGenerators([0]), labels, inputs, net_batch=1)
+    return counted.guide.calls
 
 
 def stage_extras(stage: Stage) -> dict[str, Any]:
