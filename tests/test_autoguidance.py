@@ -130,3 +130,23 @@ def test_guides_that_cannot_work_are_refused_naming_the_option(tmp_path, extra, 
     result = _generate(tmp_path, "out", *extra)
     assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(bundled_network_paths() is None, reason="no bundled networks")
+def test_a_pipeline_folder_keeps_its_guides(tmp_path):
+    from relay_diffusion.generation.files import load_images
+
+    paths = bundled_network_paths()
+    options = ["--solver_first", "multistep", "--num_steps_first", "3", "--solver_second", "multistep",
+               "--num_steps_second", "8", "--cfg_scale_first", "2", "--guide_first", paths["first"],
+               "--cfg_scale_second", "1.5", "--guide_second", "self-dropout"]
+    exported = CliRunner().invoke(rdm, ["export", "--out", str(tmp_path / "pipe"), *options])
+    assert exported.exit_code == 0, exported.output
+    doc = json.loads((tmp_path / "pipe" / "pipeline.json").read_text())
+    assert [s.get("guide") for s in doc["stages"]] == ["stage1-16x16-guide.safetensors", "self-dropout"]
+    pipe = RelayPipeline.from_pretrained(tmp_path / "pipe")
+    assert [s.guide_source for s in pipe.stages][1] == "self-dropout" and pipe.stages[0].guide is not None
+    generated = CliRunner().invoke(rdm, ["generate", "--outdir", str(tmp_path / "out"), "--seeds", "0-1", *options])
+    assert generated.exit_code == 0, generated.output
+    files = load_images(tmp_path / "out", [0, 1]).permute(0, 2, 3, 1).numpy()
+    assert (pipe(seeds=[0, 1]).array == ((files + 1) * 127.5).round()).all()

@@ -52,9 +52,15 @@ class _SeedList(click.ParamType):
 
 
 def _options(command: Any) -> Any:
+    """The sampler, forward-process and guide options (of ``generate`` and ``export``)."""
     for decorate in (SR.decorate, PROCESS.decorate, SECOND.decorate, FIRST.decorate):
         command = decorate(command)
-    return command
+    command = click.option("--guide_second", metavar="PATH|self-dropout", type=str,
+                           help="Autoguidance of the relay stage with --cfg_scale_second > 1 (as --guide_first)")(command)
+    return click.option("--guide_first", metavar="PATH|self-dropout", type=str,
+                        help="Autoguidance of stage 1 with --cfg_scale_first > 1: a weaker network of the same stage "
+                             "(smaller or trained shorter), or self-dropout (the network itself with its dropout on)"
+                        )(command)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -74,11 +80,6 @@ def _options(command: Any) -> Any:
 @click.option("--network_next", metavar="PATH", type=str, multiple=True,
               help="A further relay stage after the second, e.g. 16 -> 64 -> 256 (repeatable; sampled with the "
                    "*_second settings and its own file's forward process)")
-@click.option("--guide_first", metavar="PATH|self-dropout", type=str,
-              help="Autoguidance of stage 1 with --cfg_scale_first > 1: a weaker network of the same stage (smaller "
-                   "or trained shorter), or self-dropout (the network itself with its dropout on)")
-@click.option("--guide_second", metavar="PATH|self-dropout", type=str,
-              help="Autoguidance of the relay stage with --cfg_scale_second > 1 (as --guide_first)")
 @_options
 @click.option("--preset", type=click.Choice(sorted(PRESETS)), default="default", show_default=True,
               help="The reference's settings for: generate.py (default), generate_imagenet.py, generate_celebahq.py")

@@ -33,7 +33,7 @@ MAX_STAGES = 8
 MAX_NET_BATCH = 4096
 #: The keys pipeline.json and each of its stages may hold (a misspelt key is an error, not a silent default).
 TOP_KEYS = frozenset({"format", "stages", "enhancement", "net_batch"})
-STAGE_KEYS = frozenset({"kind", "network", "sampler", "process", "condition"})
+STAGE_KEYS = frozenset({"kind", "network", "sampler", "process", "condition", "guide"})
 
 
 def _decode_config(cls: type, d: Any, where: str) -> Any:
@@ -75,7 +75,8 @@ def save_pretrained(pipeline: "RelayPipeline", folder: str | os.PathLike, overwr
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"{folder} exists and is not a folder")
     names = [f"stage{i + 1}-{stage.resolution}x{stage.resolution}" for i, stage in enumerate(pipeline.stages)]
-    ours = [FILE] + [f"{n}{ext}" for n in names for ext in (".safetensors", ".json")]
+    guides = {i: f"{names[i]}-guide" for i, stage in enumerate(pipeline.stages) if _guide_file(stage)}
+    ours = [FILE] + [f"{n}{ext}" for n in names + list(guides.values()) for ext in (".safetensors", ".json")]
     existing = [n for n in ours if (folder / n).exists()]
     if existing and not overwrite:
         raise FileExistsError(f"{folder} already holds {', '.join(existing)} (overwrite to replace them)")
@@ -91,7 +92,13 @@ def save_pretrained(pipeline: "RelayPipeline", folder: str | os.PathLike, overwr
             for key, value in stage_extras(stage).items():
                 extra.setdefault(key, value)  # the training value when the file had one
             save_network(stage.net, tmp / f"{name}.safetensors", extra=extra, dtype=_network_dtype(stage.source))
-        atomic_write_text(tmp / FILE, pipeline_json(pipeline, [f"{n}.safetensors" for n in names]))
+        for i, name in guides.items():
+            guide = pipeline.stages[i]
+            save_network(guide.guide, tmp / f"{name}.safetensors", extra={"stage_kind": guide.kind,
+                                                                           **stage_extras(guide)},
+                         dtype=_network_dtype(guide.guide_source))
+        atomic_write_text(tmp / FILE, pipeline_json(pipeline, [f"{n}.safetensors" for n in names],
+                                                    {i: f"{n}.safetensors" for i, n in guides.items()}))
         folder.mkdir(exist_ok=True)
         for name in ours[1:] + ours[:1]:  # renames within one file system; pipeline.json last
             os.replace(tmp / name, folder / name)
@@ -100,12 +107,24 @@ def save_pretrained(pipeline: "RelayPipeline", folder: str | os.PathLike, overwr
     return folder / FILE
 
 
-def pipeline_json(pipeline: "RelayPipeline", networks: list[str]) -> str:
-    """The text of ``pipeline.json`` for ``pipeline`` whose stages' networks are the files ``networks``."""
+def _guide_file(stage: Any) -> bool:
+    """Whether the stage's autoguidance guide is a network of its own (saved beside the stage's)."""
+    from relay_diffusion.generation.guides import SELF_DROPOUT
+
+    return stage.guide is not None and stage.guide_source != SELF_DROPOUT
+
+
+def pipeline_json(pipeline: "RelayPipeline", networks: list[str], guides: dict[int, str] | None = None) -> str:
+    """The text of ``pipeline.json`` for ``pipeline`` whose stages' networks are the files ``networks`` (and
+    whose guides, by stage index, ``guides``; a self-dropout guide is recorded by name)."""
+    from relay_diffusion.generation.guides import SELF_DROPOUT
+
     stages = []
-    for stage, name in zip(pipeline.stages, networks):
+    for i, (stage, name) in enumerate(zip(pipeline.stages, networks)):
         entry: dict[str, Any] = {"kind": stage.kind, "network": name, "sampler": dataclasses.asdict(stage.config),
                                  **stage_extras(stage)}
+        if stage.guide is not None:
+            entry["guide"] = SELF_DROPOUT if stage.guide_source == SELF_DROPOUT else (guides or {})[i]
         stages.append(entry)
     doc = {"format": FORMAT, "stages": stages, "enhancement": dataclasses.asdict(pipeline.enhancement),
            "net_batch": pipeline.net_batch}
@@ -155,10 +174,23 @@ def load_pretrained(folder: str | os.PathLike, device: torch.device | str = "cpu
                        else file.process or BlurProcess())
             stages.append(RelayStage(file.net, _decode_config(RelayStageConfig, entry.get("sampler", {}), where),
                                      process, source=file.path))
+        if "guide" in entry:
+            _attach_guide(stages[-1], entry["guide"], folder, where, device)
     enhancement = _decode_config(Enhancement, doc.get("enhancement", {}), f"{path}: enhancement")
     tf32 = accel.set_numerics(device, accel.network_precision(s.net for s in stages))
     return {"stages": stages, "enhancement": enhancement, "net_batch": _net_batch(doc.get("net_batch"), path),
             "tf32": tf32}
+
+
+def _attach_guide(stage: Any, guide: Any, folder: Path, where: str, device: torch.device | str) -> None:
+    """A stage's ``guide`` entry: ``"self-dropout"`` or a network file of the folder (of the stage's kind)."""
+    from relay_diffusion.generation.guides import SELF_DROPOUT, load_guide
+
+    spec = SELF_DROPOUT if guide == SELF_DROPOUT else str(_inside(folder, guide, f"{where}: guide"))
+    try:
+        stage.guide, stage.guide_source = load_guide(spec, stage, device)
+    except (ValueError, OSError) as exc:
+        raise ValueError(f"{where}: guide: {exc}") from None
 
 
 def _net_batch(value: Any, path: Path) -> int | None:
