@@ -40,6 +40,8 @@ from relay_diffusion.core.samplers import edm_sampler, relay_sampler, relay_time
 from relay_diffusion.core.registry import nfe_first, nfe_second
 from relay_diffusion.core.solvers import multistep_edm_sampler, multistep_relay_sampler
 
+from common import plot
+
 FIRST_BUDGETS = [5, 7, 9, 13, 17, 25, 35]               # stage-1 NFE (Heun: (NFE + 1) / 2 steps)
 SECOND_FAMILIES = {0.740: [10, 16, 22, 28, 34, 46], 0.898: [18, 52]}  # t_0 -> stage-2 num_steps
 FINE_FIRST, FINE_SECOND = 256, 160
@@ -250,6 +252,10 @@ def run_plot(args) -> None:
     from relay_diffusion.metrics.scores import feature_statistics, frechet_distance, kernel_inception_distance
 
     feats = args.features
+    if not (feats / f"ref-{args.ref_images}.npy").exists() and (args.out / "quality.json").exists():
+        saved = json.loads((args.out / "quality.json").read_text())  # the figures again, from the saved scores
+        draw(saved["rows"], args.out, saved["ref_images"])
+        return
     ref = np.load(feats / f"ref-{args.ref_images}.npy")
     mu_r, sig_r = feature_statistics(ref)
     rows, loaded = [], {}
@@ -291,6 +297,13 @@ def run_plot(args) -> None:
     table = "\n".join(lines)
     (args.out / "quality.md").write_text(table + "\n")
     print(table)
+    draw(rows, args.out, len(ref))
+
+
+def draw(rows: list[dict], out: Path, ref_images: int) -> None:
+    """kid_vs_nfe.png and (all rows on the same images) fid_vs_nfe.png of the quality rows."""
+    common = min(r["common"] for r in rows)
+    same = all(r["images"] == common for r in rows)
     kid_series, fid_series = {}, {}
     for r in rows:
         label = "Heun + reference" if r["solver_first"] == "heun" else "multistep + multistep"
@@ -299,59 +312,13 @@ def run_plot(args) -> None:
         gap = abs(r["fid_halves"][0] - r["fid_halves"][1]) / 2
         fid_series.setdefault(label, []).append((r["nfe"], r["fid_common"], gap))
     xlabel = "total NFE (stage 1 + stage 2, log scale)"
-    plot(kid_series, args.out / "kid_vs_nfe.png", xlabel,
+    plot(kid_series, out / "kid_vs_nfe.png", xlabel,
          f"KID x 1e3, bars +-1 SE ({'/'.join(sorted({str(r['images']) for r in rows}))} relayed images vs "
-         f"{len(ref)} real)")
+         f"{ref_images} real)")
     if same:  # FID is comparable across configurations only on the same number of images
-        plot(fid_series, args.out / "fid_vs_nfe.png", xlabel,
-             f"FID ({common} relayed images vs {len(ref)} real; bars: half the gap between its two halves' FIDs)")
-
-
-def plot(series: dict[str, list[tuple[float, float, float]]], path: Path, xlabel: str, ylabel: str,
-         size: tuple[int, int] = (760, 460)) -> None:
-    """Lines with markers and +-err bars of ``(x, y, err)`` points, log-x, linear y, drawn with Pillow (as
-    training.stats.plot_loss: no plotting dependency)."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    width, height = size
-    left, right, top, bottom = 70, 20, 40, 50
-    img = Image.new("RGB", size, "white")
-    draw, font = ImageDraw.Draw(img), ImageFont.load_default()
-    pts = [p for s in series.values() for p in s]
-    if not pts:
-        return
-    x0, x1 = math.log(min(p[0] for p in pts) * 0.9), math.log(max(p[0] for p in pts) * 1.1)
-    y0, y1 = 0.0, max(p[1] + p[2] for p in pts) * 1.08
-
-    def px(x: float, y: float) -> tuple[float, float]:
-        return (left + (math.log(x) - x0) / (x1 - x0) * (width - left - right),
-                height - bottom - (y - y0) / (y1 - y0) * (height - top - bottom))
-
-    draw.rectangle([left, top, width - right, height - bottom], outline="black")
-    for tick in (8, 12, 16, 24, 32, 48, 64, 96):
-        if x0 <= math.log(tick) <= x1:
-            xx, _ = px(tick, y0)
-            draw.line([xx, height - bottom, xx, height - bottom + 4], fill="black")
-            draw.text((xx - 6, height - bottom + 8), str(tick), fill="black", font=font)
-    for i in range(6):
-        fy = y0 + (y1 - y0) * i / 5
-        _, yy = px(math.exp(x0), fy)
-        draw.line([left - 4, yy, left, yy], fill="black")
-        draw.text((6, yy - 6), f"{fy:.3g}", fill="black", font=font)
-    draw.text((width // 2 - 120, height - 20), xlabel, fill="black", font=font)
-    draw.text((left, 10), ylabel, fill="black", font=font)
-    colours = [(200, 60, 30), (20, 80, 200), (30, 150, 60)]
-    for k, (label, s) in enumerate(series.items()):
-        s = sorted(s)
-        col = colours[k % len(colours)]
-        if len(s) > 1:
-            draw.line([px(x, y) for x, y, _ in s], fill=col, width=2)
-        for x, y, err in s:
-            cx, cy = px(x, y)
-            draw.ellipse([cx - 3, cy - 3, cx + 3, cy + 3], fill=col)
-            draw.line([px(x, y - err), px(x, y + err)], fill=col, width=1)
-        draw.text((width - right - 200, top + 10 + 14 * k), label, fill=col, font=font)
-    img.save(path)
+        plot(fid_series, out / "fid_vs_nfe.png", xlabel,
+             f"FID ({common} relayed images vs {ref_images} real; bars +-1 SE from the two disjoint seed halves)",
+             y_from_zero=False)
 
 
 def main() -> None:
