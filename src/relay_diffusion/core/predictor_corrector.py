@@ -138,12 +138,12 @@ def plan(levels: Sequence[float], order: int = 3, corrector: bool = True,
     return steps
 
 
-def _run(net: Callable, u: torch.Tensor, t_steps: torch.Tensor, class_labels: torch.Tensor | None, cfg_scale: float,
-         guidance_interval: tuple[float, float] | None, steps: list[_Step], jacobians: list, to_image: Callable,
-         to_coef: Callable, callback: Callback) -> torch.Tensor:
+def _run(net: Callable, u: torch.Tensor, t_steps: torch.Tensor, levels: list[float], class_labels: torch.Tensor | None,
+         cfg_scale: float, guidance_interval: tuple[float, float] | None, steps: list[_Step], jacobians: list,
+         to_image: Callable, to_coef: Callable, callback: Callback) -> torch.Tensor:
     """The predictor-corrector loop in the coefficient domain (stage 1: pixels; relay: block-DCT patches) from
-    ``u`` at ``t_steps[0]``; ``jacobians[i]``: the re-basing Jacobian at level ``i``. Returns the image."""
-    levels = host_levels(t_steps)
+    ``u`` at ``t_steps[0]`` (``levels``: its host copy); ``jacobians[i]``: the re-basing Jacobian at level
+    ``i``. Returns the image."""
     n = len(levels) - 1
     evaluations: dict[int, torch.Tensor] = {}
     u_start = u  # the (corrected) state the current step starts from
@@ -196,7 +196,7 @@ def multistep3_edm_sampler(
     t_steps = time_steps(num_steps, sigma_min, sigma_max, rho, net, latents.device)
     levels = host_levels(t_steps)
     jacobians = [data_std**2 / (data_std**2 + v**2) for v in levels[:-1]]
-    return _run(net, latents.to(F64) * t_steps[0], t_steps, class_labels, cfg_scale, guidance_interval,
+    return _run(net, latents.to(F64) * t_steps[0], t_steps, levels, class_labels, cfg_scale, guidance_interval,
                 plan(levels, order, corrector), jacobians, _same, _same, callback)
 
 
@@ -244,7 +244,7 @@ def multistep3_relay_sampler(
     a = process.factors(torch.tensor(levels[:-1], dtype=F64))
     jacobians = list(on_device(a * data_std**2 / (a.square() * data_std**2 + torch.tensor(levels[:-1], dtype=F64)
                                                   .reshape(-1, 1, 1, 1).square())))
-    return _run(net, to_patches(dct(x, p), p), t_steps, class_labels, cfg_scale, guidance_interval, steps,
+    return _run(net, to_patches(dct(x, p), p), t_steps, levels, class_labels, cfg_scale, guidance_interval, steps,
                 jacobians, lambda u: idct(u.reshape(shape), p), lambda v: to_patches(dct(v, p), p), callback)
 
 
