@@ -23,9 +23,10 @@ def test_no_solver_is_chosen_by_comparing_its_name_outside_the_registry():
 
 
 def test_the_defaults_and_counts_come_from_the_table():
-    assert solver_names("edm") == ("heun", "multistep") and solver_names("relay") == ("reference", "multistep")
+    assert solver_names("edm") == ("heun", "multistep", "multistep3")
+    assert solver_names("relay") == ("reference", "multistep", "multistep3")
     assert EDMStageConfig().solver == "heun" and nfe_first("heun", 18) == 35
-    with pytest.raises(ValueError, match="solver_first must be one of heun, multistep, got 'euler'"):
+    with pytest.raises(ValueError, match="solver_first must be one of heun, multistep, multistep3, got 'euler'"):
         nfe_first("euler", 18)
 
 

@@ -19,7 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from conftest import tiny_adm
 from relay_diffusion.core.process import BlurProcess
 from relay_diffusion.generation import EDMStage, EDMStageConfig, RelayPipeline, RelayStage, RelayStageConfig
-from relay_diffusion.core.registry import SOLVERS_FIRST, SOLVERS_SECOND
+from relay_diffusion.core.registry import SOLVERS_FIRST, SOLVERS_SECOND, solver
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -62,9 +62,14 @@ def count_syncs() -> Iterator[collections.Counter]:
             setattr(torch.Tensor, name, method)
 
 
+def allowed(kind: str, name: str) -> dict:
+    """The settings a solver refuses other values of, at the value it takes (e.g. s_noise 0)."""
+    return dict(solver(kind, name).refuses)
+
+
 def with_steps(pipeline: RelayPipeline, steps: int, first: str, second: str) -> RelayPipeline:
-    for stage, solver in zip(pipeline.stages, (first, second)):
-        stage.config = dataclasses.replace(stage.config, num_steps=steps, solver=solver)
+    for stage, kind, name in zip(pipeline.stages, ("edm", "relay"), (first, second)):
+        stage.config = dataclasses.replace(stage.config, num_steps=steps, solver=name, **allowed(kind, name))
     return pipeline
 
 
@@ -97,13 +102,15 @@ def guided_pipeline(steps: int, first: str, second: str) -> RelayPipeline:
     stage1 = EDMStage(tiny_adm(8, 3, seed=1), EDMStageConfig(num_steps=steps, solver=first, cfg_scale=2.0,
                                                              guidance_interval=(0.3, 3.0), **churn))
     relay_churn = dict(churn=True, S_churn=20.0, S_min=0.1, S_max=0.6) if second == "reference" else {}
+    relay_churn.update({k: v for k, v in allowed("relay", second).items() if k != "churn"})
     stage2 = RelayStage(tiny_adm(16, 3, seed=2),
                         RelayStageConfig(num_steps=2 * steps, solver=second, cfg_scale=2.0,
                                          guidance_interval=(0.1, 0.5), **relay_churn), BlurProcess(up_scale=2))
     return RelayPipeline([stage1, stage2], net_batch=2)
 
 
-@pytest.mark.parametrize("first,second", [("heun", "reference"), ("multistep", "multistep")])
+@pytest.mark.parametrize("first,second", [("heun", "reference"), ("multistep", "multistep"),
+                                          ("multistep3", "multistep3")])
 def test_no_host_sync_per_step_with_guidance_interval_and_churn(first, second):
     short = syncs(guided_pipeline(8, first, second), seeds=(0, 1))
     long = syncs(guided_pipeline(16, first, second), seeds=(0, 1))

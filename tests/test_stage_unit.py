@@ -154,19 +154,19 @@ def test_demo_and_generate_give_the_same_images_with_class_conditional_networks(
 
 def test_sampler_keywords_and_config_fields_agree():
     """Each knob is declared once as a config field (the CLI options come from it); the pure sampler functions
-    keep keyword arguments for standalone use, and their defaults must not drift from the fields'."""
+    keep keyword arguments for standalone use, and their defaults must not drift from the fields' (a setting
+    a solver refuses other values of defaults to the value it takes). Every solver of the registry."""
     import dataclasses
     import inspect
 
-    from relay_diffusion.core.samplers import edm_sampler, relay_sampler
-    from relay_diffusion.core.solvers import multistep_edm_sampler, multistep_relay_sampler
+    from relay_diffusion.core.registry import SOLVERS
 
-    for cls, samplers in ((EDMStageConfig, (edm_sampler, multistep_edm_sampler)),
-                          (RelayStageConfig, (relay_sampler, multistep_relay_sampler))):
+    for (kind, name), entry in SOLVERS.items():
+        cls = EDMStageConfig if kind == "edm" else RelayStageConfig
         fields = {f.name: f.default for f in dataclasses.fields(cls)}
-        for solver, fn in zip(("heun" if cls is EDMStageConfig else "reference", "multistep"), samplers):
-            kwargs = dataclasses.replace(cls(), solver=solver).sampler_kwargs()
-            params = inspect.signature(fn).parameters
-            assert set(kwargs) <= set(params), (fn.__name__, set(kwargs) - set(params))
-            for name in kwargs:
-                assert params[name].default == fields[name], (fn.__name__, name)
+        refused = dict(entry.refuses)
+        kwargs = dataclasses.replace(cls(), solver=name, **refused).sampler_kwargs()
+        params = inspect.signature(entry.sampler).parameters
+        assert set(kwargs) <= set(params), (name, set(kwargs) - set(params))
+        for key in kwargs:
+            assert params[key].default == refused.get(key, fields[key]), (kind, name, key)

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+from relay_diffusion.core.predictor_corrector import multistep3_edm_sampler, multistep3_relay_sampler
 from relay_diffusion.core.samplers import edm_sampler, relay_sampler, relay_time_steps
 from relay_diffusion.core.solvers import multistep_edm_sampler, multistep_relay_sampler
 
@@ -46,10 +47,16 @@ _register(
     Solver("multistep", "edm", multistep_edm_sampler, "DPM-Solver++(2M)-style, 1 NFE per step, deterministic",
            lambda n: n, unused=("S_churn", "S_min", "S_max", "S_noise", "sde_scale"),
            refuses=(("S_churn", 0.0), ("sde_scale", None))),
+    Solver("multistep3", "edm", multistep3_edm_sampler,
+           "third-order multistep predictor-corrector (UniPC-style), 1 NFE per step, deterministic", lambda n: n,
+           unused=("S_churn", "S_min", "S_max", "S_noise", "sde_scale"), refuses=(("S_churn", 0.0), ("sde_scale", None))),
     Solver("reference", "relay", relay_sampler, "the reference's relay sampler (2 NFE per step)",
            lambda n: 2 * n - 1),
     Solver("multistep", "relay", multistep_relay_sampler, "second order with 1 NFE per step", lambda n: n,
            unused=("churn", "S_churn", "S_min", "S_max", "S_noise"), refuses=(("churn", False),)),
+    Solver("multistep3", "relay", multistep3_relay_sampler,
+           "third-order predictor-corrector, 1 NFE per step, deterministic (needs s_noise 0)", lambda n: n,
+           unused=("churn", "S_churn", "S_min", "S_max", "S_noise"), refuses=(("churn", False), ("s_noise", 0.0))),
 )
 
 
