@@ -115,7 +115,45 @@ def heldout_figure(work: Path, truth: list[np.ndarray], count: int = 10) -> Imag
         columns.append([np.asarray(Image.open(folder / f"{i:06d}.png").convert("RGB")) for i in picks])
     columns.append([truth[i] for i in picks])
     cells = [columns[c][r] for r in range(len(picks)) for c in range(len(columns))]
-    return grid(cells, cols=len(columns))
+    return label_heldout(grid(cells, cols=len(columns)), every=step, total=len(truth))
+
+
+#: The columns of :func:`heldout_figure`, two lines each (the 64x64 stages of SR_ARMS between input and truth).
+HELDOUT_COLUMNS = [("input 16x16", "(upsampled)"), ("relay stage", "64x64"), ("super-resolution", "stage 64x64"),
+                   ("relay stage, no", "block noise, 64x64"), ("real image", "64x64")]
+
+
+def label_heldout(fig: Image.Image, every: int, total: int) -> Image.Image:
+    """The held-out grid with a title, a label over each column (what it shows, in pixels) and the rows named."""
+    return label_grid(fig, ["Held-out emoji (never seen in training, in any variant): the 64x64 stages",
+                            "fed the real 16x16 image; each image 64x64 pixels, shown at 2x"],
+                      HELDOUT_COLUMNS, f"held-out emoji, one per row (numbers 0, {every}, {2 * every}, ... of {total})")
+
+
+def label_grid(fig: Image.Image, title: list[str], columns: list[tuple[str, ...]], ylabel: str,
+               scale: int = 2) -> Image.Image:
+    """An image grid enlarged ``scale`` times (nearest), with title lines above it, a label over each column and
+    ``ylabel`` upright along the left: the style of the training loss plot (Pillow's default font, black on white)."""
+    from PIL import ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    body = fig.resize((fig.width * scale, fig.height * scale), Image.NEAREST)
+    left, top = 20, 14 * len(title) + 14 * max(len(c) for c in columns) + 14
+    out = Image.new("RGB", (left + body.width + 6, top + body.height + 6), "white")
+    out.paste(body, (left, top))
+    draw = ImageDraw.Draw(out)
+    for i, line in enumerate(title):
+        draw.text((left, 4 + 14 * i), line, fill="black", font=font)
+    width = body.width / len(columns)
+    for c, lines in enumerate(columns):
+        for k, line in enumerate(lines):
+            x = left + width * c + (width - 6 * len(line)) / 2
+            draw.text((x, 14 * len(title) + 10 + 14 * k), line, fill="black", font=font)
+    label = Image.new("RGB", (6 * len(ylabel) + 4, 12), "white")  # written, then turned upright
+    ImageDraw.Draw(label).text((2, 0), ylabel, fill="black", font=font)
+    label = label.rotate(90, expand=True)
+    out.paste(label, (4, top + max(0, (body.height - label.height) // 2)))
+    return out
 
 
 def sr_fidelity(work: Path, arm: str, truth: list[np.ndarray], inputs: list[np.ndarray]) -> dict:

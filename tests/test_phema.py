@@ -174,7 +174,8 @@ def test_rdm_ema_reconstructs_a_tracked_length(toy_run, tmp_path):
     # The file carries the snapshots' config extras, loads like any snapshot and generates.
     from relay_diffusion.checkpoints.snapshot import read_config
 
-    meta, snap_meta = read_config(tmp_path / "r10.safetensors"), read_config(toy_run / "network-snapshot-000000.safetensors")
+    snapshot = sorted(toy_run.glob("network-snapshot-*.safetensors"))[-1]
+    meta, snap_meta = read_config(tmp_path / "r10.safetensors"), read_config(snapshot)
     assert meta["stage"] == snap_meta["stage"] == 1 and meta["training"] == snap_meta["training"]
     assert meta["posthoc_ema"]["sigma_rel"] == 0.10 and meta["posthoc_ema"]["nimg"] == STEPS * 8
     assert len(meta["posthoc_ema"]["inputs"]) == 2 * 13

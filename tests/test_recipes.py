@@ -1,4 +1,5 @@
-"""The helpers of recipes/compare.sh: the held-out split and the training-budget sums of the report."""
+"""The helpers of recipes/compare.sh: the held-out split, the training-budget sums and the held-out figure of the
+report."""
 
 from __future__ import annotations
 
@@ -81,6 +82,27 @@ def test_fid_sampling_error_from_halves_and_bootstrap(tmp_path):
     # the means differ by 0.5 in 8 dimensions: FID about 8 x 0.25 = 2, each half near it, the spread small
     assert all(1.0 < h < 3.5 for h in err["halves"]) and 0 < err["boot_sd"] < 1.0
     assert compare_report.fid_sampling_error(tmp_path / "missing.npz", tmp_path / "r.npz") == {}
+
+
+def test_the_heldout_figure_is_labelled(tmp_path):
+    """Rows of held-out emoji, a column per 64x64 stage between the input and the real image, each column named,
+    a title above and the rows named along the left."""
+    e = tmp_path / "eval"
+    truth = [np.full((64, 64, 3), 40 * i, np.uint8) for i in range(3)]
+    for i in range(3):
+        (e / "heldout16").mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (16, 16), (200, 0, 0)).save(e / "heldout16" / f"{i:06d}.png")
+        for arm in compare_report.SR_ARMS:
+            (e / f"sr-heldout-{arm}").mkdir(exist_ok=True)
+            Image.new("RGB", (64, 64), (0, 200, 0)).save(e / f"sr-heldout-{arm}" / f"{i:06d}.png")
+    fig = np.asarray(compare_report.heldout_figure(tmp_path, truth, count=3))
+    columns = len(compare_report.SR_ARMS) + 2
+    assert columns == len(compare_report.HELDOUT_COLUMNS)
+    body_h, body_w = 3 * 64 * 2, columns * 64 * 2  # shown at 2x
+    assert fig.shape[0] > body_h + 40 and fig.shape[1] > body_w + 10
+    top, left = fig.shape[0] - 6 - body_h, fig.shape[1] - 6 - body_w
+    assert (fig[top:top + 128, left:left + 128] == (200, 0, 0)).all()  # the first cell: the upsampled input
+    assert (fig[:top] < 128).any() and (fig[top:, :left] < 128).any()  # text above (title, columns) and at the left
 
 
 FAKE_RDM = """#!/usr/bin/env bash

@@ -133,7 +133,7 @@ def snapshot(t: Trainer) -> dict[str, torch.Tensor]:
 def test_a_skipped_step_changes_nothing_but_the_counters(tmp_path, dataset, monkeypatch, fused):
     t = trainer(tmp_path, dataset, ema_profiles=[0.05])
     if not fused:
-        t.optimizer = torch.optim.Adam(t.params, lr=t.cfg.lr, betas=(0.9, 0.999), eps=1e-8)
+        t.optimizer = t.plan.optimizer.build(t.params)
     elif not t.optimizer.defaults.get("fused"):
         pytest.skip("this torch has no fused Adam on the CPU")
     poison_steps(monkeypatch, {0, 2})

@@ -142,25 +142,26 @@ def test_run_folder_stage2(tmp_path, data):
     assert run_dir.name == "00000-plain-16x16-uncond-adm-blur-gpus1-batch8-fp32-t"
     names = {p.name for p in run_dir.iterdir()}
     for f in ("training_options.json", "log.txt", "stats.jsonl", "loss.png", "reals.png", "reals-relay-start.png",
-              "network-snapshot-000000.safetensors", "network-snapshot-000000.json", "samples-000000.png",
-              "training-state-000000.pt"):
+              "network-snapshot-000000.008.safetensors", "network-snapshot-000000.008.json", "samples-000000.008.png",
+              "network-snapshot-000000.024.safetensors", "network-snapshot-000000.024.json", "samples-000000.024.png",
+              "training-state-000000.024.pt"):
         assert f in names, f
     assert not [n for n in names if n.endswith(".tmp")]
-    meta = read_config(run_dir / "network-snapshot-000000.safetensors")
+    meta = read_config(run_dir / "network-snapshot-000000.024.safetensors")
     assert meta["precond"] == "EDMPrecond" and meta["stage"] == 2 and meta["stage_kind"] == "relay"
     assert meta["process"] == {"up_scale": 4, "block_scale": 0.15, "prob_length": 0.93, "blur_sigma_max": 3.0,
                                "min_scale": 0.001}
     assert meta["step"] == 3
-    net = load_safetensors_network(run_dir / "network-snapshot-000000.safetensors")
+    net = load_safetensors_network(run_dir / "network-snapshot-000000.024.safetensors")
     assert net(torch.zeros(1, 3, 16, 16), torch.ones(1)).shape == (1, 3, 16, 16)
-    with PIL.Image.open(run_dir / "samples-000000.png") as im:
+    with PIL.Image.open(run_dir / "samples-000000.024.png") as im:
         assert im.size == (512, 256)  # 2 samples of 16x16 side by side, enlarged 16x for viewing
     options = json.loads((run_dir / "training_options.json").read_text())
     assert options["config"]["precond"] == "blur" and options["seed"] == 5
     assert "kimg" in (run_dir / "log.txt").read_text() and "sec/kimg" in (run_dir / "log.txt").read_text()
 
     # --transfer starts from a snapshot's weights; --nosubdir writes into --outdir itself.
-    snapshot = run_dir / "network-snapshot-000000.safetensors"
+    snapshot = run_dir / "network-snapshot-000000.024.safetensors"
     again = config(tmp_path / "transfer", data["plain16"], precond="blur", up_scale=4, duration=8 / 1e6,
                    nosubdir=True, transfer=str(snapshot))
     out = run_training(plan_training(again))

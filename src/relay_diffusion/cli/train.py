@@ -6,12 +6,17 @@ reported once, naming it, before any work starts.
 
 from __future__ import annotations
 
+import dataclasses
+
 import click
 
 from relay_diffusion.training.config import (
     ARCHS, PRECISIONS, PRECOND_CHOICES, ConfigError, TrainingConfig, merge_options, saved_config,
 )
 from relay_diffusion.utils.distributed import DEFAULT_TIMEOUT_MIN, LaunchError, PeerFailure
+
+#: The defaults of the stage-2 options are the forward process's (TrainingConfig takes them from BlurProcess).
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainingConfig)}
 
 
 def _int_list(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int] | None:
@@ -116,14 +121,14 @@ def _bad(exc: ConfigError) -> click.BadParameter:
 @click.option("--resume", metavar="DIR|PT", type=str, help="Resume: a run folder (latest state) or a state file")
 @click.option("-n", "--dry-run", is_flag=True, help="Print training options and exit")
 # Stage 2 (precond blur or sr).
-@click.option("--up-scale", metavar="INT", type=int, default=4, show_default=True, help="Relay factor")
-@click.option("--noise-aug", metavar="FLOAT", type=float, default=0.0, show_default=True,
+@click.option("--up-scale", metavar="INT", type=int, default=_DEFAULTS["up_scale"], show_default=True, help="Relay factor")
+@click.option("--noise-aug", metavar="FLOAT", type=float, default=_DEFAULTS["noise_aug"], show_default=True,
               help="sr: largest noise-conditioning augmentation level of the low-resolution input (0: off)")
-@click.option("--block-scale", metavar="FLOAT", type=float, default=0.15, show_default=True,
+@click.option("--block-scale", metavar="FLOAT", type=float, default=_DEFAULTS["block_scale"], show_default=True,
               help="Block noise strength")
-@click.option("--prob-length", metavar="FLOAT", type=float, default=0.93, show_default=True,
+@click.option("--prob-length", metavar="FLOAT", type=float, default=_DEFAULTS["prob_length"], show_default=True,
               help="Part of the noise distribution covered by stage 2")
-@click.option("--blur-sigma-max", metavar="FLOAT", type=float, default=3.0, show_default=True,
+@click.option("--blur-sigma-max", metavar="FLOAT", type=float, default=_DEFAULTS["blur_sigma_max"], show_default=True,
               help="Maximum blur strength")
 @click.pass_context
 def train(ctx: click.Context, config_file: str | None, fp16: bool, precision: str | None, eff_attn: bool,

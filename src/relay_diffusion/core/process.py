@@ -36,19 +36,23 @@ class BlurProcess:
     block_scale: float = field(default=0.15, metadata={"help": "Strength of the block noise"})
     min_scale: float = field(default=MIN_SCALE, metadata={"help": "Smallest blur factor of a DCT coefficient"})
 
-    def validate(self, names: Mapping[str, str] | None = None) -> "BlurProcess":
-        """Raise ``ValueError`` naming the bad field (as ``names[field]`` when given, e.g. a CLI flag)."""
+    def validate(self, names: Mapping[str, str] | None = None, training: bool = False) -> "BlurProcess":
+        """Raise :class:`SettingError` (a ``ValueError``) naming the bad field (as ``names[field]`` when given, e.g.
+        a CLI flag). ``training``: also the bounds of training a stage on this process (``prob_length`` <= 1: the
+        blur loss draws its noise levels from that part of the distribution; sampling may extrapolate past it)."""
         def n(k: str) -> str:
             return (names or {}).get(k, k)
-        _check(isinstance(self.up_scale, int) and self.up_scale >= 1, f"{n('up_scale')} must be an integer >= 1, "
-               f"got {self.up_scale}")
-        _check(math.isfinite(self.blur_sigma_max) and self.blur_sigma_max >= 0,
-               f"{n('blur_sigma_max')} must be a finite number >= 0, got {self.blur_sigma_max}")
-        _check(math.isfinite(self.prob_length) and self.prob_length > 0,
-               f"{n('prob_length')} must be a finite number > 0, got {self.prob_length}")
-        _check(math.isfinite(self.block_scale) and self.block_scale >= 0,
-               f"{n('block_scale')} must be a finite number >= 0, got {self.block_scale}")
-        _check(0 < self.min_scale <= 1, f"{n('min_scale')} must be in (0, 1], got {self.min_scale}")
+        _check(isinstance(self.up_scale, int) and self.up_scale >= 1, n("up_scale"),
+               f"must be an integer >= 1, got {self.up_scale}")
+        _check(math.isfinite(self.blur_sigma_max) and self.blur_sigma_max >= 0, n("blur_sigma_max"),
+               f"must be a finite number >= 0, got {self.blur_sigma_max}")
+        if training:
+            _check(0 < self.prob_length <= 1, n("prob_length"), f"must be in (0, 1] for training, got {self.prob_length}")
+        _check(math.isfinite(self.prob_length) and self.prob_length > 0, n("prob_length"),
+               f"must be a finite number > 0, got {self.prob_length}")
+        _check(math.isfinite(self.block_scale) and self.block_scale >= 0, n("block_scale"),
+               f"must be a finite number >= 0, got {self.block_scale}")
+        _check(0 < self.min_scale <= 1, n("min_scale"), f"must be in (0, 1], got {self.min_scale}")
         return self
 
     # --- the schedule (docs/math.md §6c) ---------------------------------------------------------
@@ -94,6 +98,14 @@ REFERENCE_SAMPLING_NAMES = {"up_scale": "up_scale", "blur_sigma_max": "blur_sigm
 REFERENCE_NAMES = {"truncation_t": "prob_length", "s_block": "block_scale"}
 
 
-def _check(ok: bool, message: str) -> None:
+class SettingError(ValueError):
+    """A bad setting: ``name`` (the field, or what the caller calls it) and ``message`` (what is wrong with it)."""
+
+    def __init__(self, name: str, message: str) -> None:
+        super().__init__(f"{name} {message}")
+        self.name, self.message = name, message
+
+
+def _check(ok: bool, name: str, message: str) -> None:
     if not ok:
-        raise ValueError(message)
+        raise SettingError(name, message)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from relay_diffusion.core.blur import P_MEAN, P_STD
 from relay_diffusion.core.losses import _prepare, edm_noise_level
+from relay_diffusion.core.process import SettingError
 from relay_diffusion.core.rng import SeedGenerators
 
 
@@ -39,9 +40,9 @@ class SRCondition:
         def n(k: str) -> str:
             return (names or {}).get(k, k)
         if not (isinstance(self.up_scale, int) and self.up_scale >= 1):
-            raise ValueError(f"{n('up_scale')} must be an integer >= 1, got {self.up_scale}")
+            raise SettingError(n("up_scale"), f"must be an integer >= 1, got {self.up_scale}")
         if not (math.isfinite(self.noise_aug) and 0 <= self.noise_aug <= 10):
-            raise ValueError(f"{n('noise_aug')} must be in [0, 10], got {self.noise_aug}")
+            raise SettingError(n("noise_aug"), f"must be in [0, 10], got {self.noise_aug}")
         return self
 
     @property

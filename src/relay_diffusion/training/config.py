@@ -14,6 +14,9 @@ import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from relay_diffusion.core.process import BlurProcess, SettingError
+from relay_diffusion.core.sr import SRCondition
+
 ARCHS = ("ddpmpp", "ncsnpp", "adm")
 PRECOND_CHOICES = ("vp", "ve", "edm", "blur", "sr")
 #: The ``--precond`` choices that train a stage refining a smaller image (stage 2): relay and super-resolution.
@@ -25,6 +28,12 @@ PRECOND_NETWORKS = {"vp": "VPPrecond", "ve": "VEPrecond", "edm": "EDMPrecond", "
                     "sr": "SRPrecond"}
 #: Number of augmentation labels of EDM's ``--augment`` preset (see :mod:`relay_diffusion.training.augment`).
 AUGMENT_DIM = 9
+#: The options that are the stage-2 forward process (:class:`BlurProcess`) of a ``--precond blur`` run: each is the
+#: BlurProcess field of the same name, with its default; BlurProcess checks them (:meth:`TrainingConfig.validate`).
+#: ``up_scale`` is also the relay factor of a super-resolution stage (:class:`SRCondition`, as is ``noise_aug``).
+PROCESS_FIELDS = ("up_scale", "block_scale", "prob_length", "blur_sigma_max")
+CONDITION_FIELDS = ("up_scale", "noise_aug")
+_PROCESS, _CONDITION = BlurProcess(), SRCondition()
 
 
 def _utf8(text: str) -> bool:
@@ -88,11 +97,13 @@ class TrainingConfig:
     resume: Optional[str] = None                # a run folder (continue in it) or a training-state file
     device: Optional[str] = None                # None = cuda if available, else cpu
     grid: int = 64                              # images in the sample grid at every snapshot (0 = none)
-    up_scale: int = 4                           # stage 2 (blur, sr): relay factor p
-    block_scale: float = 0.15                   # stage 2: block-noise strength
-    prob_length: float = 0.93                   # stage 2: part of the noise distribution covered (L)
-    blur_sigma_max: float = 3.0                 # stage 2: strongest blur
-    noise_aug: float = 0.0                      # sr: largest noise-conditioning augmentation level (0 = off)
+    # Stage 2: the forward process (blur; PROCESS_FIELDS) or the condition (sr; CONDITION_FIELDS), flat as on the
+    # command line and in training_options.json; defaults and ranges are BlurProcess's / SRCondition's.
+    up_scale: int = _PROCESS.up_scale               # blur, sr: relay factor p
+    block_scale: float = _PROCESS.block_scale       # blur: block-noise strength
+    prob_length: float = _PROCESS.prob_length       # blur: part of the noise distribution covered (L)
+    blur_sigma_max: float = _PROCESS.blur_sigma_max  # blur: strongest blur
+    noise_aug: float = _CONDITION.noise_aug         # sr: largest noise-conditioning augmentation level (0 = off)
 
     # ----------------------------------------------------------------------------------------------
     def validate(self) -> "TrainingConfig":
@@ -139,18 +150,15 @@ class TrainingConfig:
             raise ConfigError("--grid", f"must be >= 0, got {self.grid}")
         if self.label_dropout > 0 and not self.cond:
             raise ConfigError("--label-dropout", "only applies to class-conditional training (--cond=1)")
-        if self.precond in STAGE2_PRECONDS and self.up_scale < 1:
-            raise ConfigError("--up-scale", f"must be >= 1, got {self.up_scale}")
-        if self.precond == "sr":
-            if not (math.isfinite(self.noise_aug) and 0 <= self.noise_aug <= 10):
-                raise ConfigError("--noise-aug", f"must be in [0, 10], got {self.noise_aug}")
-        elif self.noise_aug != 0:
+        try:  # the stage-2 options, by the classes they make up
+            if self.precond == "blur":
+                self.process().validate(training=True)
+            elif self.precond == "sr":
+                self.condition().validate()
+        except SettingError as exc:
+            raise ConfigError("--" + exc.name.replace("_", "-"), exc.message) from None
+        if self.precond != "sr" and self.noise_aug != 0:
             raise ConfigError("--noise-aug", "only applies to super-resolution training (--precond sr)")
-        if self.precond == "blur":
-            _non_negative("--block-scale", self.block_scale)
-            if not 0 < self.prob_length <= 1:
-                raise ConfigError("--prob-length", f"must be in (0, 1], got {self.prob_length}")
-            _non_negative("--blur-sigma-max", self.blur_sigma_max)
         if self.transfer is not None and self.resume is not None:
             raise ConfigError("--transfer", "cannot be combined with --resume (the state holds the weights)")
         return self
@@ -179,17 +187,12 @@ class TrainingConfig:
                 "--up-scale", f"the dataset resolution {resolution} is not divisible by --up-scale {self.up_scale}"
             )
 
-    def process(self):
-        """The stage-2 forward process of these options (:class:`relay_diffusion.core.process.BlurProcess`)."""
-        from relay_diffusion.core.process import BlurProcess
+    def process(self) -> BlurProcess:
+        """The stage-2 forward process of these options (:data:`PROCESS_FIELDS`)."""
+        return BlurProcess(**{k: getattr(self, k) for k in PROCESS_FIELDS})
 
-        return BlurProcess(up_scale=self.up_scale, blur_sigma_max=self.blur_sigma_max, prob_length=self.prob_length,
-                           block_scale=self.block_scale)
-
-    def condition(self):
-        """The super-resolution condition of these options (:class:`relay_diffusion.core.sr.SRCondition`)."""
-        from relay_diffusion.core.sr import SRCondition
-
+    def condition(self) -> SRCondition:
+        """The super-resolution condition of these options (:data:`CONDITION_FIELDS`)."""
         return SRCondition(up_scale=self.up_scale, noise_aug=float(self.noise_aug))
 
     # ----------------------------------------------------------------------------------------------

@@ -37,12 +37,13 @@ from relay_diffusion.training import grids
 from relay_diffusion.training.augment import AugmentPipe
 from relay_diffusion.training.phema import PowerEMATracker
 from relay_diffusion.training.posthoc import save_profile_snapshots
+from relay_diffusion.training.pace import PaceMeter, first_hour_warning
 from relay_diffusion.training.order import (DataOrder, StepLayout, device_batch, dropout_seed, make_loader,
                                             sample_seeds)
 from relay_diffusion.training.config import ConfigError
 from relay_diffusion.training.plan import TrainingPlan, build_loss, create_run_dir, open_dataset
-from relay_diffusion.training.rundir import RunFolderLock, clean_stale_temps, remove_failed_run
-from relay_diffusion.training.state import latest_state, load_state, save_state, state_name
+from relay_diffusion.training.rundir import RunFolderLock, clean_stale_temps, kimg_label, remove_failed_run
+from relay_diffusion.training.state import latest_state, load_state, rename_whole_kimg_files, save_state, state_name
 from relay_diffusion.training.stats import RunLog, StatsLog, memory_gb, progress_line
 from relay_diffusion.training.tally import TickSummary, TickTally
 
@@ -113,7 +114,9 @@ class Trainer:
         self._checkpoint_steps: Optional[int] = None  # --checkpoint-minutes in steps (several processes)
 
     # --- setup -------------------------------------------------------------------------------------
-    def _setup(self) -> None:
+    def _open_run_dir(self) -> Optional[dict[str, Any]]:
+        """The seed and the run folder (created by the first process), the same on every process; returns the
+        training state to resume from, if any."""
         plan, cfg, ctx = self.plan, self.cfg, self.ctx
         state = load_state(plan.resume_state) if plan.resume_state else None
         seed = cfg.seed if cfg.seed is not None else (state["seed"] if state else secrets.randbits(62))
@@ -122,11 +125,28 @@ class Trainer:
         self.run_dir = Path(distributed.broadcast_object(str(run_dir) if run_dir else None))
         if ctx.is_main:
             self.fresh = not plan.resume_in_place and not cfg.nosubdir  # a folder this run created
-            self.lock = RunFolderLock(self.run_dir).__enter__()
-            stale = clean_stale_temps(self.run_dir)
+        return state
+
+    def _setup(self) -> None:
+        """Everything before the first step, without the run folder's lock: for driving :meth:`_train_step`
+        directly (tests, benchmarks); :meth:`run` holds the lock."""
+        self._setup_run(self._open_run_dir())
+
+    def _setup_run(self, state: Optional[dict[str, Any]]) -> None:
+        """Everything after :meth:`_open_run_dir` before the first step (the first process holds the lock)."""
+        plan, cfg, ctx = self.plan, self.cfg, self.ctx
+        stale = clean_stale_temps(self.run_dir) if ctx.is_main else []
         self.log = RunLog(self.run_dir if ctx.is_main else None, enabled=ctx.is_main)
         if ctx.is_main and stale:
             self.log(f"Removed {len(stale)} temporary file(s) of an interrupted write: {', '.join(stale[:5])}")
+        renamed = rename_whole_kimg_files(self.run_dir) if ctx.is_main and plan.resume_in_place else []
+        for line in renamed:  # the resumed state among them: the options record its new name
+            old, new = line.split(" -> ")
+            if plan.resume_state is not None and Path(plan.resume_state) == self.run_dir / old:
+                plan.resume_state = str(self.run_dir / new)
+        if renamed:
+            self.log(f"Renamed {len(renamed)} file(s) to three-decimal kimg names (so that the new ones sort after "
+                     f"them): {', '.join(renamed[:3])}{', ...' if len(renamed) > 3 else ''}")
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = cfg.bench
         self._setup_model(state)
@@ -148,8 +168,7 @@ class Trainer:
         cfg = self.cfg
         self.net = build_training_network(self.plan, self.seed).train().requires_grad_(True).to(self.device)
         self.ema = copy.deepcopy(self.net).eval().requires_grad_(False)
-        self.optimizer = torch.optim.Adam(self.net.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
-                                          **accel.adam_options(self.device))
+        self.optimizer = self.plan.optimizer.build(self.net.parameters(), **accel.adam_options(self.device))
         self.phema = PowerEMATracker(self.net, cfg.ema_profiles) if cfg.ema_profiles else None
         self.step, self.nimg = 0, 0
         if state is not None:
@@ -289,15 +308,15 @@ class Trainer:
 
     # --- ticks, snapshots, states -----------------------------------------------------------------
     def _snapshot(self) -> None:
-        kimg = self.nimg // 1000
+        kimg = kimg_label(self.nimg)
         extra = self._snapshot_extra()
-        save_network(self.ema, self.run_dir / f"network-snapshot-{kimg:06d}.safetensors", extra=extra)
+        save_network(self.ema, self.run_dir / f"network-snapshot-{kimg}.safetensors", extra=extra)
         if self.phema is not None:
             save_profile_snapshots(self.phema, self.run_dir, self.nimg, self.step, self.cfg.batch, extra)
         if self.cfg.grid > 0:
             images = self._grid_images()
             if images is not None:
-                grids.save_training_grid(images, self.run_dir / f"samples-{kimg:06d}.png")
+                grids.save_training_grid(images, self.run_dir / f"samples-{kimg}.png")
 
     def _snapshot_extra(self) -> dict[str, Any]:
         cfg = self.cfg
@@ -328,26 +347,23 @@ class Trainer:
 
     def _save_state(self) -> None:
         options = self.plan.options(str(self.run_dir))
-        save_state(self.run_dir / state_name(self.nimg // 1000), self.net, self.ema, self.optimizer,
+        save_state(self.run_dir / state_name(self.nimg), self.net, self.ema, self.optimizer,
                    self.step, self.nimg, self.seed, options,
                    phema=self.phema.state_dict() if self.phema is not None else None)
 
     # --- main loop ---------------------------------------------------------------------------------
     def run(self) -> Path:
-        """Train; a fresh run folder that fails before its first state or snapshot is removed again."""
-        self.fresh, self.lock, self.run_dir = False, None, None
+        """Train, the first process holding the run folder's lock; a fresh run folder that fails before its first
+        state or snapshot is removed again (once the lock is released)."""
+        self.fresh, self.run_dir = False, None
         try:
-            return self._run()
+            state = self._open_run_dir()
+            with RunFolderLock(self.run_dir) if self.ctx.is_main else contextlib.nullcontext():
+                return self._run(state)
         except BaseException:
             if self.ctx.is_main and self.fresh:
-                if self.lock is not None:
-                    self.lock.__exit__()
-                    self.lock = None
                 remove_failed_run(self.run_dir)
             raise
-        finally:
-            if self.lock is not None:
-                self.lock.__exit__()
 
     def _step(self) -> float:
         """:meth:`_train_step`, with a collective that failed because another process did as :class:`PeerFailure`."""
@@ -377,8 +393,8 @@ class Trainer:
             per_step = float(distributed.broadcast_object(seconds / max(steps, 1)))
             self._checkpoint_steps = max(1, int(self.cfg.checkpoint_minutes * 60 / max(per_step, 1e-9)))
 
-    def _run(self) -> Path:
-        self._setup()
+    def _run(self, state: Optional[dict[str, Any]]) -> Path:
+        self._setup_run(state)
         cfg, total = self.cfg, self.cfg.total_images
         if self.nimg >= total:
             self.log(f"Nothing to do: {self.nimg / 1000:.3f} kimg already reached the duration of {cfg.duration} Mimg")
@@ -389,9 +405,15 @@ class Trainer:
         tick_cpu = time.process_time()
         saved_at, saved_step = time.time(), self.step  # the last state: --checkpoint-minutes counts from here
         memory_gb(self.device)  # reset the peak counters
+        pace = PaceMeter(sync=lambda: accel.synchronize(self.device)) if self.ctx.is_main else None
         try:
             while True:
-                self._step()
+                if pace is None:
+                    self._step()
+                elif (sec_per_kimg := pace.time_step(self._step, cfg.batch)) is not None:
+                    warning, pace = first_hour_warning(cfg, sec_per_kimg, self.nimg), None
+                    if warning:  # the options cannot give a useful snapshot in the first hour on this machine
+                        self.log(warning)
                 done = self.nimg >= total
                 due = self._checkpoint_due(saved_at, saved_step)
                 if not done and not due and tick != 0 and self.nimg < tick_nimg + cfg.tick * 1000:

@@ -94,6 +94,25 @@ class LossSpec:
         return {"VPLoss": VPLoss, "VELoss": VELoss, "EDMLoss": EDMLoss}[self.name](label_dropout=self.label_dropout)
 
 
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """The optimizer: Adam with EDM's settings, at the learning rate ``lr`` (``--lr``; the loop warms it up). The
+    one place these settings are written: the loop builds the optimizer from here and ``training_options.json``
+    records them from here."""
+
+    lr: float
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    name = "Adam"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "lr": self.lr, "betas": list(self.betas), "eps": self.eps}
+
+    def build(self, params, **options: Any) -> torch.optim.Optimizer:
+        """The optimizer of ``params``; ``options``: the device's extras (:func:`relay_diffusion.utils.accel.adam_options`)."""
+        return torch.optim.Adam(params, lr=self.lr, betas=self.betas, eps=self.eps, **options)
+
+
 @dataclass
 class TrainingPlan:
     """A validated configuration plus what follows from it (the resolved options of the run)."""
@@ -114,6 +133,10 @@ class TrainingPlan:
     def stage(self) -> int:
         return 2 if self.config.precond in STAGE2_PRECONDS else 1
 
+    @property
+    def optimizer(self) -> OptimizerSpec:
+        return OptimizerSpec(self.config.lr)
+
     def options(self, run_dir: Optional[str] = None) -> dict[str, Any]:
         """The resolved options, as written to ``training_options.json`` and printed by ``--dry-run``."""
         return {
@@ -126,7 +149,7 @@ class TrainingPlan:
             "dataset": dataclasses.asdict(self.dataset),
             "network": dataclasses.asdict(self.network),
             "loss": self.loss.to_dict(),
-            "optimizer": {"name": "Adam", "lr": self.config.lr, "betas": [0.9, 0.999], "eps": 1e-8},
+            "optimizer": self.optimizer.to_dict(),
             "resume_state": self.resume_state,
             "workers": self.workers,
             "notes": self.notes,

@@ -16,15 +16,17 @@ from typing import Any, Optional
 
 import torch
 
+from relay_diffusion.training.rundir import KIMG, kimg_label, label_order
 from relay_diffusion.utils.fileio import atomic_path
 from relay_diffusion.utils.jsonio import dumps_strict
 
 FORMAT = "relay-diffusion/training-state-1"
-STATE_PATTERN = re.compile(r"^training-state-(\d+)\.pt$")
+STATE_PATTERN = re.compile(rf"^training-state-({KIMG})\.pt$")
 
 
-def state_name(kimg: int) -> str:
-    return f"training-state-{kimg:06d}.pt"
+def state_name(nimg: int) -> str:
+    """``training-state-<kimg>.pt`` of the state after ``nimg`` images (:func:`kimg_label`)."""
+    return f"training-state-{kimg_label(nimg)}.pt"
 
 
 def save_state(path: Path, net: torch.nn.Module, ema: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -69,7 +71,7 @@ def states(run_dir: str | os.PathLike) -> list[Path]:
     for entry in Path(run_dir).iterdir():
         m = STATE_PATTERN.match(entry.name)
         if m and entry.is_file():
-            found.append((int(m.group(1)), entry))
+            found.append((label_order(m.group(1)), entry))
     return [path for _, path in sorted(found, reverse=True)]
 
 
@@ -101,6 +103,43 @@ def latest_intact_state(run_dir: str | os.PathLike) -> tuple[Optional[Path], lis
         except ValueError as exc:
             skipped.append(f"skipped {exc}")
     return None, skipped
+
+
+#: The names of snapshots, grids and states of runs written before :data:`KIMG`: whole kimg (``000200``).
+WHOLE_KIMG = re.compile(r"^(network-snapshot|samples|training-state)-(\d+)\.(safetensors|json|png|pt)$")
+
+
+def rename_whole_kimg_files(run_dir: str | os.PathLike) -> list[str]:
+    """Give the snapshots, grids and states of a run written with whole-kimg names the three-decimal names of
+    :data:`KIMG`, from the images seen that each records (a grid and a snapshot ``.json`` follow their
+    snapshot), so that the files a resumed run adds sort after them; a file that does not say keeps its name.
+    Returns ``"old -> new"`` for each renamed file. Call while holding the folder's lock."""
+    from relay_diffusion.checkpoints.snapshot import read_config
+
+    run_dir = Path(run_dir)
+    found = {}  # (kind, label, suffix) -> path
+    for entry in run_dir.iterdir():
+        m = WHOLE_KIMG.match(entry.name)
+        if m and entry.is_file():
+            found[m.groups()] = entry
+    nimg: dict[tuple[str, str], int] = {}  # (snapshot | state, old label) -> images seen
+    for (kind, label, suffix), path in found.items():
+        try:
+            if (kind, suffix) == ("network-snapshot", "safetensors"):
+                nimg["snapshot", label] = int(round(float(read_config(path)["kimg"]) * 1000))
+            elif kind == "training-state":
+                nimg["state", label] = int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["nimg"])
+        except Exception:  # noqa: BLE001 - damaged or foreign: left as it is (and skipped when resuming)
+            continue
+    renamed = []
+    for (kind, label, suffix), path in sorted(found.items()):
+        images = nimg.get(("state" if kind == "training-state" else "snapshot", label))
+        target = path.with_name(f"{kind}-{kimg_label(images)}.{suffix}") if images is not None else None
+        if target is None or target.exists() or int(label) != images // 1000:
+            continue
+        path.rename(target)
+        renamed.append(f"{path.name} -> {target.name}")
+    return renamed
 
 
 def _cpu(obj: Any) -> Any:

@@ -119,6 +119,15 @@ def set_numerics(device: torch.device | str, precision: str | None, tf32: bool |
     return value
 
 
+def synchronize(device: torch.device | str) -> None:
+    """Wait for the work queued on ``device`` (CUDA, MPS); nothing to wait for on the CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
 def adam_options(device: torch.device | str) -> dict:
     """``{'fused': True}`` where this torch has a fused Adam kernel for ``device`` (CUDA; the CPU from torch
     2.4), else ``{}``. Measured on the bundled stage-1 network (7.7 M parameters, one CPU thread): 64 ms
