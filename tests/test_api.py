@@ -30,7 +30,7 @@ def readme_library_blocks() -> list[str]:
 
 def test_readme_library_snippets_run():
     blocks = readme_library_blocks()
-    assert len(blocks) == 3
+    assert len(blocks) == 4
     first = [line for line in blocks[0].splitlines() if line.strip()]
     assert len(first) <= 3  # four images from the bundled models in at most three lines
     scope: dict = {}
@@ -47,6 +47,10 @@ def test_readme_library_snippets_run():
     scope3: dict = {}
     exec(compile(blocks[2], "README.md:Library[2]", "exec"), scope3)
     assert scope3["images"].shape == (2, 64, 64, 3) and scope3["images"].dtype == np.float32
+    scope4: dict = {}  # every rdm generate option from Python (GenerationOptions), autoguidance included
+    exec(compile(blocks[3], "README.md:Library[3]", "exec"), scope4)
+    assert len(scope4["images"]) == 8 and scope4["pipe"].stages[0].guide_source == "self-dropout"
+    assert [s.config.solver for s in scope4["pipe"].stages] == ["multistep", "multistep"]
 
 
 def test_export_and_from_pretrained_give_the_images_of_generate(tmp_path):
