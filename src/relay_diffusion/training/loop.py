@@ -140,13 +140,13 @@ class Trainer:
         if ctx.is_main and stale:
             self.log(f"Removed {len(stale)} temporary file(s) of an interrupted write: {', '.join(stale[:5])}")
         renamed = rename_whole_kimg_files(self.run_dir) if ctx.is_main and plan.resume_in_place else []
-        for line in renamed:  # the resumed state among them: the options record its new name
-            old, new = line.split(" -> ")
+        for old, new in renamed:  # the resumed state among them: the options record its new name
             if plan.resume_state is not None and Path(plan.resume_state) == self.run_dir / old:
                 plan.resume_state = str(self.run_dir / new)
         if renamed:
+            shown = ", ".join(f"{old} -> {new}" for old, new in renamed[:3])
             self.log(f"Renamed {len(renamed)} file(s) to three-decimal kimg names (so that the new ones sort after "
-                     f"them): {', '.join(renamed[:3])}{', ...' if len(renamed) > 3 else ''}")
+                     f"them): {shown}{', ...' if len(renamed) > 3 else ''}")
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = cfg.bench
         self._setup_model(state)

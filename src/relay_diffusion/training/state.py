@@ -109,11 +109,11 @@ def latest_intact_state(run_dir: str | os.PathLike) -> tuple[Optional[Path], lis
 WHOLE_KIMG = re.compile(r"^(network-snapshot|samples|training-state)-(\d+)\.(safetensors|json|png|pt)$")
 
 
-def rename_whole_kimg_files(run_dir: str | os.PathLike) -> list[str]:
+def rename_whole_kimg_files(run_dir: str | os.PathLike) -> list[tuple[str, str]]:
     """Give the snapshots, grids and states of a run written with whole-kimg names the three-decimal names of
     :data:`KIMG`, from the images seen that each records (a grid and a snapshot ``.json`` follow their
     snapshot), so that the files a resumed run adds sort after them; a file that does not say keeps its name.
-    Returns ``"old -> new"`` for each renamed file. Call while holding the folder's lock."""
+    Returns ``(old name, new name)`` of each renamed file. Call while holding the folder's lock."""
     from relay_diffusion.checkpoints.snapshot import read_config
 
     run_dir = Path(run_dir)
@@ -138,7 +138,7 @@ def rename_whole_kimg_files(run_dir: str | os.PathLike) -> list[str]:
         if target is None or target.exists() or int(label) != images // 1000:
             continue
         path.rename(target)
-        renamed.append(f"{path.name} -> {target.name}")
+        renamed.append((path.name, target.name))
     return renamed
 
 
