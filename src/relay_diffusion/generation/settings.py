@@ -212,13 +212,13 @@ def attach_guides(pipeline: Any, options: GenerationOptions, device: torch.devic
             raise OptionError(f"{option}: this chain has no {'stage 1' if which == 'first' else 'relay stage'}",
                               option)
         stage = stages[index]
+        if stage.config.cfg_scale <= 1:  # before loading: the guide would never be called
+            raise OptionError(f"{option} guides only with a guidance scale above 1 "
+                              f"({names(which, 'cfg_scale')})", option)
         try:
             stage.guide, stage.guide_source = load_guide(spec, stage, device, options.precision)
         except (ValueError, OSError) as exc:
             raise OptionError(str(exc), option) from exc
-        if stage.config.cfg_scale <= 1:
-            raise OptionError(f"{option} guides only with a guidance scale above 1 "
-                              f"({names(which, 'cfg_scale')})", option)
 
 
 def check_options_apply(pipeline: Any, options: GenerationOptions, names: Namer = field_name) -> None:
