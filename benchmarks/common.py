@@ -13,6 +13,7 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 
+from relay_diffusion.generation.batching import carry_denoiser_attributes
 from relay_diffusion.networks.precond import build_network
 
 
@@ -23,8 +24,7 @@ class TimedNet(torch.nn.Module):
     def __init__(self, net: torch.nn.Module) -> None:
         super().__init__()
         self.net, self.seconds, self.samples = net, 0.0, 0
-        self.img_resolution, self.img_channels, self.label_dim = net.img_resolution, net.img_channels, net.label_dim
-        self.sigma_min, self.sigma_max, self.round_sigma = net.sigma_min, net.sigma_max, net.round_sigma
+        carry_denoiser_attributes(net, self)
 
     def forward(self, *args, **kwargs):
         t0 = time.perf_counter()

@@ -29,6 +29,19 @@ def auto_net_batch(net_batch: int | None, device: torch.device | str) -> int | N
     return CPU_NET_BATCH if torch.device(device).type == "cpu" else None
 
 
+#: What samplers and stages read off a denoiser besides calling it (its image shape and labels, its noise-level
+#: range and rounding, a super-resolution network's level input): a stand-in for a network carries them over.
+DENOISER_ATTRIBUTES = ("img_resolution", "img_channels", "label_dim", "sigma_min", "sigma_max", "round_sigma",
+                       "level_channel")
+
+
+def carry_denoiser_attributes(net: object, stand_in: object) -> None:
+    """Give ``stand_in`` the :data:`DENOISER_ATTRIBUTES` that ``net`` has."""
+    for name in DENOISER_ATTRIBUTES:
+        if hasattr(net, name):
+            setattr(stand_in, name, getattr(net, name))
+
+
 def _is_out_of_memory(exc: BaseException) -> bool:
     oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", ())
     return isinstance(exc, oom) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc))

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from relay_diffusion.generation.batching import carry_denoiser_attributes
+
 #: The guide that is the stage's own network with dropout on.
 SELF_DROPOUT = "self-dropout"
 _M32 = 0xFFFFFFFF
@@ -37,11 +39,7 @@ class DropoutGuide(nn.Module):
         if not rates or max(rates) <= 0:
             raise ValueError("the network has no dropout, so it cannot be its own guide (self-dropout needs a "
                              "network trained with --dropout > 0)")
-        for name in ("img_resolution", "img_channels", "label_dim", "sigma_min", "sigma_max"):
-            if hasattr(net, name):
-                setattr(self, name, getattr(net, name))
-        if hasattr(net, "round_sigma"):
-            self.round_sigma = net.round_sigma
+        carry_denoiser_attributes(net, self)
 
     def _rate(self, layer: nn.Dropout) -> float:
         return float(layer.p if self.p is None else self.p)

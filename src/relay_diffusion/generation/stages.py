@@ -20,7 +20,7 @@ from relay_diffusion.core.rng import SeedGenerators
 from relay_diffusion.core.registry import solver
 from relay_diffusion.core.samplers import Callback
 from relay_diffusion.core.sr import SRCondition, condition_input
-from relay_diffusion.generation.batching import DEFAULT_NET_BATCH, FixedBatchDenoiser
+from relay_diffusion.generation.batching import DEFAULT_NET_BATCH, FixedBatchDenoiser, carry_denoiser_attributes
 from relay_diffusion.generation.configs import EDMStageConfig, RelayStageConfig, SRStageConfig
 
 def net_info(net: Any) -> tuple[int, int, int]:
@@ -92,8 +92,7 @@ class RelayStage(_RefiningStage):
         latents = F.interpolate(inputs.to(torch.float64), scale_factor=self.up_scale, mode="nearest")
         sampler = solver("relay", self.config.solver).sampler
         return sampler(FixedBatchDenoiser(self.net, net_batch, guide=self.guide), latents, rng, labels,
-                       process=self.process,
-                       callback=callback, **self.config.sampler_kwargs())
+                       process=self.process, callback=callback, **self.config.sampler_kwargs())
 
 
 @dataclass
@@ -148,10 +147,7 @@ class _Counter:
     """A stand-in network that counts its calls and returns zeros (see :func:`guide_evaluations`)."""
 
     def __init__(self, net: Any) -> None:
-        for name in ("img_resolution", "img_channels", "label_dim", "sigma_min", "sigma_max", "round_sigma",
-                     "level_channel"):
-            if hasattr(net, name):
-                setattr(self, name, getattr(net, name))
+        carry_denoiser_attributes(net, self)
         self.calls = 0
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, labels: Any = None, **kwargs: Any) -> torch.Tensor:
