@@ -28,34 +28,63 @@ from pathlib import Path
 import numpy as np
 
 from common import plot
+from relay_diffusion.checkpoints.bundled import ASSETS, GUIDE_FILES
 
 RDM = [sys.executable, "-m", "relay_diffusion"]
 MS = ["--solver_first", "multistep", "--solver_second", "multistep"]
+DEFAULT = ["--preset", "default"]
 
 
 def _guided(stage: str, guide: str, weight: float) -> list[str]:
     return [f"--cfg_scale_{stage}", str(weight), f"--guide_{stage}", guide] if weight > 1 else []
 
 
+def relay_steps(nfe: int) -> list[str]:
+    """Relay-stage options for exactly ``nfe`` one-evaluation steps from the default start ``t_0`` (0.8975): a
+    grid of ``nfe`` levels whose top is ``t_0``, all below ``truncation_sigma`` 0.9."""
+    return ["--num_steps_second", str(nfe), "--sigma_max_second", str(T0)]
+
+
+T0 = 0.8975  # the first level of the default relay grid (18 steps, truncation 0.9): docs/math.md §6c
+WEIGHTS = (1.0, 1.5, 2.0, 2.5, 3.0)
+NFES = (5, 7, 9, 12, 16, 25)
+
+
 def sweeps(guides: Path) -> dict[str, dict[str, list[str]]]:
-    """``{sweep: {configuration name: rdm generate options}}``."""
-    g1 = str(guides / "stage1-guide.safetensors")
+    """``{sweep: {configuration name: rdm generate options}}``. Names: ``stage1-...`` are scored on the 16x16
+    stage-1 images alone, ``relay-...`` on the relayed 64x64 images; ``relay-second-...`` guide the relay stage
+    (stage 1 unguided), the other ``relay-...`` guide stage 1. Every configuration spells its settings out
+    (``--preset default`` underneath), so the bundled models' preset does not change them."""
+    g = {w: str(guides / f) for w, f in GUIDE_FILES.items()}
     out: dict[str, dict[str, list[str]]] = {"guidance": {}, "solvers": {}, "best": {}}
-    base = MS + ["--num_steps_first", "9", "--num_steps_second", "18"]  # 9 + 7 NFE
-    for w in (1.0, 1.5, 2.0, 2.5, 3.0):
-        out["guidance"][f"network-w{w:g}"] = base + _guided("first", g1, w)
-        if w > 1:
-            out["guidance"][f"self-dropout-w{w:g}"] = base + _guided("first", "self-dropout", w)
-    for solver in ("multistep", "heun"):
-        for nfe in (5, 7, 9, 12, 16, 25):
-            steps = nfe if solver == "multistep" else (nfe + 1) // 2
-            out["solvers"][f"stage1-{solver}-{nfe}"] = ["--sampler_stages", "first", "--solver_first", solver,
-                                                         "--num_steps_first", str(steps)]
+    base = DEFAULT + MS + ["--num_steps_first", "9", "--num_steps_second", "18"]  # 9 + 7 NFE
+    first = DEFAULT + ["--sampler_stages", "first", "--solver_first", "multistep", "--num_steps_first", "9"]
+    for w in WEIGHTS:
+        for guide, which in (("network", None), ("self-dropout", "self-dropout")):
+            if w == 1 and guide != "network":
+                continue  # one unguided row per scope
+            out["guidance"][f"stage1-{guide}-w{w:g}"] = first + _guided("first", which or g["first"], w)
+            out["guidance"][f"relay-{guide}-w{w:g}"] = base + _guided("first", which or g["first"], w)
+            if w > 1:
+                out["guidance"][f"relay-second-{guide}-w{w:g}"] = base + _guided("second", which or g["second"], w)
+    for solver in ("multistep", "multistep3", "heun"):
+        for nfe in NFES:
+            steps = nfe if solver != "heun" else (nfe + 1) // 2
+            out["solvers"][f"stage1-{solver}-{nfe}"] = DEFAULT + ["--sampler_stages", "first", "--solver_first",
+                                                                   solver, "--num_steps_first", str(steps)]
+    for solver in ("multistep", "multistep3"):
+        for nfe in NFES:
+            out["solvers"][f"relay-{solver}-{nfe}"] = DEFAULT + ["--solver_first", "multistep", "--num_steps_first",
+                                                                 "9", "--solver_second", solver, *relay_steps(nfe)] + \
+                (["--s_noise_second", "0"] if solver == "multistep3" else [])
+    # the README's configuration: the bundled models' default (the ``emoji`` preset), both stages guided by the
+    # bundled guides at weight 2 (18 + 14 NFE), spelled out
+    out["best"]["relay-best"] = base + _guided("first", g["first"], 2.0) + _guided("second", g["second"], 2.0)
     return out
 
 
-def run_config(work: Path, name: str, options: list[str], sets: int, images: int) -> None:
-    for k in range(sets):
+def run_config(work: Path, name: str, options: list[str], sets: list[int], images: int) -> None:
+    for k in sets:
         folder = work / name / f"set{k}"
         act = work / name / f"set{k}.npz"
         if act.exists():
@@ -117,25 +146,32 @@ def report(work: Path, sweep: str, configs: dict[str, list[str]], ref: Path, out
 
 
 def figure(sweep: str, rows: list[dict], out: Path) -> None:
-    series: dict[str, list[tuple[float, float, float]]] = {}
-    if sweep == "guidance":
-        for r in rows:
-            guide, w = r["name"].rsplit("-w", 1)
-            series.setdefault(f"stage-1 guide: {guide}", []).append((float(w), r["mean"], r["sd"]))
-        baseline = [r for r in rows if r["name"].endswith("-w1")]
-        for label in series:
-            series[label] += [(1.0, b["mean"], b["sd"]) for b in baseline if (1.0, b["mean"], b["sd"]) not in
-                              series[label]]
-        plot(series, out / "fid_vs_guidance.png", "autoguidance weight w (stage 1; 1 = no guidance)",
-             "FID of relayed 64x64 images vs 3,786 real (bars: sd over seed sets)", log_x=False,
-             xticks=(1, 1.5, 2, 2.5, 3), y_from_zero=False)
-    elif sweep == "solvers":
-        for r in rows:
-            solver = r["name"].split("-")[1]
-            series.setdefault(solver, []).append((r["total_nfe"], r["mean"], r["sd"]))
-        plot(series, out / "fid_vs_nfe_stage1.png", "stage-1 NFE (log scale)",
-             "FID of 16x16 stage-1 images vs 3,786 real 64x64 (bars: sd over seed sets)",
-             xticks=(5, 7, 9, 12, 16, 25), y_from_zero=False)
+    """Guidance: FID against weight per guide, stage 1 alone and relayed (w 1 = the unguided row, shared).
+    Solvers: FID against the NFE of the swept stage, one figure per scope."""
+    scopes = {"stage1": "16x16 stage-1 images", "relay": "relayed 64x64 images"}
+    for scope, what in scopes.items():
+        series: dict[str, list[tuple[float, float, float]]] = {}
+        mine = [r for r in rows if r["name"].startswith(scope + "-")]
+        if sweep == "guidance":
+            for r in mine:
+                guide, w = r["name"][len(scope) + 1:].rsplit("-w", 1)
+                series.setdefault(guide, []).append((float(w), r["mean"], r["sd"]))
+            unguided = [(1.0, r["mean"], r["sd"]) for r in mine if r["name"].endswith("-w1")]
+            for guide in series:
+                series[guide] = sorted(set(series[guide]) | set(unguided))
+            xlabel, xticks, log_x, name = "autoguidance weight w (stage 1; 1 = no guidance)", WEIGHTS, False, \
+                f"fid_vs_guidance_{scope}.png"
+        elif sweep == "solvers":
+            stage = 0 if scope == "stage1" else 1
+            for r in mine:
+                series.setdefault(r["name"].split("-")[1], []).append((r["nfe"][stage], r["mean"], r["sd"]))
+            xlabel = f"{'stage-1' if stage == 0 else 'relay-stage'} NFE (log scale)"
+            xticks, log_x, name = NFES, True, f"fid_vs_nfe_{scope}.png"
+        else:
+            return
+        if series:
+            plot(series, out / name, xlabel, f"FID of {what} vs 3,786 real 64x64 (bars: sd over seed sets)",
+                 log_x=log_x, xticks=xticks, y_from_zero=False)
 
 
 def main() -> None:
@@ -144,9 +180,12 @@ def main() -> None:
     ap.add_argument("sweep", choices=["guidance", "solvers", "best"])
     ap.add_argument("--images", type=int, default=2000, help="images per seed set")
     ap.add_argument("--sets", type=int, default=3, help="seed sets (error bars)")
+    ap.add_argument("--set", type=int, action="append", dest="only_sets",
+                    help="run only this seed set (repeatable; e.g. one process per set, side by side)")
     ap.add_argument("--only", nargs="*", help="configuration names to run (default: the whole sweep)")
     ap.add_argument("--work", type=Path, default=Path("work-data/fid"))
-    ap.add_argument("--guides", type=Path, default=Path("work-data/emoji/guides"))
+    ap.add_argument("--guides", type=Path, default=ASSETS, help="folder of the two guide networks (file names as "
+                    "bundled: stage1-16x16-guide.safetensors, stage2-64x64-guide.safetensors)")
     ap.add_argument("--ref", type=Path, default=Path("work-data/emoji/emoji-64x64.zip"))
     ap.add_argument("--out", type=Path, default=Path("docs/guidance"))
     args = ap.parse_args()
@@ -156,7 +195,7 @@ def main() -> None:
     if args.what == "run":
         reference(args.work, args.ref)
         for name, options in configs.items():
-            run_config(args.work, name, options, args.sets, args.images)
+            run_config(args.work, name, options, args.only_sets or list(range(args.sets)), args.images)
     else:
         figure(args.sweep, report(args.work, args.sweep, configs, args.ref, args.out), args.out)
 

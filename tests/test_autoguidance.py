@@ -89,8 +89,9 @@ def test_a_network_without_dropout_cannot_guide_itself():
 
 
 def _generate(tmp_path, name, *extra):
-    args = ["generate", "--outdir", str(tmp_path / name), "--seeds", "0-1", "--solver_first", "multistep",
-            "--num_steps_first", "3", "--solver_second", "multistep", "--num_steps_second", "8", *extra]
+    args = ["generate", "--outdir", str(tmp_path / name), "--seeds", "0-1", "--preset", "default",  # unguided
+            "--solver_first", "multistep", "--num_steps_first", "3", "--solver_second", "multistep",
+            "--num_steps_second", "8", *extra]
     return CliRunner().invoke(rdm, args)
 
 

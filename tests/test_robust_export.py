@@ -34,8 +34,9 @@ def test_existing_stage_files_are_not_replaced_without_overwrite(tmp_path):
     assert res.exit_code == 0, res.output
     after = files(out)
     assert after["notes.txt"] == b"keep me" and after["stage1-16x16.safetensors"] != b"the user's own file"
-    assert sorted(after) == ["notes.txt", "pipeline.json", "stage1-16x16.json", "stage1-16x16.safetensors",
-                             "stage2-64x64.json", "stage2-64x64.safetensors"]
+    guides = [f"stage{i}-{r}-guide.{ext}" for i, r in ((1, "16x16"), (2, "64x64")) for ext in ("json", "safetensors")]
+    assert sorted(after) == sorted(["notes.txt", "pipeline.json", "stage1-16x16.json", "stage1-16x16.safetensors",
+                                    "stage2-64x64.json", "stage2-64x64.safetensors"] + guides)  # the emoji preset's
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]  # no temporary folder left
 
 
@@ -142,7 +143,7 @@ def test_generation_json_records_each_stage_s_network_evaluations(tmp_path):
     import json
 
     out = tmp_path / "gen"
-    args = ["generate", f"--outdir={out}", "--seeds=0", "--device=cpu", "--num_steps_first=4",
+    args = ["generate", f"--outdir={out}", "--seeds=0", "--device=cpu", "--preset=default", "--num_steps_first=4",
             "--num_steps_second=18", "--solver_second=multistep"]
     res = CliRunner().invoke(rdm, args)
     assert res.exit_code == 0, res.output

@@ -37,11 +37,12 @@ class StepBar:
 @click.option("--trajectory_seed", type=int, help="Seed whose relay trajectory is drawn  [default: the first]")
 @click.option("--network_first", type=click.Path(dir_okay=False), help="Stage-1 network  [default: bundled]")
 @click.option("--network_second", type=click.Path(dir_okay=False), help="Stage-2 network  [default: bundled]")
-@click.option("--num_steps_first", type=click.IntRange(min=1), default=18, show_default=True)
-@click.option("--num_steps_second", type=click.IntRange(min=1), default=18, show_default=True)
+@click.option("--num_steps_first", type=click.IntRange(min=1), help="[default: the preset's: 9 for the bundled "
+              "networks (emoji), else 18]")
+@click.option("--num_steps_second", type=click.IntRange(min=1), help="[default: the preset's: 18]")
 @click.option("--device", default=None, help="cpu, cuda, ...  [default: cuda if available, else cpu]")
 def demo(outdir: str, seeds: str, trajectory_seed: int | None, network_first: str | None,
-         network_second: str | None, num_steps_first: int, num_steps_second: int, device: str | None) -> None:
+         network_second: str | None, num_steps_first: int | None, num_steps_second: int | None, device: str | None) -> None:
     """Write a grid of relayed samples from the bundled tiny models."""
     import torch.nn.functional as F
 
@@ -57,9 +58,10 @@ def demo(outdir: str, seeds: str, trajectory_seed: int | None, network_first: st
     if trajectory_seed not in seed_list:
         raise click.BadParameter(f"{trajectory_seed} is not one of --seeds", param_hint="--trajectory_seed")
     shown = seed_list.index(trajectory_seed)
+    given = {"first": num_steps_first, "second": num_steps_second}
+    steps = {which: {"num_steps": n} if n is not None else {} for which, n in given.items()}
     options = GenerationOptions(network_first=network_first, network_second=network_second,
-                                first={"num_steps": num_steps_first}, second={"num_steps": num_steps_second},
-                                seeds=seed_list)
+                                first=steps["first"], second=steps["second"], seeds=seed_list)
     resolved = checked(resolve, options, cli_name)
     try:
         dev = distributed.pick_device(device, 0)

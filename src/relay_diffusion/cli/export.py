@@ -19,8 +19,9 @@ from relay_diffusion.generation.configs import PRESETS
               "[default: bundled]")
 @click.option("--network_next", metavar="PATH", type=str, multiple=True, help="Further relay stages (repeatable)")
 @_options
-@click.option("--preset", type=click.Choice(sorted(PRESETS)), default="default", show_default=True,
-              help="Sampler settings (and post-processing) to start from")
+@click.option("--preset", type=click.Choice(sorted(PRESETS)),
+              help="Sampler settings (and post-processing, guides) to start from  [default: emoji for the bundled "
+                   "networks, else default]")
 @click.option("--enhance/--no-enhance", default=None, help="Keep the preset's post-processing  [default: on]")
 @click.option("--overwrite", is_flag=True, help="Replace the files of an existing pipeline folder")
 def export(**opts: Any) -> None:

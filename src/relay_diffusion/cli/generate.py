@@ -81,8 +81,10 @@ def _options(command: Any) -> Any:
               help="A further relay stage after the second, e.g. 16 -> 64 -> 256 (repeatable; sampled with the "
                    "*_second settings and its own file's forward process)")
 @_options
-@click.option("--preset", type=click.Choice(sorted(PRESETS)), default="default", show_default=True,
-              help="The reference's settings for: generate.py (default), generate_imagenet.py, generate_celebahq.py")
+@click.option("--preset", type=click.Choice(sorted(PRESETS)),
+              help="The reference's settings for: generate.py (default), generate_imagenet.py, generate_celebahq.py; "
+                   "emoji: the bundled networks' (multistep solvers, both stages autoguided)  [default: emoji when "
+                   "the bundled networks stand in, else default]")
 @click.option("--enhance/--no-enhance", default=None, help="PIL post-processing of the preset (imagenet256, "
               "celebahq256)  [default: on with those presets, except for --sampler_stages first]")
 @click.option("--device", type=str, help="cpu, cuda, cuda:N, ...  [default: cuda if available, else cpu]")
@@ -123,7 +125,7 @@ def generate(**opts: Any) -> None:
         if ctx.rank == 0:
             for note in built.notes:
                 click.echo(f"Note: {note}")
-            _print_config(opts, built.pipeline, resolved.seeds, ctx.device, ctx.world_size)
+            _print_config(opts, resolved, built.pipeline, ctx.device, ctx.world_size)
         write_images(built.pipeline, resolved.seeds, opts, ctx)
         failed = False
     except distributed.PeerFailure as exc:
@@ -204,11 +206,12 @@ def write_images(pipeline: Any, seeds: list[int], opts: dict[str, Any], ctx: Any
         click.echo("Done.")
 
 
-def _print_config(opts: dict[str, Any], pipeline: Any, seeds: list[int], device: Any, world_size: int) -> None:
+def _print_config(opts: dict[str, Any], resolved: Any, pipeline: Any, device: Any, world_size: int) -> None:
     from relay_diffusion.generation.stages import stage_extras, stage_name
     from relay_diffusion.utils.jsonio import to_strict
 
-    click.echo(f"Preset: {opts['preset']}")
+    seeds = resolved.seeds
+    click.echo(f"Preset: {resolved.preset_name}")
     for i, stage in enumerate(pipeline.stages):
         settings = {**dataclasses.asdict(stage.config), **stage_extras(stage)}
         if stage.guide_source:

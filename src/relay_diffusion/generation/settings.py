@@ -26,8 +26,8 @@ import torch
 
 from relay_diffusion.core.process import BlurProcess
 from relay_diffusion.generation.batching import DEFAULT_NET_BATCH
-from relay_diffusion.generation.configs import (PRESETS, EDMStageConfig, Enhancement, Preset, RelayStageConfig,
-                                                SRStageConfig)
+from relay_diffusion.generation.configs import (BUNDLED_PRESET, PRESETS, EDMStageConfig, Enhancement, Preset,
+                                                RelayStageConfig, SRStageConfig)
 from relay_diffusion.utils.intlist import parse_int_list
 from relay_diffusion.utils.naming import Namer, field_name
 
@@ -50,7 +50,7 @@ class GenerationOptions:
     """What to generate with, as given: unset values are the preset's (sampler settings), the file's (a relay
     stage's forward process) or the bundled models (no network at all)."""
 
-    preset: str = "default"
+    preset: Optional[str] = None                # None: "emoji" when the bundled networks stand in, else "default"
     sampler_stages: str = "both"                # "first", "second" (relay stage alone, fed from indir) or "both"
     network_first: Optional[str] = None
     network_second: Optional[str] = None
@@ -84,17 +84,16 @@ class Resolved:
     enhancement: Enhancement
     seeds: list[int]
     chain: list[tuple[str, str]]
+    preset_name: str = "default"
 
 
 def resolve(options: GenerationOptions, names: Namer = field_name) -> Resolved:
     """Check ``options`` and apply the preset; an :class:`OptionError` names the first bad setting."""
-    if options.preset not in PRESETS:
-        raise OptionError(f"{names('', 'preset')} must be one of {', '.join(sorted(PRESETS))}, got "
-                          f"{options.preset!r}", names("", "preset"))
     if options.sampler_stages not in STAGE_CHOICES:
         raise OptionError(f"{names('', 'sampler_stages')} must be one of {', '.join(STAGE_CHOICES)}, got "
                           f"{options.sampler_stages!r}", names("", "sampler_stages"))
-    preset = PRESETS[options.preset]
+    name = preset_name(options, names)
+    preset = PRESETS[name]
     first = _configured(preset.first, options.first, "first", names)
     second = _configured(preset.second, options.second, "second", names)
     _configured(preset.process, options.process, "process", names)  # checked here; applied per file
@@ -103,7 +102,25 @@ def resolve(options: GenerationOptions, names: Namer = field_name) -> Resolved:
         raise OptionError(f"{names('', 'sampler_stages')} second needs {names('', 'indir')} (the stage-1 images)")
     seeds = list(options.seeds) if options.seeds is not None else parse_int_list(preset.seeds)
     return Resolved(preset, first, second, sr, dict(options.process), _enhancement(preset, options),
-                    seeds, chain(options, names))
+                    seeds, chain(options, names), name)
+
+
+def preset_name(options: GenerationOptions, names: Namer = field_name) -> str:
+    """The preset ``options`` run with: the one given, else :data:`BUNDLED_PRESET` when the bundled networks
+    stand in (no network given and they are installed), else ``"default"`` (the reference's generate.py). The
+    bundled preset's guides are the bundled networks' own, so it is refused with a network of the user's."""
+    from relay_diffusion.checkpoints.bundled import bundled_network_paths
+
+    option = names("", "preset")
+    bundled = not (options.network_first or options.network_second) and bundled_network_paths() is not None
+    if options.preset is None:
+        return BUNDLED_PRESET if bundled else "default"
+    if options.preset not in PRESETS:
+        raise OptionError(f"{option} must be one of {', '.join(sorted(PRESETS))}, got {options.preset!r}", option)
+    if options.preset == BUNDLED_PRESET and not bundled:
+        raise OptionError(f"{option} {BUNDLED_PRESET} is the setting of the bundled networks (their guides "
+                          f"included); with networks of your own use another preset and set the options", option)
+    return options.preset
 
 
 def _configured(base: Any, given: Mapping[str, Any], group: str, names: Namer) -> Any:
@@ -191,14 +208,17 @@ def load(options: GenerationOptions, device: torch.device | str = "cpu", names: 
     except ValueError as exc:
         raise OptionError(f"{exc}\n(check the network options and {names('process', 'up_scale')})") from exc
     check_options_apply(built.pipeline, options, names)
-    attach_guides(built.pipeline, options, device, names)
+    attach_guides(built.pipeline, options, device, names, r.preset)
     return built
 
 
 def attach_guides(pipeline: Any, options: GenerationOptions, device: torch.device | str,
-                  names: Namer = field_name) -> None:
+                  names: Namer = field_name, preset: Preset | None = None) -> None:
     """Give stage 1 its ``guide_first`` and the first refining stage its ``guide_second`` (autoguidance:
-    :mod:`relay_diffusion.generation.guides`); a guide for a stage the chain does not have is an error."""
+    :mod:`relay_diffusion.generation.guides`); a guide for a stage the chain does not have is an error. Where
+    none is given, the ``preset``'s guide (a bundled file) is used for a stage whose guidance scale is above 1
+    (a scale set to 1 turns it off)."""
+    from relay_diffusion.checkpoints.bundled import ASSETS
     from relay_diffusion.generation.guides import load_guide
     from relay_diffusion.generation.stages import takes_input
 
@@ -206,6 +226,9 @@ def attach_guides(pipeline: Any, options: GenerationOptions, device: torch.devic
     relay = next((i for i, s in enumerate(stages) if takes_input(s)), None)
     for which, index in (("first", None if takes_input(stages[0]) else 0), ("second", relay)):
         spec, option = getattr(options, f"guide_{which}"), names("", f"guide_{which}")
+        preset_guide = getattr(preset, f"guide_{which}", None) if preset is not None else None
+        if spec is None and preset_guide and index is not None and stages[index].config.cfg_scale > 1:
+            spec = str(ASSETS / preset_guide)
         if spec is None:
             continue
         if index is None:
