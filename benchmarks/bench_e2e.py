@@ -169,10 +169,11 @@ def bench_train(args, root: Path) -> list[dict]:
 
 # --- generation ------------------------------------------------------------------------------------------
 def bundled_pipeline(args, dev: torch.device, compile: bool):
-    """The bundled relay pipeline with the run's network batch, precision and speed options."""
-    from relay_diffusion.generation import RelayPipeline
+    """The bundled relay pipeline with the reference's samplers (``--preset default``: 35 + 13 NFE, no guides, as
+    in the recorded results) and the run's network batch, precision and speed options."""
+    from relay_diffusion.generation import GenerationOptions, load
 
-    pipe = RelayPipeline.from_bundled(dev)
+    pipe = load(GenerationOptions(preset="default", net_batch=None), dev).pipeline
     if args.net_batch is not None:
         pipe.net_batch = args.net_batch
     for stage in pipe.stages:

@@ -324,7 +324,10 @@ def test_ctrl_c_during_a_build_with_workers_is_one_line_and_leaves_nothing(tmp_p
     out.mkdir()
     proc = subprocess.Popen([sys.executable, "-m", "relay_diffusion", "dataset", f"--source={src}",
                              f"--dest={out / 'data.zip'}", "--resolution=32x32", "--workers=2"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            # as from a terminal: a test run started in the background by a shell without job
+                            # control inherits SIGINT ignored, and so would the build
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 60
     while time.time() < deadline and not any(out.iterdir()) and proc.poll() is None:
         time.sleep(0.05)  # until the output's temporary file exists: the build is under way
