@@ -55,7 +55,7 @@ def sweeps(guides: Path) -> dict[str, dict[str, list[str]]]:
     stage-1 images alone, ``relay-...`` on the relayed 64x64 images; ``relay-second-...`` guide the relay stage
     (stage 1 unguided), the other ``relay-...`` guide stage 1. Every configuration spells its settings out
     (``--preset default`` underneath), so the bundled models' preset does not change them."""
-    g = {w: str(guides / f) for w, f in GUIDE_FILES.items()}
+    g = {w: os.path.relpath(guides / f) for w, f in GUIDE_FILES.items()}  # relative: the tables name no home
     out: dict[str, dict[str, list[str]]] = {"guidance": {}, "solvers": {}, "best": {}}
     base = DEFAULT + MS + ["--num_steps_first", "9", "--num_steps_second", "18"]  # 9 + 7 NFE
     first = DEFAULT + ["--sampler_stages", "first", "--solver_first", "multistep", "--num_steps_first", "9"]

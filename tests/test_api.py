@@ -41,7 +41,7 @@ def test_readme_library_snippets_run():
     exec(compile(blocks[1], "README.md:Library[1]", "exec"), scope2)
     out = scope2["out"]
     assert out.samples.shape == (2, 3, 64, 64) and out.array.dtype == np.uint8 and len(out.stages) == 2
-    # the same seeds from the bundled pipeline are the same images (its defaults: 18 + 18 steps)
+    # the same seeds from the bundled pipeline are the same images (its defaults: the emoji preset)
     bundled = scope["pipe"](seeds=[0, 1])
     np.testing.assert_array_equal(np.stack([np.asarray(im) for im in images[:2]]), bundled.array)
     scope3: dict = {}
