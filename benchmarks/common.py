@@ -84,6 +84,8 @@ def plot(series: dict[str, list[tuple[float, float, float]]], path: Path, xlabel
     top_y = max(p[1] + p[2] for p in pts)
     y0 = 0.0 if y_from_zero else min(p[1] - p[2] for p in pts) - 0.08 * (top_y - min(p[1] - p[2] for p in pts))
     y1 = top_y + 0.08 * (top_y - y0)
+    if y1 - y0 < 1e-9:  # a single point (or a flat line): a range around it
+        y0, y1 = y0 - max(1.0, abs(y0) * 0.05), y1 + max(1.0, abs(y1) * 0.05)
 
     def px(x: float, y: float) -> tuple[float, float]:
         return (left + (fx(x) - x0) / (x1 - x0) * (width - left - right),
